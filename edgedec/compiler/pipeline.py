@@ -1,0 +1,131 @@
+"""The compile pipeline in one readable function: load -> export -> verify -> passes -> build -> bundle."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .. import __version__
+from ..errors import ConfigError, ModelError
+from ..passes.base import run_passes
+from ..targets import get_target
+from . import bundle_writer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CONTEXT = 8192
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "cpu"
+    max_context: int | None = None  # longest sequence the bundle supports (default: min(model's, 8192))
+    verify_tolerance: float = 1e-2  # max |logit difference| vs the source model before the compile fails
+    force: bool = False  # replace an existing bundle at the output path
+
+    def __post_init__(self):
+        if self.max_context is not None and self.max_context < 16:
+            raise ConfigError(f"max_context must be >= 16, got {self.max_context}")
+        if not self.verify_tolerance > 0:
+            raise ConfigError(f"verify_tolerance must be > 0, got {self.verify_tolerance}")
+
+
+@contextlib.contextmanager
+def _quiet_phase(name: str):
+    log.info("%s ...", name)
+    t = time.perf_counter()
+    yield
+    log.info("%s done in %.1fs", name, time.perf_counter() - t)
+
+
+def compile_model(model: str | None, output: str | Path, options: CompileOptions = CompileOptions(),
+                  phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase) -> dict:
+    """Compile ``model`` (HF dir, .gguf, registry name, or None for the default) into a bundle at ``output``.
+
+    ``phase(name)`` wraps each long step (the CLI passes a progress display). Returns the manifest.
+    """
+    from ..models import source as sources
+    from . import export
+
+    output = Path(output)
+    target = get_target(options.target)
+    passes: list = []  # the target's pipeline; quantization and friends plug in here
+    target.check_passes([p.name for p in passes])
+    bundle_writer.check_output(output, options.force)
+    timings = {}
+
+    with bundle_writer.staging_dir(output) as tmp:
+        t = time.perf_counter()
+        with phase("loading model"):
+            loaded = sources.load(model)
+        timings["load_s"] = time.perf_counter() - t
+        arch = loaded.arch
+        max_positions = min(arch.max_position_embeddings, options.max_context or DEFAULT_MAX_CONTEXT)
+
+        work = tmp / "_export"
+        t = time.perf_counter()
+        with phase("exporting to ONNX"):
+            graph_path = export.export_decoder(loaded.model, arch, work / "decoder.onnx", max_positions)
+        timings["export_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        with phase("verifying against the source model"):
+            verification = export.verify_against_source(loaded.model, graph_path, arch)
+        timings["verify_s"] = time.perf_counter() - t
+        if verification["max_abs_logit_diff"] > options.verify_tolerance:
+            raise ModelError(
+                f"the exported graph differs from the source model by {verification['max_abs_logit_diff']:.3g} "
+                f"in logits (tolerance {options.verify_tolerance}); refusing to write a wrong bundle"
+            )
+        del loaded.model
+
+        import onnx
+
+        onnx_model = onnx.load(str(graph_path))
+        onnx_model, pass_log = run_passes(onnx_model, passes)
+
+        with phase(f"building for target {target.name}"):
+            graph_entry = target.build(onnx_model, tmp, role="decoder")
+        import shutil
+
+        shutil.rmtree(work)
+        (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
+
+        manifest = {
+            "edgedec_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "source": loaded.source.to_dict(),
+            "architecture": arch.to_dict(),
+            "target": target.manifest_entry(),
+            "graphs": {"decoder": graph_entry},
+            "kv_cache": {
+                "layout": "per_layer_bnsh",
+                "dtype": "float32",
+                "shape": ["batch=1", "kv_heads", "capacity", "head_dim"],
+                "num_layers": arch.num_layers,
+                "kv_heads": arch.num_kv_heads,
+                "head_dim": arch.head_dim,
+                "max_capacity": max_positions,
+                "in_place": True,
+                "inputs": ["past_key.{layer}", "past_value.{layer}"],
+                "outputs": ["present_key.{layer}", "present_value.{layer}"],
+                "note": "present_* must be bound to the same buffer as past_*; the graph writes new "
+                        "entries at [total - new, total) and attends over [0, total)",
+            },
+            "tokenizer": {"file": "tokenizer.json", "chat_template": loaded.chat_template, **loaded.special_tokens},
+            "verification": verification,
+            "passes": pass_log,
+            "timings": {k: round(v, 2) for k, v in timings.items()},
+        }
+        with phase("hashing and writing the bundle"):
+            manifest = bundle_writer.write_manifest(tmp, manifest)
+            from ..runtime.bundle import Bundle
+
+            Bundle.open(tmp)  # refuse to publish what the runtime would refuse
+            bundle_writer.publish(tmp, output)
+    return manifest

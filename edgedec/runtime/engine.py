@@ -1,0 +1,324 @@
+"""The runtime engine: load a bundle, keep the KV cache in one flat buffer, decode with ONNX Runtime.
+
+Torch-free (numpy, onnxruntime, tokenizers, jinja2). Between ``session.run`` calls the decode loop
+writes three integers into bound buffers and reads one row of logits; nothing is allocated per token.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from ..errors import BundleError, GenerationError
+from .bundle import Bundle
+from .sampler import Sampler
+from .text import StreamDecoder, TextCodec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT = 2048
+
+
+def physical_cores() -> int:
+    """Physical cores of this machine (hyper-threads do not help a memory-bound decode)."""
+    try:
+        cores, phys = set(), None
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("physical id"):
+                    phys = line.split(":")[1].strip()
+                elif line.startswith("core id"):
+                    cores.add((phys, line.split(":")[1].strip()))
+        if cores:
+            return len(cores)
+    except OSError:
+        pass
+    return os.cpu_count() or 1
+
+
+@dataclass
+class Token:
+    id: int
+    text: str  # the text this token adds to the output (may be "" while a UTF-8 sequence is incomplete)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0  # time of the prefill pass (prompt -> first logits)
+    ttft_s: float = 0.0  # from generate() start to the first token out
+    decode_s: float = 0.0  # from the first token to the last
+    run_s: float = 0.0  # time spent inside session.run over the decode steps
+    stop_reason: str = ""
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items()}
+        d["decode_tok_s"] = self.decode_tok_s
+        d["prefill_tok_s"] = self.prefill_tok_s
+        return d
+
+
+class KVCache:
+    """The whole KV cache in one flat float32 buffer, ``(layer, 2, 1, kv_heads, capacity, head_dim)``.
+
+    ``[l, 0]`` holds layer l's keys and ``[l, 1]`` its values, each bound to the decoder graph as both
+    ``past_*`` and ``present_*``; GroupQueryAttention writes new entries in place. ``length`` is the
+    number of valid positions; shrinking it rolls entries back without touching memory.
+    """
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32):
+        import onnxruntime as ort
+
+        self.capacity = capacity
+        self.buffer = np.zeros((num_layers, 2, 1, kv_heads, capacity, head_dim), dtype=dtype)
+        self.values = [[ort.OrtValue.ortvalue_from_numpy(self.buffer[l, j]) for j in (0, 1)] for l in range(num_layers)]
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+
+class DecoderSession:
+    """An ONNX Runtime session over the bundle's decoder graph with all state bound through IOBinding."""
+
+    def __init__(self, bundle: Bundle, threads: int, capacity: int):
+        import onnxruntime as ort
+
+        graph = bundle.graph("decoder")
+        arch, kv = bundle.arch, bundle.manifest["kv_cache"]
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(bundle.file(graph["file"])), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise BundleError(f"ONNX Runtime cannot load {graph['file']}: {exc}") from exc
+        self.vocab = arch["vocab_size"]
+        self.num_layers = arch["num_layers"]
+        self.kv = KVCache(self.num_layers, arch["num_kv_heads"], arch["head_dim"], capacity)
+        self.binding = self.session.io_binding()
+        for l in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                self.binding.bind_ortvalue_input(f"past_{kind}.{l}", self.kv.values[l][j])
+                self.binding.bind_ortvalue_output(f"present_{kind}.{l}", self.kv.values[l][j])
+        # one-token decode buffers, bound once; the loop only writes into them
+        self._ids1 = np.zeros((1, 1), np.int64)  # (batch, new tokens)
+        self._seqlens1 = np.zeros((1,), np.int32)  # (batch,) total - 1
+        self._total1 = np.zeros((), np.int32)  # total tokens after the step
+        self._index1 = np.zeros((1,), np.int64)  # logits for position 0 of the new tokens
+        self._logits1 = np.zeros((1, 1, self.vocab), np.float32)  # (batch, 1, vocab)
+        self._one_bound = False
+        self.run_s = 0.0
+
+    def _bind_one(self) -> None:
+        import onnxruntime as ort
+
+        if self._one_bound:
+            return
+        b = self.binding
+        self._ov = [ort.OrtValue.ortvalue_from_numpy(a) for a in
+                    (self._ids1, self._seqlens1, self._total1, self._index1, self._logits1)]
+        b.bind_ortvalue_input("input_ids", self._ov[0])
+        b.bind_ortvalue_input("seqlens_k", self._ov[1])
+        b.bind_ortvalue_input("total_sequence_length", self._ov[2])
+        b.bind_ortvalue_input("logits_index", self._ov[3])
+        b.bind_ortvalue_output("logits", self._ov[4])
+        self._one_bound = True
+
+    def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:
+        """Run ``ids`` at positions ``[kv.length, kv.length + len(ids))``; return logits (rows, vocab).
+
+        ``logits_rows`` picks which of the new positions get logits (default: the last one).
+        """
+        n = len(ids)
+        start = self.kv.length
+        if n == 0:
+            raise GenerationError("no tokens to run")
+        if start + n > self.kv.capacity:
+            raise GenerationError(f"{start + n} tokens do not fit the context of {self.kv.capacity} tokens")
+        if n == 1 and logits_rows is None:
+            return self.decode_one(int(ids[0]))
+        rows = np.asarray([n - 1] if logits_rows is None else logits_rows, dtype=np.int64)
+        out = np.empty((1, len(rows), self.vocab), np.float32)
+        b = self.binding
+        b.bind_cpu_input("input_ids", np.asarray(ids, dtype=np.int64).reshape(1, n))
+        b.bind_cpu_input("seqlens_k", np.array([start + n - 1], np.int32))
+        b.bind_cpu_input("total_sequence_length", np.array(start + n, np.int32))
+        b.bind_cpu_input("logits_index", rows)
+        import onnxruntime as ort
+
+        b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        self._one_bound = False
+        t = time.perf_counter()
+        self.session.run_with_iobinding(b)
+        self.run_s += time.perf_counter() - t
+        self.kv.length = start + n
+        return out[0]
+
+    def decode_one(self, token: int) -> np.ndarray:
+        """The hot path: one token at position ``kv.length``; returns logits (vocab,)."""
+        total = self.kv.length + 1
+        if total > self.kv.capacity:
+            raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
+        self._bind_one()
+        self._ids1[0, 0] = token
+        self._seqlens1[0] = total - 1
+        self._total1[()] = total
+        t = time.perf_counter()
+        self.session.run_with_iobinding(self.binding)
+        self.run_s += time.perf_counter() - t
+        self.kv.length = total
+        return self._logits1[0, 0]
+
+
+class Engine:
+    """Run a bundle. ``Engine.load(path)`` validates it first and refuses what it does not understand."""
+
+    def __init__(self, bundle: Bundle, threads: int, context_length: int):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.threads = threads
+        tok = self.manifest["tokenizer"]
+        self.codec = TextCodec(bundle.file(tok["file"]), tok)
+        self.decoder = DecoderSession(bundle, threads, context_length)
+        self.context_length = context_length
+        self.last_stats: GenerationStats | None = None
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
+             verify: bool = True) -> "Engine":
+        """Load and validate a bundle.
+
+        threads: ONNX Runtime intra-op threads (default: physical cores).
+        context_length: KV-cache capacity in tokens (default: min(2048, the bundle's maximum)).
+        verify: check every file's sha256 (sizes are always checked).
+        """
+        bundle = Bundle.open(bundle_dir, verify_hashes=verify)
+        if bundle.manifest["target"].get("backend") != "onnxruntime":
+            raise BundleError(
+                f"this runtime runs onnxruntime bundles; this one is for backend {bundle.manifest['target'].get('backend')!r}"
+            )
+        max_ctx = int(bundle.manifest["kv_cache"]["max_capacity"])
+        if context_length is None:
+            context_length = min(DEFAULT_CONTEXT, max_ctx)
+        if not 1 <= context_length <= max_ctx:
+            raise GenerationError(f"context_length must be in [1, {max_ctx}] for this bundle, got {context_length}")
+        if threads is None:
+            threads = physical_cores()
+        if threads < 1:
+            raise GenerationError(f"threads must be >= 1, got {threads}")
+        return cls(bundle, threads, context_length)
+
+    # ------------------------------------------------------------------------------------------
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise GenerationError("the prompt is empty")
+            ids = self.codec.encode(prompt)
+        else:
+            ids = [int(i) for i in prompt]
+            vocab = self.bundle.arch["vocab_size"]
+            if any(not 0 <= i < vocab for i in ids):
+                raise GenerationError(f"prompt token ids must be in [0, {vocab})")
+        if not ids:
+            raise GenerationError("the prompt is empty")
+        if len(ids) >= self.context_length:
+            raise GenerationError(
+                f"the prompt has {len(ids)} tokens; the context holds {self.context_length} "
+                "(raise context_length or shorten the prompt)"
+            )
+        return ids
+
+    def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[Token]:
+        """Stream tokens for ``prompt`` (text, or token ids). Greedy by default; seeded sampling otherwise.
+
+        Stops at ``max_new_tokens``, an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string,
+        or a full context. Statistics of the finished call are in ``engine.last_stats``.
+        """
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        sampler = Sampler(temperature, top_k, top_p, seed)
+        ids = self.encode(prompt)
+        return self._generate(ids, max_new_tokens, sampler, list(stop or []), ignore_eos)
+
+    def chat(self, messages: list[dict], **kwargs) -> Iterator[Token]:
+        """Apply the bundle's chat template to ``messages`` and generate the assistant's reply."""
+        text = self.codec.apply_chat_template(messages, add_generation_prompt=True)
+        ids = self.codec.encode(text, add_special_tokens=False)
+        return self.generate(ids, **kwargs)
+
+    def _generate(self, ids: list[int], max_new: int, sampler: Sampler, stop: list[str], ignore_eos: bool):
+        dec = self.decoder
+        stats = GenerationStats(prompt_tokens=len(ids))
+        self.last_stats = stats
+        eos = frozenset() if ignore_eos else self.codec.eos_ids
+        stream = StreamDecoder(self.codec)
+        text = ""
+        max_stop = max((len(s) for s in stop), default=0)
+        t0 = time.perf_counter()
+        dec.kv.length = 0
+        logits = dec.forward(ids)[-1]
+        stats.prefill_s = time.perf_counter() - t0
+        dec.run_s = 0.0
+        out = stats.token_ids
+        t_first = None
+        while True:
+            token = sampler(logits)
+            out.append(token)
+            stats.new_tokens = len(out)
+            now = time.perf_counter()
+            if t_first is None:
+                t_first = now
+                stats.ttft_s = now - t0
+            stats.decode_s = now - t_first
+            if token in eos:
+                stats.stop_reason = "eos"
+                return
+            delta = stream.push(token)
+            if stop and delta:
+                start = max(0, len(text) - max_stop + 1)  # a stop string may span earlier text
+                text += delta
+                hits = [i for s in stop if (i := text.find(s, start)) >= 0]
+                if hits:
+                    cut = min(hits) - (len(text) - len(delta))  # characters of delta before the stop
+                    if cut > 0:
+                        yield Token(token, delta[:cut])
+                    stats.stop_reason = "stop"
+                    return
+            yield Token(token, delta)
+            if len(out) >= max_new:
+                stats.stop_reason = "length"
+                break
+            if dec.kv.length + 1 > dec.kv.capacity:
+                stats.stop_reason = "context_full"
+                break
+            logits = dec.decode_one(token)
+            stats.run_s = dec.run_s
+        stats.decode_s = time.perf_counter() - t_first
+
+    def generate_text(self, prompt, **kwargs) -> str:
+        """Convenience: the whole generated text of ``generate``."""
+        return "".join(t.text for t in self.generate(prompt, **kwargs))

@@ -1,0 +1,40 @@
+"""Target ``cpu``: ONNX Runtime's CPU execution provider.
+
+The decoder graph is saved as ONNX with its weights in one external-data file beside it. The runtime
+binds the KV cache through IOBinding (past and present share one buffer per layer), so decoding never
+copies or concatenates the cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from .base import Target, value_info
+
+
+class CpuTarget(Target):
+    name = "cpu"
+    backend = "onnxruntime"
+    description = "ONNX Runtime, CPU execution provider"
+
+    def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
+        file = f"{role}.onnx"
+        data = f"{file}.data"
+        onnx.save_model(model, str(out_dir / file), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        return {
+            "role": role,
+            "file": file,
+            "data": [data] if (out_dir / data).exists() else [],
+            "inputs": [value_info(v) for v in model.graph.input],
+            "outputs": [value_info(v) for v in model.graph.output],
+            "execution_provider": "CPUExecutionProvider",
+        }
+
+    def manifest_entry(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "execution_provider": "CPUExecutionProvider"}
+
+
+TARGET = CpuTarget()
