@@ -15,7 +15,7 @@ TARGETS: dict[str, dict] = {
     },
 }
 
-# name -> module:class, what it does, which targets take it, optional dependencies
+# name -> {"impl": "module:Class", "description": one line, "targets": [...], "requires": [packages]}
 PASSES: dict[str, dict] = {}
 
 

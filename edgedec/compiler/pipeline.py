@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..errors import ConfigError, ModelError
-from ..passes.base import run_passes
+from ..errors import ConfigError, ModelError, UnsupportedError
+from ..passes.base import PassContext, create_pass, run_passes
+from ..registry import PASSES
 from ..targets import get_target
 from . import bundle_writer
 
@@ -27,6 +28,7 @@ class CompileOptions:
     max_context: int | None = None  # longest sequence the bundle supports (default: min(model's, 8192))
     verify_tolerance: float = 1e-2  # max |logit difference| vs the source model before the compile fails
     force: bool = False  # replace an existing bundle at the output path
+    passes: tuple = ()  # (name, {option: value}) pairs, run in order after the target's required passes
 
     def __post_init__(self):
         if self.max_context is not None and self.max_context < 16:
@@ -54,8 +56,14 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
 
     output = Path(output)
     target = get_target(options.target)
-    passes: list = []  # the target's pipeline; quantization and friends plug in here
-    target.check_passes([p.name for p in passes])
+    specs = [(name, {}) for name in target.required_passes] + [(n, dict(o)) for n, o in options.passes]
+    target.check_passes([name for name, _ in specs])
+    context = PassContext()
+    passes = [create_pass(name, opts, context) for name, opts in specs]  # validates configs before any work
+    for name, _ in specs:
+        if target.name not in PASSES[name].get("targets", []):
+            raise UnsupportedError(f"pass {name} does not support target {target.name} "
+                                   f"(it supports: {', '.join(PASSES[name].get('targets', [])) or 'none'})")
     bundle_writer.check_output(output, options.force)
     timings = {}
 
@@ -87,7 +95,10 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         import onnx
 
         onnx_model = onnx.load(str(graph_path))
-        onnx_model, pass_log = run_passes(onnx_model, passes)
+        context.arch, context.source = arch.to_dict(), loaded.source.to_dict()
+        context.tokenizer_json, context.work_dir = loaded.tokenizer_json, work
+        with phase("running passes" + (f" ({', '.join(p.name for p in passes)})" if passes else "")):
+            onnx_model, pass_log = run_passes(onnx_model, passes)
 
         with phase(f"building for target {target.name}"):
             graph_entry = target.build(onnx_model, tmp, role="decoder")

@@ -59,11 +59,27 @@ class PassResult:
     report: dict = field(default_factory=dict)  # recorded in the manifest's pass log
 
 
+@dataclass
+class PassContext:
+    """What the pipeline knows beyond the graph, for passes that need it (calibration, source-aware choices).
+
+    arch: ``ArchFacts.to_dict()``; source: ``SourceInfo.to_dict()`` (``weight_format`` lists the GGUF tensor
+    types, e.g. "F32,Q4_1,Q8_0"); tokenizer_json: the serialized tokenizer; work_dir: scratch space that
+    is deleted after the compile.
+    """
+
+    arch: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+    tokenizer_json: str | None = None
+    work_dir: Any = None
+
+
 class Pass(ABC):
     name: ClassVar[str]
     config_class: ClassVar[type[PassConfig]] = PassConfig
 
-    def __init__(self, config: PassConfig | None = None):
+    def __init__(self, config: PassConfig | None = None, context: PassContext | None = None):
+        self.context = context or PassContext()
         self.config = config if config is not None else self.config_class()
         if not isinstance(self.config, self.config_class):
             raise ConfigError(f"{self.name} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
@@ -121,3 +137,43 @@ def run_passes(model: onnx.ModelProto, passes: list[Pass], on_pass=None) -> tupl
         ran.append(p.name)
         model = result.model
     return model, log
+
+
+def create_pass(name: str, options: dict | None = None, context: PassContext | None = None) -> Pass:
+    """Instantiate the registered pass ``name`` with config ``options`` (unknown keys are refused)."""
+    import importlib
+
+    from ..registry import PASSES
+
+    if name not in PASSES:
+        raise ConfigError(f"unknown pass {name!r}; valid passes: {', '.join(PASSES) or '(none)'}")
+    module, cls_name = PASSES[name]["impl"].split(":")
+    cls = getattr(importlib.import_module(module), cls_name)
+    options = dict(options or {})
+    fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
+    unknown = sorted(set(options) - set(fields))
+    if unknown:
+        raise ConfigError(f"pass {name} has no option {', '.join(unknown)}; its options: {', '.join(fields) or '(none)'}")
+    return cls(cls.config_class(**options), context)
+
+
+def parse_pass_spec(spec: str) -> tuple[str, dict]:
+    """Parse ``name`` or ``name:key=value,key=value`` (values: int, float, true/false, or string)."""
+    name, _, rest = spec.partition(":")
+    options: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"bad pass option {item!r} in {spec!r}; expected key=value")
+        value: Any = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for conv in (int, float):
+                try:
+                    value = conv(raw)
+                    break
+                except ValueError:
+                    pass
+        options[key.strip()] = value
+    return name.strip(), options

