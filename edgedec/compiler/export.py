@@ -25,6 +25,7 @@ eager implementation is the reference semantics and whose translation emits the 
 
 from __future__ import annotations
 
+import ast
 import logging
 import math
 from dataclasses import dataclass
@@ -274,8 +275,8 @@ def tidy(model: onnx.ModelProto, arch: ArchFacts) -> onnx.ModelProto:
         if node.op_type == "MatMul" and len(node.input) == 2 and node.input[1] in inits:
             scopes = meta.get("pkg.torch.onnx.name_scopes", "")
             try:
-                scope = eval(scopes, {})[-2]  # ['', 'layers.0.self_attn.q_proj', 'linear']
-            except Exception:
+                scope = ast.literal_eval(scopes)[-2]  # ['', 'layers.0.self_attn.q_proj', 'linear']
+            except (ValueError, SyntaxError, IndexError):
                 scope = ""
             if scope and node.input[1] not in renames:
                 renames[node.input[1]] = f"{scope}.weight"
