@@ -149,7 +149,9 @@ class _RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        # written as x / sqrt(...) (not x * rsqrt(...)) so ONNX Runtime fuses it into
+        # (Skip)SimplifiedLayerNormalization: one kernel instead of seven
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
 class ExportDecoder(nn.Module):
