@@ -17,6 +17,7 @@ from typing import Iterator, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import EdgedecError
@@ -67,7 +68,7 @@ def _errors() -> Iterator[None]:
     except EdgedecError as exc:
         if _state["verbose"]:
             err.print_exception()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_ERROR)
     except KeyboardInterrupt:
         err.print("[bold red]interrupted[/]")
@@ -77,7 +78,8 @@ def _errors() -> Iterator[None]:
     except Exception as exc:  # a bug, not bad input: still one line unless --verbose
         if _state["verbose"]:
             err.print_exception()
-        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --verbose for the traceback)",
+        err.print(f"[bold red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} "
+                  "(run with --verbose for the traceback)",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(3)
 
@@ -294,6 +296,138 @@ def passes_list():
         table.add_row(name, ", ".join(p.get("targets", [])), p["description"])
     out.print(table)
     out.print("options: edgedec compile --pass NAME:key=value,... (see the pass's config in edgedec/passes/)")
+
+
+# ---------------------------------------------------------------------------------------------
+def _write_report(path: Path, text: str) -> None:
+    """Write a report file (``-`` means stdout)."""
+    if str(path) == "-":
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@app.command("eval")
+def eval_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    text: List[Path] = typer.Option(..., "--text", help="UTF-8 text file to score (repeatable)."),
+    window: int = typer.Option(512, "--window", help="Tokens per window; each window starts from an empty cache."),
+    stride: int = typer.Option(256, "--stride", help="Tokens between window starts (1 to --window)."),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="Reference bundle: also report its perplexity, the ratio and greedy agreement."),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Read at most this many tokens in total."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads [default: physical cores]."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Perplexity of a bundle on your text (sliding window), optionally against a reference bundle."""
+    with _errors():
+        from .evaluate import EvalOptions, evaluate, read_texts
+
+        options = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, threads=threads)
+        texts = read_texts(text)
+        with _phase(f"evaluating {bundle.name}" + (f" and {reference.name}" if reference else "")):
+            result = evaluate(bundle, texts, options, reference=reference)
+        if as_json:
+            print(json.dumps(result.to_dict(), indent=2))
+            return
+        out.print(f"perplexity [bold]{result.perplexity:.4f}[/] over {result.tokens:,} tokens "
+                  f"({result.windows} windows of {window}, stride {stride})", highlight=False)
+        if reference is not None:
+            out.print(f"reference perplexity {result.reference_perplexity:.4f}; ratio "
+                      f"[bold]{result.perplexity_ratio:.4f}[/]; greedy agreement "
+                      f"[bold]{100 * result.greedy_agreement:.2f}%[/]", highlight=False)
+
+
+@app.command("bench")
+def bench_cmd(
+    bundles: List[Path] = typer.Argument(..., help="Bundle directories; ratios compare with the first."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="Prompt file: one prompt per line, or JSONL of {\"messages\": [...]} chats "
+                                "[default: a built-in set]."),
+    warmup: int = typer.Option(1, "--warmup", help="Untimed passes over the prompts."),
+    runs: int = typer.Option(3, "--runs", help="Timed passes; the report gives median, min and max."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads [default: physical cores]."),
+    new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per prompt per pass."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Write the results as JSON to this file (- for stdout)."),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a bar chart comparing the bundles (PNG)."),
+):
+    """Measure decode speed, time to first token, prefill speed, peak memory and size of bundles."""
+    with _errors():
+        from . import bench
+        from .errors import ConfigError
+
+        options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=threads)
+        if plot_out is not None and plot_out.suffix.lower() != ".png":
+            raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
+        report = bench.bench(bundles, prompts, options, phase=_phase)
+        rows = report.to_dict()["bundles"]
+        caption = f"prompts: {escape(report.prompt_source)}" + (
+            f"; ratios: bundle / {escape(rows[0]['name'])}" if len(rows) > 1 else "")
+        table = Table(title=f"{report.prompts} prompts, {new_tokens} new tokens each, "
+                            f"median \\[min–max] of {runs} runs", caption=caption)
+        table.add_column("metric", no_wrap=True)
+        for b in rows:
+            table.add_column(b["name"], justify="right")
+        rng = lambda b, m, f: f"{b[m]:{f}} [dim]\\[{b[m + '_min']:{f}}–{b[m + '_max']:{f}}][/]"
+        for label, metric, f in (("decode tok/s", "decode_tok_s", ",.1f"), ("TTFT ms", "ttft_ms", ",.2f"),
+                                 ("prefill tok/s", "prefill_tok_s", ",.0f")):
+            table.add_row(label, *(rng(b, metric, f) for b in rows))
+        table.add_row("peak RSS MB", *(f"{b['peak_rss_mb']:,.1f}" for b in rows))
+        table.add_row("size MB", *(f"{b['size_mb']:,.1f}" for b in rows))
+        if len(rows) > 1:
+            for label, metric in (("decode ×", "decode_tok_s"), ("TTFT ×", "ttft_ms"), ("size ×", "size_mb")):
+                table.add_row(label, *(f"{b['ratios'][metric]:.2f}" for b in rows))
+        out.print(table)
+        if json_out is not None:
+            _write_report(json_out, json.dumps(report.to_dict(), indent=2))
+        if plot_out is not None:
+            bench.plot(report, plot_out)
+            err.print(f"plot written to {plot_out}", highlight=False)
+
+
+@app.command("gate")
+def gate_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory to check."),
+    budget: Path = typer.Option(..., "--budget", help="TOML budget file (see `edgedec.gate` for the schema)."),
+    baseline: Optional[Path] = typer.Option(
+        None, "--baseline", help="Bundle that relative limits (\"0.9x baseline\") compare with."),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="Bundle that quality limits compare with."),
+    text: Optional[List[Path]] = typer.Option(None, "--text", help="Text file for quality limits (repeatable)."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Write the results as JSON to this file (- for stdout)."),
+    junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per limit)."),
+):
+    """Check a bundle against a budget: exit 0 if every limit holds, 1 if one is broken, 2 if invalid."""
+    with _errors():
+        from .gate import Budget, format_value, run_gate
+
+        spec = Budget.load(budget)
+        report = run_gate(bundle, spec, baseline=baseline, reference=reference, texts=list(text or []), phase=_phase)
+        table = Table(title=f"{bundle} against {budget}")
+        table.add_column("limit", no_wrap=True)
+        table.add_column("budget")
+        table.add_column("threshold", justify="right")
+        table.add_column("measured", justify="right")
+        table.add_column("result", no_wrap=True)
+        for r in report.results:
+            op = "≤" if r.bound == "max" else "≥"
+            table.add_row(r.key, escape(r.written), f"{op} {format_value(r.threshold, r.unit)}",
+                          format_value(r.measured, r.unit), "[green]pass[/]" if r.passed else "[bold red]FAIL[/]")
+        out.print(table)
+        if json_out is not None:
+            _write_report(json_out, json.dumps(report.to_dict(), indent=2))
+        if junit_out is not None:
+            _write_report(junit_out, report.to_junit())
+        n = len(report.results)
+        if report.passed:
+            out.print(f"[green]gate passed[/]: {n} of {n} limits hold", highlight=False)
+        else:
+            out.print(f"[bold red]gate failed[/]: {len(report.failures)} of {n} limits broken "
+                      f"({', '.join(r.key for r in report.failures)})", highlight=False)
+    if not report.passed:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -26,3 +26,11 @@ class BundleError(EdgedecError):
 
 class GenerationError(EdgedecError, ValueError):
     """A generation request is invalid (empty prompt, prompt too long, bad sampling parameters)."""
+
+
+class BudgetError(ConfigError):
+    """A gate budget file is missing, unparsable, or states an unknown or malformed limit."""
+
+
+class MeasurementError(EdgedecError):
+    """A measurement could not be taken (a benchmark worker crashed, was killed, or returned nothing)."""

@@ -1,0 +1,348 @@
+"""Benchmark bundles: decode speed, time to first token, prefill speed, peak memory, size on disk.
+
+Each bundle is measured in a fresh process (:mod:`edgedec.bench_worker`) that imports only the
+torch-free runtime, so its peak resident memory is that of an app embedding the runtime, and bundles
+measured one after another do not share caches or allocations. The worker runs ``warmup`` untimed
+passes and then ``runs`` timed passes over the prompts; each pass generates ``new_tokens`` tokens
+per prompt, greedy, ignoring end-of-sequence (so every bundle does the same work).
+
+One pass gives one figure per metric, aggregated over its prompts:
+
+- ``decode_tok_s``: decode steps over decode time, summed over the prompts (the first token, which
+  comes out of the prefill, is not a decode step);
+- ``ttft_ms``: mean time to first token over the prompts (tokenized prompt in, first token out);
+- ``prefill_tok_s``: prompt tokens over prefill time, summed over the prompts.
+
+The report gives, per metric, the median over the passes and the min and max (``<metric>_min``,
+``<metric>_max``). ``peak_rss_mb`` is the worker's peak resident memory (VmHWM / ru_maxrss) and
+``size_mb`` the bundle's files plus manifest on disk. MB means 10^6 bytes throughout.
+
+JSON written by ``edgedec bench --json`` (:meth:`BenchReport.to_dict`)::
+
+    {
+      "edgedec_bench": 1,
+      "settings": {"warmup": 1, "runs": 3, "new_tokens": 64, "threads": null, "context": null,
+                   "prompts": 6, "prompt_source": "built-in"},
+      "bundles": [                       # in the order given; the first is the base of "ratios"
+        {"bundle": "path", "name": "dir name",
+         "decode_tok_s": 80.1, "decode_tok_s_min": 78.0, "decode_tok_s_max": 81.2,
+         "ttft_ms": 12.3, "ttft_ms_min": ..., "ttft_ms_max": ...,
+         "prefill_tok_s": 900.0, "prefill_tok_s_min": ..., "prefill_tok_s_max": ...,
+         "peak_rss_mb": 210.5, "size_mb": 98.7,
+         "threads": 2, "load_s": 0.4, "prompt_tokens": 250, "new_tokens": 384,
+         "runs": [{"decode_tok_s": ..., "ttft_ms": ..., "prefill_tok_s": ...}, ...],
+         "speculation": null,            # reserved: mean accepted tokens per verify step, when drafting
+         "ratios": {"decode_tok_s": 1.0, "ttft_ms": 1.0, "prefill_tok_s": 1.0, "peak_rss_mb": 1.0,
+                    "size_mb": 1.0}}     # this bundle / the first bundle, per metric (medians)
+      ]
+    }
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import statistics
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+from . import errors
+from .errors import ConfigError, MeasurementError
+
+log = logging.getLogger(__name__)
+
+Prompt = Union[str, dict]  # a plain prompt, or {"messages": [{"role": ..., "content": ...}, ...]}
+
+# Short, varied prompts: questions, code, and summarising a passage.
+BUILTIN_PROMPTS: tuple[str, ...] = (
+    "What is the difference between a list and a tuple in Python?",
+    "Explain in two sentences why the sky is blue.",
+    "Write a Python function that returns the n-th Fibonacci number.",
+    "def is_prime(n: int) -> bool:\n    \"\"\"Return True when n is prime.\"\"\"\n",
+    "Summarise this passage in one sentence: The town council met on Tuesday to discuss the new bus "
+    "routes. Residents of the northern districts asked for more frequent service in the mornings, while "
+    "shop owners in the centre worried that fewer buses would stop near the market. The council agreed "
+    "to run a three-month trial and to publish the passenger counts every month.",
+    "List three things to check before going on a long bicycle ride.",
+)
+
+METRICS = ("decode_tok_s", "ttft_ms", "prefill_tok_s")  # per-pass metrics (median, min, max)
+RATIO_METRICS = METRICS + ("peak_rss_mb", "size_mb")
+WORKER_TIMEOUT_S = 3600
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    warmup: int = 1  # untimed passes over the prompts before the timed ones
+    runs: int = 3  # timed passes over the prompts
+    new_tokens: int = 64  # tokens generated per prompt per pass
+    threads: int | None = None  # ONNX Runtime threads (default: physical cores)
+    context: int | None = None  # KV-cache capacity (default: the runtime's)
+
+    def __post_init__(self):
+        if self.warmup < 0:
+            raise ConfigError(f"warmup must be >= 0, got {self.warmup}")
+        if self.runs < 1:
+            raise ConfigError(f"runs must be >= 1, got {self.runs}")
+        if self.new_tokens < 2:
+            raise ConfigError(f"new_tokens must be >= 2 (decode speed needs a step after the first token), "
+                              f"got {self.new_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.context is not None and self.context < 2:
+            raise ConfigError(f"context must be >= 2, got {self.context}")
+
+
+# ------------------------------------------------------------------------------------------------
+def load_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts from a file: JSONL of ``{"messages": [...]}`` (or ``{"prompt": "..."}``) objects when the
+    file is ``.jsonl``/``.ndjson`` or its first non-blank line is a JSON object; otherwise one plain
+    prompt per non-blank line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompts file {path} does not exist")
+    try:
+        lines = [(i, line) for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read prompts file {path} as UTF-8: {exc}") from exc
+    if not lines:
+        raise ConfigError(f"prompts file {path} has no prompts")
+    if path.suffix.lower() in (".jsonl", ".ndjson") or _is_json_object(lines[0][1]):
+        return [_parse_jsonl_line(path, i, line) for i, line in lines]
+    return [line for _, line in lines]
+
+
+def _is_json_object(line: str) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _parse_jsonl_line(path: Path, lineno: int, line: str) -> Prompt:
+    where = f"{path}:{lineno}"
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from exc
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{where}: expected a JSON object with \"messages\" or \"prompt\"")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if not (isinstance(msgs, list) and msgs and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs)):
+            raise ConfigError(f"{where}: \"messages\" must be a non-empty list of {{\"role\": str, \"content\": str}}")
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
+    if isinstance(obj.get("prompt"), str) and obj["prompt"]:
+        return obj["prompt"]
+    raise ConfigError(f"{where}: expected a JSON object with \"messages\" (chat) or \"prompt\" (text)")
+
+
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class BundleBench:
+    bundle: str
+    name: str
+    size_bytes: int
+    peak_rss_bytes: int
+    threads: int
+    load_s: float
+    passes: list[dict]  # per timed pass: decode_tok_s, ttft_ms, prefill_tok_s
+    prompt_tokens: int  # per pass
+    new_tokens: int  # per pass
+    speculation: dict | None = None  # reserved: mean accepted tokens per verify step, when drafting
+
+    def median(self, metric: str) -> float:
+        if metric == "peak_rss_mb":
+            return self.peak_rss_bytes / 1e6
+        if metric == "size_mb":
+            return self.size_bytes / 1e6
+        return statistics.median(p[metric] for p in self.passes)
+
+    def to_dict(self) -> dict:
+        d = {"bundle": self.bundle, "name": self.name}
+        for m in METRICS:
+            vals = [p[m] for p in self.passes]
+            d.update({m: statistics.median(vals), f"{m}_min": min(vals), f"{m}_max": max(vals)})
+        d.update(peak_rss_mb=self.peak_rss_bytes / 1e6, size_mb=self.size_bytes / 1e6, threads=self.threads,
+                 load_s=self.load_s, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
+                 runs=self.passes, speculation=self.speculation)
+        return d
+
+
+@dataclass
+class BenchReport:
+    options: BenchOptions
+    prompt_source: str
+    prompts: int
+    bundles: list[BundleBench] = field(default_factory=list)
+
+    def ratios(self, b: BundleBench) -> dict:
+        base = self.bundles[0]
+        return {m: (b.median(m) / base.median(m) if base.median(m) else None) for m in RATIO_METRICS}
+
+    def to_dict(self) -> dict:
+        o = self.options
+        return {
+            "edgedec_bench": 1,
+            "settings": {"warmup": o.warmup, "runs": o.runs, "new_tokens": o.new_tokens, "threads": o.threads,
+                         "context": o.context, "prompts": self.prompts, "prompt_source": self.prompt_source},
+            "bundles": [{**b.to_dict(), "ratios": self.ratios(b)} for b in self.bundles],
+        }
+
+
+def _pass_figures(per_prompt: list[dict]) -> dict:
+    steps = sum(max(p["new_tokens"] - 1, 0) for p in per_prompt)
+    decode_s = sum(p["decode_s"] for p in per_prompt)
+    prefill_s = sum(p["prefill_s"] for p in per_prompt)
+    if steps == 0 or decode_s <= 0 or prefill_s <= 0:
+        raise MeasurementError("a timed pass made no decode steps (is the context too small for the prompts?)")
+    return {
+        "decode_tok_s": steps / decode_s,
+        "ttft_ms": 1000 * statistics.fmean(p["ttft_s"] for p in per_prompt),
+        "prefill_tok_s": sum(p["prompt_tokens"] for p in per_prompt) / prefill_s,
+    }
+
+
+def worker_command() -> list[str]:
+    """The command that starts a benchmark worker: this interpreter, this edgedec, the runtime only.
+
+    Equivalent to ``python -m edgedec.bench_worker``, but it puts the directory this edgedec lives in
+    on the worker's path when it is not there already (a source checkout run without installing).
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    code = (f"import sys; r = {root!r}; r in sys.path or sys.path.insert(0, r); "
+            "from edgedec.bench_worker import main; sys.exit(main())")
+    return [sys.executable, "-c", code]
+
+
+def run_worker(request: dict, timeout_s: float = WORKER_TIMEOUT_S) -> dict:
+    """Run one benchmark worker process on ``request`` and return its result."""
+    with tempfile.TemporaryDirectory(prefix="edgedec-bench-") as tmp:
+        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+        req.write_text(json.dumps(request))
+        try:
+            proc = subprocess.run(worker_command() + [str(req), str(res)], capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired as exc:
+            raise MeasurementError(f"the benchmark worker for {request['bundle']} ran past {timeout_s:.0f}s") from exc
+        result = json.loads(res.read_text()) if res.is_file() and res.stat().st_size else None
+    if result is not None and "error" in result:
+        cls = getattr(errors, result.get("error_type", ""), None)
+        cls = cls if isinstance(cls, type) and issubclass(cls, errors.EdgedecError) else MeasurementError
+        raise cls(result["error"])
+    if proc.returncode != 0 or result is None:
+        tail = " ".join(proc.stderr.strip().splitlines()[-3:]) or "no output"
+        raise MeasurementError(f"the benchmark worker for {request['bundle']} exited with code {proc.returncode}: "
+                               f"{tail}")
+    return result
+
+
+def bundle_size_bytes(path: str | Path, verify: bool = True) -> int:
+    """Bytes on disk of a bundle's files plus manifest; validates the bundle first."""
+    from .runtime.bundle import Bundle
+
+    return Bundle.open(path, verify_hashes=verify).size_bytes()
+
+
+def measure(bundle: str | Path, prompts: Sequence[Prompt], options: BenchOptions = BenchOptions(),
+            name: str | None = None) -> BundleBench:
+    """Measure one bundle in a fresh runtime-only worker process."""
+    size = bundle_size_bytes(bundle, verify=False)  # structure and sizes now; the worker checks the hashes
+    if not prompts:
+        raise ConfigError("no prompts to benchmark with")
+    request = {"bundle": str(bundle), "prompts": list(prompts), "warmup": options.warmup, "runs": options.runs,
+               "new_tokens": options.new_tokens, "threads": options.threads, "context": options.context}
+    log.info("benchmarking %s (%d prompts, %d warm-up + %d timed passes)", bundle, len(prompts), options.warmup,
+             options.runs)
+    result = run_worker(request)
+    passes = [_pass_figures(p) for p in result["runs"]]
+    first = result["runs"][0]
+    return BundleBench(
+        bundle=str(bundle), name=name or Path(bundle).resolve().name, size_bytes=size,
+        peak_rss_bytes=int(result["peak_rss_bytes"]), threads=int(result["threads"]), load_s=float(result["load_s"]),
+        passes=passes, prompt_tokens=sum(p["prompt_tokens"] for p in first),
+        new_tokens=sum(p["new_tokens"] for p in first), speculation=result.get("speculation"),
+    )
+
+
+def _names(paths: Sequence[str | Path]) -> list[str]:
+    names = [Path(p).resolve().name for p in paths]
+    return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
+
+
+def bench(bundles: Sequence[str | Path], prompts_file: str | Path | None = None,
+          options: BenchOptions = BenchOptions(),
+          phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
+          ) -> BenchReport:
+    """Benchmark ``bundles`` one after another on the same prompts (``prompts_file`` or the built-in set).
+
+    ``phase(name)`` wraps the measurement of each bundle (the CLI passes a progress display).
+    """
+    if not bundles:
+        raise ConfigError("no bundle to benchmark")
+    prompts = load_prompts(prompts_file) if prompts_file else list(BUILTIN_PROMPTS)
+    for b in bundles:  # refuse a bad bundle before spending minutes on the good ones
+        bundle_size_bytes(b, verify=False)
+    report = BenchReport(options, str(prompts_file) if prompts_file else "built-in", len(prompts))
+    for path, name in zip(bundles, _names(bundles)):
+        with phase(f"benchmarking {name}"):
+            report.bundles.append(measure(path, prompts, options, name=name))
+    return report
+
+
+# ------------------------------------------------------------------------------------------------
+PLOT_PANELS = (  # (metric, title, better)
+    ("decode_tok_s", "decode (tokens/s)", "higher"),
+    ("ttft_ms", "time to first token (ms)", "lower"),
+    ("size_mb", "size on disk (MB)", "lower"),
+    ("peak_rss_mb", "peak resident memory (MB)", "lower"),
+)
+
+
+def _short(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 1 else f"{v:.2f}"
+
+
+def plot(report: BenchReport, out: str | Path) -> Path:
+    """A PNG of bar charts, one panel per metric, bundles side by side (min-max as error bars)."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ConfigError("--plot needs matplotlib: pip install 'edgedec[bench]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise ConfigError(f"the plot is a PNG: give a file name ending in .png, not {out.name}")
+    names = [b.name for b in report.bundles]
+    colors = [plt.get_cmap("tab10")(i % 10) for i in range(len(names))]
+    fig, axes = plt.subplots(1, len(PLOT_PANELS), figsize=(4 * len(PLOT_PANELS), 3.8), squeeze=False)
+    for ax, (metric, title, better) in zip(axes[0], PLOT_PANELS):
+        values = [b.median(metric) for b in report.bundles]
+        yerr = None
+        if metric in METRICS:
+            lo = [v - min(p[metric] for p in b.passes) for v, b in zip(values, report.bundles)]
+            hi = [max(p[metric] for p in b.passes) - v for v, b in zip(values, report.bundles)]
+            yerr = [lo, hi]
+        x = range(len(names))
+        bars = ax.bar(x, values, yerr=yerr, capsize=4, color=colors)
+        ax.bar_label(bars, labels=[_short(v) for v in values], fontsize=8, padding=2)
+        ax.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{title}\n({better} is better)", fontsize=9)
+        ax.margins(y=0.15)
+    o = report.options
+    fig.suptitle(f"edgedec bench: {report.prompts} prompts, {o.new_tokens} new tokens, median of {o.runs} runs",
+                 fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=100)
+    plt.close(fig)
+    return out

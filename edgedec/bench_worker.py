@@ -1,0 +1,107 @@
+"""The benchmark worker: one fresh process that loads one bundle with the runtime alone and times it.
+
+    python -m edgedec.bench_worker REQUEST.json RESULT.json
+
+It imports nothing but the standard library and :mod:`edgedec.runtime` (numpy, onnxruntime,
+tokenizers, jinja2) — never torch or transformers — so its peak resident memory is what an app that
+embeds the runtime would use for this bundle and workload. :mod:`edgedec.bench` starts it; it is not
+a user command.
+
+REQUEST.json::
+
+    {"bundle": "path", "prompts": ["text", {"messages": [{"role": ..., "content": ...}]}, ...],
+     "warmup": 1, "runs": 3, "new_tokens": 64, "threads": null, "context": null}
+
+RESULT.json, on success::
+
+    {"threads": 2, "load_s": 0.1, "peak_rss_bytes": 123456789,
+     "runs": [[{"prompt_tokens", "new_tokens", "prefill_s", "ttft_s", "decode_s", "stop_reason"}, ...per prompt],
+              ...per measured run],
+     "speculation": null}
+
+and on an edgedec error ``{"error": "message", "error_type": "BundleError"}`` (exit code 2).
+Generation is greedy and ignores end-of-sequence so every run of a prompt makes ``new_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: VmHWM on Linux, ru_maxrss elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB on Linux and the BSDs
+
+
+def _speculation(stats_list) -> dict | None:
+    # SPECULATION STATS (reserved): when the runtime drafts and verifies several tokens per step, its
+    # GenerationStats will carry `verify_steps` and `accepted_tokens`; report the mean accepted tokens
+    # per verify step here. Plain decoding has no such fields, and this stays None.
+    steps = sum(getattr(s, "verify_steps", 0) for s in stats_list)
+    if not steps:
+        return None
+    accepted = sum(getattr(s, "accepted_tokens", 0) for s in stats_list)
+    return {"verify_steps": steps, "accepted_tokens": accepted, "mean_accepted_per_step": accepted / steps}
+
+
+def run(request: dict) -> dict:
+    from .runtime import Engine
+
+    t = time.perf_counter()
+    engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=request.get("context"))
+    load_s = time.perf_counter() - t
+    kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True)
+    runs, all_stats = [], []
+    for i in range(int(request["warmup"]) + int(request["runs"])):
+        measured = i >= int(request["warmup"])
+        per_prompt = []
+        for prompt in request["prompts"]:
+            if isinstance(prompt, dict):
+                stream = engine.chat(prompt["messages"], **kwargs)
+            else:
+                stream = engine.generate(prompt, **kwargs)
+            for _ in stream:
+                pass
+            s = engine.last_stats
+            per_prompt.append({"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "prefill_s": s.prefill_s,
+                               "ttft_s": s.ttft_s, "decode_s": s.decode_s, "stop_reason": s.stop_reason})
+            if measured:
+                all_stats.append(s)
+        if measured:
+            runs.append(per_prompt)
+    return {"threads": engine.threads, "load_s": load_s, "runs": runs, "peak_rss_bytes": peak_rss_bytes(),
+            "speculation": _speculation(all_stats)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import EdgedecError
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m edgedec.bench_worker REQUEST.json RESULT.json", file=sys.stderr)
+        return 2
+    with open(argv[0]) as f:
+        request = json.load(f)
+    try:
+        result, code = run(request), 0
+    except EdgedecError as exc:
+        result, code = {"error": str(exc), "error_type": type(exc).__name__}, 2
+    with open(argv[1], "w") as f:
+        json.dump(result, f)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

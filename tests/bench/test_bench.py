@@ -1,0 +1,190 @@
+"""edgedec.bench: prompt files, the runtime-only worker, the report's shape and values, the plot.
+
+No timing assertions: speeds are only checked to be positive and ordered min <= median <= max.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from _tiny import copy_bundle, edit_manifest
+from edgedec import bench
+from edgedec.errors import BundleError, ConfigError, GenerationError, MeasurementError
+from edgedec.runtime import Bundle, Engine
+
+FAST = bench.BenchOptions(warmup=1, runs=2, new_tokens=4, threads=1)
+PROMPTS = ["What is a tuple?", "def add(a, b):"]
+
+
+# --- prompt files ------------------------------------------------------------------------------
+def test_plain_prompt_file(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("first prompt\n\n  \nsecond {not json}\n")
+    assert bench.load_prompts(p) == ["first prompt", "second {not json}"]
+
+
+def test_jsonl_prompt_file(tmp_path):
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]}
+    for name in ("prompts.jsonl", "prompts.txt"):  # by extension, or by a first line that is a JSON object
+        p = tmp_path / name
+        p.write_text(json.dumps(chat) + "\n\n" + json.dumps({"prompt": "plain"}) + "\n")
+        assert bench.load_prompts(p) == [chat, "plain"]
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"messages": []}\n', r"prompts.jsonl:1: \"messages\" must be a non-empty list"),
+    ('{"messages": [{"role": "user"}]}\n', r"prompts.jsonl:1: \"messages\" must be"),
+    ('{"prompt": "ok"}\n{"messages": [\n', r"prompts.jsonl:2: not valid JSON"),
+    ('{"text": "x"}\n', r"prompts.jsonl:1: expected a JSON object with \"messages\""),
+    ('"just a string"\n', r"prompts.jsonl:1: expected a JSON object"),
+    ("\n \n", "has no prompts"),
+])
+def test_bad_prompt_files(tmp_path, content, match):
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(content)
+    with pytest.raises(ConfigError, match=match):
+        bench.load_prompts(p)
+
+
+def test_missing_prompt_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        bench.load_prompts(tmp_path / "nope.txt")
+
+
+def test_builtin_prompts_cover_questions_code_and_summaries():
+    ps = bench.BUILTIN_PROMPTS
+    assert len(ps) >= 5 and all(isinstance(p, str) and p for p in ps)
+    assert any(p.rstrip().endswith("?") for p in ps)
+    assert any("def " in p for p in ps)
+    assert any(p.lower().startswith("summarise") for p in ps)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(warmup=-1), "warmup must be >= 0"),
+    (dict(runs=0), "runs must be >= 1"),
+    (dict(new_tokens=1), "new_tokens must be >= 2"),
+    (dict(threads=0), "threads must be >= 1"),
+])
+def test_invalid_options(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        bench.BenchOptions(**kwargs)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def report(tiny, tmp_path_factory):
+    _, bundle = tiny
+    prompts = tmp_path_factory.mktemp("prompts") / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    return bench.bench([bundle, bundle], prompts, FAST)
+
+
+def test_report_has_required_keys_and_sane_values(report, tiny):
+    _, bundle = tiny
+    d = json.loads(json.dumps(report.to_dict()))  # JSON-serialisable
+    assert d["settings"] == {"warmup": 1, "runs": 2, "new_tokens": 4, "threads": 1, "context": None, "prompts": 2,
+                             "prompt_source": d["settings"]["prompt_source"]}
+    assert len(d["bundles"]) == 2
+    size_mb = Bundle.open(bundle).size_bytes() / 1e6
+    for b in d["bundles"]:
+        for m in ("decode_tok_s", "ttft_ms", "prefill_tok_s"):
+            assert 0 < b[f"{m}_min"] <= b[m] <= b[f"{m}_max"], m
+        assert len(b["runs"]) == 2
+        assert b["peak_rss_mb"] > 0 and b["size_mb"] == pytest.approx(size_mb)
+        assert b["threads"] == 1 and b["speculation"] is None
+        assert b["new_tokens"] == 2 * 4  # ignore_eos: every prompt makes exactly new_tokens
+        assert set(b["ratios"]) == {"decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mb", "size_mb"}
+    assert d["bundles"][0]["ratios"] == {k: 1.0 for k in d["bundles"][0]["ratios"]}
+    assert d["bundles"][1]["ratios"]["size_mb"] == 1.0
+    assert [b["name"] for b in d["bundles"]] == ["bundle (1)", "bundle (2)"]
+
+
+def test_prompt_tokens_match_the_runtime_tokenizer(report, tiny):
+    _, bundle = tiny
+    engine = Engine.load(bundle)
+    assert report.bundles[0].prompt_tokens == sum(len(engine.encode(p)) for p in PROMPTS)
+
+
+def test_chat_prompts_use_the_chat_template(tiny, tmp_path):
+    _, bundle = tiny
+    chat = [{"role": "user", "content": "What is a tuple?"}]
+    p = tmp_path / "chat.jsonl"
+    p.write_text(json.dumps({"messages": chat}) + "\n")
+    b = bench.measure(bundle, bench.load_prompts(p), bench.BenchOptions(warmup=0, runs=1, new_tokens=3, threads=1))
+    engine = Engine.load(bundle)
+    templated = engine.codec.encode(engine.codec.apply_chat_template(chat), add_special_tokens=False)
+    assert b.prompt_tokens == len(templated) and b.new_tokens == 3
+
+
+def test_errors_inside_the_worker_keep_their_type(tiny, tmp_path):
+    _, bundle = tiny
+    plain = copy_bundle(bundle, tmp_path / "no-template")
+    edit_manifest(plain, lambda m: m["tokenizer"].update(chat_template=None))
+    with pytest.raises(GenerationError, match="no chat template"):
+        bench.measure(plain, [{"messages": [{"role": "user", "content": "hi"}]}], FAST)
+
+
+def test_invalid_bundle_is_refused_before_any_worker(tiny, tmp_path):
+    _, bundle = tiny
+    broken = copy_bundle(bundle, tmp_path / "broken")
+    (broken / "tokenizer.json").write_text("{}")
+    with pytest.raises(BundleError, match="tokenizer.json"):
+        bench.bench([bundle, broken], None, FAST)
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        bench.bench([tmp_path / "missing"], None, FAST)
+
+
+def test_a_crashed_worker_is_a_measurement_error(tiny, monkeypatch):
+    _, bundle = tiny
+    monkeypatch.setattr(bench, "worker_command",
+                        lambda: [sys.executable, "-c", "import sys; sys.stderr.write('boom'); sys.exit(7)"])
+    with pytest.raises(MeasurementError, match="exited with code 7: boom"):
+        bench.measure(bundle, PROMPTS, FAST)
+
+
+def test_worker_imports_neither_torch_nor_transformers(tiny, tmp_path):
+    """Shadow torch and transformers with packages that leave a mark when imported, then run a worker."""
+    _, bundle = tiny
+    shadow, marks = tmp_path / "shadow", tmp_path / "marks"
+    marks.mkdir()
+    for name in ("torch", "transformers"):
+        (shadow / name).mkdir(parents=True)
+        (shadow / name / "__init__.py").write_text(
+            f"open({str(marks / name)!r}, 'w').close()\nraise ImportError('{name} imported by the worker')\n")
+    env = {"PYTHONPATH": str(shadow), "PATH": "/usr/bin:/bin"}
+    # the shadow works: a plain `import torch` through it leaves its mark
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True)
+    assert probe.returncode != 0 and (marks / "torch").exists()
+    (marks / "torch").unlink()
+
+    request, result = tmp_path / "request.json", tmp_path / "result.json"
+    request.write_text(json.dumps({"bundle": str(bundle), "prompts": PROMPTS, "warmup": 0, "runs": 1,
+                                   "new_tokens": 3, "threads": 1, "context": None}))
+    proc = subprocess.run(bench.worker_command() + [str(request), str(result)], env=env, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert list(marks.iterdir()) == []
+    out = json.loads(result.read_text())
+    assert out["peak_rss_bytes"] > 0 and len(out["runs"]) == 1 and len(out["runs"][0]) == len(PROMPTS)
+
+
+def test_peak_rss_reads_this_process():
+    from edgedec.bench_worker import peak_rss_bytes
+
+    assert peak_rss_bytes() > 10e6  # a Python process with numpy loaded is well above 10 MB
+
+
+def test_plot_is_a_png(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = bench.plot(report, tmp_path / "plots" / "bench.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_refuses_other_formats(report, tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(ConfigError, match="ending in .png"):
+        bench.plot(report, tmp_path / "bench.svg")
