@@ -17,6 +17,7 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 from .bundle import Bundle
+from .drafters import Drafter, make_drafter
 from .sampler import Sampler
 from .text import StreamDecoder, TextCodec
 
@@ -58,6 +59,16 @@ class GenerationStats:
     run_s: float = 0.0  # time spent inside session.run over the decode steps
     stop_reason: str = ""
     token_ids: list[int] = field(default_factory=list)
+    drafter: str = ""  # speculation: which drafter ran ("" = none)
+    verify_steps: int = 0  # speculation: multi-token verification passes
+    drafted_tokens: int = 0  # speculation: draft tokens proposed to the model
+    accepted_tokens: int = 0  # speculation: draft tokens the model accepted
+    draft_s: float = 0.0  # speculation: time spent drafting (host side)
+
+    @property
+    def mean_accepted_per_step(self) -> float:
+        """Draft tokens accepted per verification pass (each pass also yields one model token)."""
+        return self.accepted_tokens / self.verify_steps if self.verify_steps else 0.0
 
     @property
     def decode_tok_s(self) -> float:
@@ -72,6 +83,7 @@ class GenerationStats:
         d = {k: v for k, v in self.__dict__.items()}
         d["decode_tok_s"] = self.decode_tok_s
         d["prefill_tok_s"] = self.prefill_tok_s
+        d["mean_accepted_per_step"] = self.mean_accepted_per_step
         return d
 
 
@@ -257,7 +269,8 @@ class Engine:
 
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False) -> Iterator[Token]:
+                 stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
+                 drafter: "str | Drafter | None" = None, draft_len: int = 4) -> Iterator[Token]:
         """Stream tokens for ``prompt`` (text, or token ids). Greedy by default; seeded sampling otherwise.
 
         Stops at ``max_new_tokens``, an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string,
@@ -267,6 +280,10 @@ class Engine:
         of a stop string is held back until the next tokens show it is not (so a token's ``text`` may
         be "" and a later one carry it). Text still held when an end-of-sequence token arrives is
         released with that token, the one case where the eos token is yielded.
+
+        ``drafter`` turns on speculative decoding (``"ngram"``, ``"recycling"``, ``"ngram+recycling"`` or a
+        :class:`~edgedec.runtime.drafters.Drafter`): up to ``draft_len`` drafted tokens are verified in one
+        pass. Greedy output is the same as without it; sampled output has the same distribution.
         """
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -274,8 +291,12 @@ class Engine:
         if not all(isinstance(s, str) and s for s in stop):
             raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
         sampler = Sampler(temperature, top_k, top_p, seed)
+        if isinstance(drafter, str):
+            drafter = make_drafter(drafter, self.bundle.arch["vocab_size"])
+        if drafter is not None and not 1 <= draft_len <= 64:
+            raise GenerationError(f"draft_len must be in [1, 64], got {draft_len}")
         ids = self.encode(prompt)
-        return self._generate(ids, max_new_tokens, sampler, stop, ignore_eos)
+        return self._generate(ids, max_new_tokens, sampler, stop, ignore_eos, drafter, draft_len)
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[Token]:
         """Apply the bundle's chat template to ``messages`` and generate the assistant's reply."""
@@ -283,7 +304,58 @@ class Engine:
         ids = self.codec.encode(text, add_special_tokens=False)
         return self.generate(ids, **kwargs)
 
-    def _generate(self, ids: list[int], max_new: int, sampler: Sampler, stop: list[str], ignore_eos: bool):
+    def _tokens(self, ids: list[int], sampler: Sampler, stats: GenerationStats, drafter, draft_len: int):
+        """Yield new token ids: one per decode step, or several per verification when speculating.
+
+        Invariant between yields: the cache holds every token except the last one yielded.
+        """
+        dec = self.decoder
+        dec.kv.length = 0
+        logits = dec.forward(ids)[-1]
+        token = sampler(logits)
+        if drafter is None:
+            while True:
+                yield token
+                token = sampler(dec.decode_one(token))
+        history = np.zeros(dec.kv.capacity + 1, np.int32)  # (positions,) prompt + generated tokens
+        n = len(ids)
+        history[:n] = ids
+        drafter.reset(history[:n])
+        stats.drafter = drafter.name
+        width = getattr(drafter, "width", 0)
+        while True:
+            yield token
+            history[n] = token
+            n += 1
+            room = dec.kv.capacity - dec.kv.length - 1  # draft tokens that fit after `token`
+            t = time.perf_counter()
+            draft = drafter.propose(history[:n], min(draft_len, room)) if room > 0 else []
+            stats.draft_s += time.perf_counter() - t
+            if not draft:
+                logits = dec.decode_one(token)
+                if width:  # a recycling drafter learns from plain steps too
+                    drafter.observe(history[n - 1 : n], top_candidates(logits[None], width))
+                token = sampler(logits)
+                continue
+            start = dec.kv.length
+            rows = dec.forward([token, *draft], logits_rows=range(len(draft) + 1))  # (k + 1, vocab)
+            new = verify_chain(rows, draft, sampler)
+            accepted = len(new) - 1
+            dec.kv.length = start + 1 + accepted  # roll back rejected drafts; no copy
+            stats.verify_steps += 1
+            stats.drafted_tokens += len(draft)
+            stats.accepted_tokens += accepted
+            if width:
+                inputs = np.asarray([token, *draft[:accepted]], np.int32)
+                drafter.observe(inputs, top_candidates(rows[: accepted + 1], width))
+            for tok in new[:-1]:
+                yield tok
+                history[n] = tok
+                n += 1
+            token = new[-1]
+
+    def _generate(self, ids: list[int], max_new: int, sampler: Sampler, stop: list[str], ignore_eos: bool,
+                  drafter=None, draft_len: int = 4):
         dec = self.decoder
         stats = GenerationStats(prompt_tokens=len(ids))
         self.last_stats = stats
@@ -291,54 +363,91 @@ class Engine:
         stream = StreamDecoder(self.codec)
         held = ""  # decoded text not yet yielded: it may be the start of a stop string
         t0 = time.perf_counter()
-        dec.kv.length = 0
-        logits = dec.forward(ids)[-1]
-        stats.prefill_s = time.perf_counter() - t0
-        dec.run_s = 0.0
+        source = self._tokens(ids, sampler, stats, drafter, draft_len)
         out = stats.token_ids
         t_first = None
-        while True:
-            token = sampler(logits)
-            out.append(token)
-            stats.new_tokens = len(out)
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                stats.ttft_s = now - t0
-            stats.decode_s = now - t_first
-            if token in eos:
-                stats.stop_reason = "eos"
-                if rest := held + stream.flush():
-                    yield Token(token, rest)
-                return
-            last = len(out) >= max_new or dec.kv.length + 1 > dec.kv.capacity
-            text = held + stream.push(token) + (stream.flush() if last else "")
-            held = ""
-            if stop:
-                # earlier text holds no stop string and no start of one (that is in `held`), so a stop
-                # string can only begin in `text`
-                hits = [i for s in stop if (i := text.find(s)) >= 0]
-                if hits:
-                    if min(hits) > 0:
-                        yield Token(token, text[: min(hits)])
-                    stats.stop_reason = "stop"
+        try:
+            for token in source:
+                if t_first is None:  # the prefill pass ran inside the first next()
+                    stats.prefill_s = time.perf_counter() - t0
+                    dec.run_s = 0.0
+                out.append(token)
+                stats.new_tokens = len(out)
+                now = time.perf_counter()
+                if t_first is None:
+                    t_first = now
+                    stats.ttft_s = now - t0
+                stats.decode_s = now - t_first
+                stats.run_s = dec.run_s
+                if token in eos:
+                    stats.stop_reason = "eos"
+                    if rest := held + stream.flush():
+                        yield Token(token, rest)
                     return
-                if not last and (keep := _stop_prefix_length(text, stop)):
-                    text, held = text[:-keep], text[-keep:]
-            yield Token(token, text)
-            if len(out) >= max_new:
-                stats.stop_reason = "length"
-                break
-            if dec.kv.length + 1 > dec.kv.capacity:
-                stats.stop_reason = "context_full"
-                break
-            logits = dec.decode_one(token)
-            stats.run_s = dec.run_s
-        stats.decode_s = time.perf_counter() - t_first
+                last = len(out) >= max_new or dec.kv.length + 1 > dec.kv.capacity
+                text = held + stream.push(token) + (stream.flush() if last else "")
+                held = ""
+                if stop:
+                    # earlier text holds no stop string and no start of one (that is in `held`), so a stop
+                    # string can only begin in `text`
+                    hits = [i for s in stop if (i := text.find(s)) >= 0]
+                    if hits:
+                        if min(hits) > 0:
+                            yield Token(token, text[: min(hits)])
+                        stats.stop_reason = "stop"
+                        return
+                    if not last and (keep := _stop_prefix_length(text, stop)):
+                        text, held = text[:-keep], text[-keep:]
+                yield Token(token, text)
+                if len(out) >= max_new:
+                    stats.stop_reason = "length"
+                    break
+                if dec.kv.length + 1 > dec.kv.capacity:
+                    stats.stop_reason = "context_full"
+                    break
+        finally:
+            source.close()
+            if t_first is not None:
+                stats.decode_s = time.perf_counter() - t_first
+                stats.run_s = dec.run_s
 
     def generate_text(self, prompt, **kwargs) -> str:
         """Convenience: the whole generated text of ``generate``."""
         return "".join(t.text for t in self.generate(prompt, **kwargs))
+
+
+def verify_chain(rows: np.ndarray, draft: list[int], sampler: Sampler) -> list[int]:
+    """Accept a prefix of ``draft`` given the model's logits ``rows`` (k + 1, vocab) at the positions
+    that fed ``[last, *draft]``; return the accepted tokens followed by one token from the model.
+
+    Greedy: accept while the draft equals the argmax; then the argmax. Sampling: the drafters are
+    deterministic (q is a point mass on the draft token), so speculative sampling accepts draft token d
+    with probability p(d) and on rejection samples from p with d removed (max(p - q, 0), renormalised);
+    after a fully accepted draft it samples the bonus token from the last row. The output distribution
+    equals sampling from p step by step (Leviathan et al. 2023; Chen et al. 2023).
+    """
+    k = len(draft)
+    if sampler.greedy:
+        target = rows.argmax(axis=-1)
+        n = 0
+        while n < k and draft[n] == target[n]:
+            n += 1
+        return [*draft[:n], int(target[n])]
+    for i, d in enumerate(draft):
+        p = sampler.probs(rows[i])
+        if sampler.rng.random() < p[d]:
+            continue
+        p[d] = 0.0
+        p /= p.sum()
+        return [*draft[:i], int(sampler.rng.choice(p.shape[-1], p=p))]
+    return [*draft, sampler(rows[k])]
+
+
+def top_candidates(rows: np.ndarray, width: int) -> np.ndarray:
+    """The ``width`` most likely next tokens of each row, best first: (rows, width) int32."""
+    part = np.argpartition(rows, -width, axis=-1)[:, -width:]
+    order = np.argsort(-np.take_along_axis(rows, part, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(part, order, axis=-1).astype(np.int32)
 
 
 def _stop_prefix_length(text: str, stop: list[str]) -> int:

@@ -1,0 +1,161 @@
+"""Speculative decoding in the runtime: drafters, chain verification, and losslessness.
+
+Greedy: output with speculation is token-for-token the output without it. Sampling: the distribution
+of the generated tokens equals the model's; a chi-square test against the exact distribution (computed
+from the model) passes, and the same test catches a deliberately wrong verifier.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from edgedec.errors import GenerationError
+from edgedec.runtime import Engine, engine as engine_mod
+from edgedec.runtime.drafters import (CombinedDrafter, PromptLookupDrafter, TokenRecyclingDrafter,
+                                      make_drafter)
+from edgedec.runtime.sampler import Sampler
+
+DRAFTERS = ["ngram", "recycling", "ngram+recycling"]
+PROMPTS = [
+    "def fibonacci(n):\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\ndef fibonacci(n):",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "import os\nimport sys\nimport os\n",
+    "Hello",
+]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny) -> Engine:
+    return Engine.load(tiny["bundle"], threads=1)
+
+
+# --- drafters ------------------------------------------------------------------------------------
+def test_prompt_lookup_proposes_what_followed_the_latest_match():
+    d = PromptLookupDrafter(max_ngram=2)
+    hist = np.array([5, 6, 7, 8, 1, 5, 6, 9, 4, 5, 6], np.int32)
+    assert d.propose(hist, 3) == [9, 4, 5]  # latest earlier "5 6" is at index 5
+    assert d.propose(np.array([1, 2, 3], np.int32), 3) == []  # nothing repeats
+    assert d.propose(np.array([3, 1, 2, 3], np.int32), 2) == [1, 2]  # falls back to a 1-gram
+
+
+def test_token_recycling_learns_from_observations():
+    d = TokenRecyclingDrafter(vocab_size=10, width=2)
+    assert d.propose(np.array([1], np.int32), 3) == []
+    d.observe(np.array([1, 4], np.int32), np.array([[4, 2], [7, 3]], np.int32))
+    assert d.propose(np.array([1], np.int32), 3) == [4, 7]  # 1 -> 4 -> 7 -> (unknown)
+
+
+def test_make_drafter():
+    assert isinstance(make_drafter("ngram+recycling", 10), CombinedDrafter)
+    with pytest.raises(GenerationError, match="unknown drafter 'medusa'; valid: ngram, recycling"):
+        make_drafter("medusa", 10)
+
+
+def test_verify_chain_greedy():
+    rows = np.full((4, 6), -1.0, np.float32)
+    rows[0, 2] = rows[1, 3] = rows[2, 5] = rows[3, 1] = 1.0  # argmax: 2, 3, 5, 1
+    sampler = Sampler()
+    assert engine_mod.verify_chain(rows, [2, 3, 5], sampler) == [2, 3, 5, 1]  # all accepted + bonus
+    assert engine_mod.verify_chain(rows, [2, 4, 5], sampler) == [2, 3]  # second rejected, corrected
+    assert engine_mod.verify_chain(rows, [0, 3, 5], sampler) == [2]
+
+
+# --- greedy losslessness on the tiny models -------------------------------------------------------
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_greedy_speculation_is_lossless(engine, drafter):
+    accepted = 0
+    for prompt in PROMPTS:
+        base = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True)]
+        for k in (1, 3, 6):
+            spec = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=drafter,
+                                                  draft_len=k)]
+            assert spec == base, (prompt, drafter, k)
+            s = engine.last_stats
+            assert s.drafter == drafter and s.accepted_tokens <= s.drafted_tokens
+            accepted += s.accepted_tokens
+    assert accepted > 0  # the test really exercised accepted drafts and cache rollback
+
+
+def test_speculation_near_a_full_context(tiny):
+    eng = Engine.load(tiny["bundle"], threads=1, context_length=80)
+    prompt = PROMPTS[1]
+    base = [t.id for t in eng.generate(prompt, max_new_tokens=64, ignore_eos=True)]
+    spec = [t.id for t in eng.generate(prompt, max_new_tokens=64, ignore_eos=True, drafter="ngram")]
+    assert spec == base and eng.last_stats.stop_reason == "context_full"
+
+
+def test_draft_len_is_checked(engine):
+    with pytest.raises(GenerationError, match="draft_len must be in"):
+        engine.generate("Hello", drafter="ngram", draft_len=0)
+
+
+# --- sampling: the distribution is the model's -----------------------------------------------------
+class FixedDrafter:
+    """Always proposes the same chain: rejected often, accepted often, depending on the position."""
+
+    name, width = "fixed", 0
+
+    def __init__(self, draft):
+        self.draft = list(draft)
+
+    def reset(self, prompt):
+        pass
+
+    def propose(self, history, k):
+        return self.draft[:k]
+
+    def observe(self, inputs, candidates):
+        pass
+
+
+def _exact_two_token_distribution(engine, ids, sampler):
+    """p(t1) and p(t2) = sum over t1 of p(t1) p(t2 | t1), from the model itself."""
+    dec = engine.decoder
+    dec.kv.length = 0
+    p1 = sampler.probs(dec.forward(ids)[-1])
+    p2 = np.zeros_like(p1)
+    for t1 in np.flatnonzero(p1):
+        dec.kv.length = 0
+        p2 += p1[t1] * sampler.probs(dec.forward([*ids, int(t1)])[-1])
+    return p1, p2
+
+
+def _chi2_pvalue(samples, p):
+    support = np.flatnonzero(p > 0)
+    observed = np.array([np.sum(samples == t) for t in support], float)
+    assert observed.sum() == len(samples), "a sample fell outside the model's support"
+    return stats.chisquare(observed, p[support] * len(samples)).pvalue
+
+
+def _sample_two_tokens(engine, ids, drafter, n, **kw):
+    out = np.zeros((n, 2), np.int64)
+    for seed in range(n):
+        out[seed] = [t.id for t in engine.generate(ids, max_new_tokens=2, ignore_eos=True, seed=seed,
+                                                   drafter=drafter, draft_len=2, **kw)]
+    return out
+
+
+def test_sampling_distribution_is_preserved(engine, monkeypatch):
+    """The first token comes from the prefill; the drafted chain decides the second (accepted or
+    rejected and resampled), so the second token's distribution is what speculation could distort."""
+    ids = engine.encode("The quick brown")
+    kw = dict(temperature=1.0, top_k=6)
+    p1, p2 = _exact_two_token_distribution(engine, ids, Sampler(**kw))
+    # the likeliest second token, drafted after whatever the first is: accepted often, not always
+    drafter = FixedDrafter([int(np.argmax(p2)), int(np.argmax(p1))])
+    n = 1500
+    samples = _sample_two_tokens(engine, ids, drafter, n, **kw)
+    assert engine.last_stats.verify_steps == 1
+    assert 0 < np.mean(samples[:, 1] == drafter.draft[0]) < 1
+    assert _chi2_pvalue(samples[:, 0], p1) > 1e-3
+    assert _chi2_pvalue(samples[:, 1], p2) > 1e-3
+
+    # the same test catches a verifier that accepts every draft token
+    def accept_all(rows, draft, sampler):
+        return [*draft, sampler(rows[len(draft)])]
+
+    monkeypatch.setattr(engine_mod, "verify_chain", accept_all)
+    wrong = _sample_two_tokens(engine, ids, drafter, 300, **kw)
+    assert _chi2_pvalue(wrong[:, 1], p2) < 1e-6
