@@ -83,6 +83,8 @@ class BenchOptions:
     new_tokens: int = 64  # tokens generated per prompt per pass
     threads: int | None = None  # ONNX Runtime threads (default: physical cores)
     context: int | None = None  # KV-cache capacity (default: the runtime's)
+    spec: str | None = None  # measure each bundle without speculation and with this drafter
+    draft_len: int | None = None  # tokens drafted per verification (default: the bundle's, else 4)
 
     def __post_init__(self):
         if self.warmup < 0:
@@ -96,6 +98,11 @@ class BenchOptions:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.context is not None and self.context < 2:
             raise ConfigError(f"context must be >= 2, got {self.context}")
+        if self.spec is not None:
+            from .runtime.drafters import DRAFTER_NAMES
+
+            if self.spec not in DRAFTER_NAMES:
+                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, got {self.spec!r}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,13 +259,17 @@ def bundle_size_bytes(path: str | Path, verify: bool = True) -> int:
 
 
 def measure(bundle: str | Path, prompts: Sequence[Prompt], options: BenchOptions = BenchOptions(),
-            name: str | None = None) -> BundleBench:
-    """Measure one bundle in a fresh runtime-only worker process."""
+            name: str | None = None, drafter: str | None = "auto") -> BundleBench:
+    """Measure one bundle in a fresh runtime-only worker process.
+
+    ``drafter``: ``"auto"`` speculates as the bundle says, ``None`` turns speculation off, or a drafter name.
+    """
     size = bundle_size_bytes(bundle, verify=False)  # structure and sizes now; the worker checks the hashes
     if not prompts:
         raise ConfigError("no prompts to benchmark with")
     request = {"bundle": str(bundle), "prompts": list(prompts), "warmup": options.warmup, "runs": options.runs,
-               "new_tokens": options.new_tokens, "threads": options.threads, "context": options.context}
+               "new_tokens": options.new_tokens, "threads": options.threads, "context": options.context,
+               "drafter": drafter, "draft_len": options.draft_len}
     log.info("benchmarking %s (%d prompts, %d warm-up + %d timed passes)", bundle, len(prompts), options.warmup,
              options.runs)
     result = run_worker(request)
@@ -292,8 +303,15 @@ def bench(bundles: Sequence[str | Path], prompts_file: str | Path | None = None,
         bundle_size_bytes(b, verify=False)
     report = BenchReport(options, str(prompts_file) if prompts_file else "built-in", len(prompts))
     for path, name in zip(bundles, _names(bundles)):
-        with phase(f"benchmarking {name}"):
-            report.bundles.append(measure(path, prompts, options, name=name))
+        if options.spec is None:
+            with phase(f"benchmarking {name}"):
+                report.bundles.append(measure(path, prompts, options, name=name))
+            continue
+        with phase(f"benchmarking {name} without speculation"):
+            report.bundles.append(measure(path, prompts, options, name=f"{name} (no spec)", drafter=None))
+        with phase(f"benchmarking {name} with {options.spec}"):
+            report.bundles.append(measure(path, prompts, options, name=f"{name} ({options.spec})",
+                                          drafter=options.spec))
     return report
 
 

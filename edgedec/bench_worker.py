@@ -46,14 +46,21 @@ def peak_rss_bytes() -> int:
 
 
 def _speculation(stats_list) -> dict | None:
-    # SPECULATION STATS (reserved): when the runtime drafts and verifies several tokens per step, its
-    # GenerationStats will carry `verify_steps` and `accepted_tokens`; report the mean accepted tokens
-    # per verify step here. Plain decoding has no such fields, and this stays None.
-    steps = sum(getattr(s, "verify_steps", 0) for s in stats_list)
-    if not steps:
+    """Speculation figures over the timed passes; None when the bundle ran without a drafter.
+
+    mean_accepted_per_step: draft tokens accepted per verification pass (each pass adds one model token);
+    draft_share / model_share: fractions of decode time spent drafting (host) and inside session.run.
+    """
+    if not any(s.drafter for s in stats_list):
         return None
-    accepted = sum(getattr(s, "accepted_tokens", 0) for s in stats_list)
-    return {"verify_steps": steps, "accepted_tokens": accepted, "mean_accepted_per_step": accepted / steps}
+    steps = sum(s.verify_steps for s in stats_list)
+    accepted = sum(s.accepted_tokens for s in stats_list)
+    decode_s = sum(s.decode_s for s in stats_list) or float("nan")
+    return {"drafter": stats_list[0].drafter, "verify_steps": steps, "accepted_tokens": accepted,
+            "drafted_tokens": sum(s.drafted_tokens for s in stats_list),
+            "mean_accepted_per_step": accepted / steps if steps else 0.0,
+            "draft_share": sum(s.draft_s for s in stats_list) / decode_s,
+            "model_share": sum(s.run_s for s in stats_list) / decode_s}
 
 
 def run(request: dict) -> dict:
@@ -62,7 +69,8 @@ def run(request: dict) -> dict:
     t = time.perf_counter()
     engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=request.get("context"))
     load_s = time.perf_counter() - t
-    kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True)
+    kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True,
+                  drafter=request.get("drafter", "auto"), draft_len=request.get("draft_len"))
     runs, all_stats = [], []
     for i in range(int(request["warmup"]) + int(request["runs"])):
         measured = i >= int(request["warmup"])

@@ -115,6 +115,9 @@ def compile_cmd(
         None, "--quant", "-q", help="Quantization pass to apply (shorthand for --pass NAME; see `edgedec passes list`)."),
     passes: Optional[List[str]] = typer.Option(
         None, "--pass", help="Graph pass to apply, NAME or NAME:key=value,... (repeatable; runs in order)."),
+    spec: Optional[str] = typer.Option(
+        None, "--spec", help="Speculate by default with this drafter: ngram, recycling or ngram+recycling."),
+    draft_len: int = typer.Option(4, "--draft-len", help="Tokens drafted per verification (with --spec)."),
 ):
     """Compile a model into a bundle (load, export to ONNX, verify, run passes, build, write atomically)."""
     with _errors():
@@ -123,7 +126,8 @@ def compile_cmd(
 
         specs = ([quant] if quant else []) + list(passes or [])
         parsed = tuple((name, tuple(opts.items())) for name, opts in map(parse_pass_spec, specs))
-        options = CompileOptions(target=target, max_context=max_context, force=force, passes=parsed)
+        options = CompileOptions(target=target, max_context=max_context, force=force, passes=parsed, spec=spec,
+                                 draft_len=draft_len)
         manifest = compile_model(model, output, options, phase=_phase)
         size = sum(f["bytes"] for f in manifest["files"].values())
         v = manifest["verification"]
@@ -146,6 +150,10 @@ def run_cmd(
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads [default: physical cores]."),
     context: Optional[int] = typer.Option(None, "--context", help="KV-cache capacity in tokens [default: 2048]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings)."),
+    spec: Optional[str] = typer.Option(
+        None, "--spec", help="Speculate with this drafter (ngram, recycling, ngram+recycling) [default: the bundle's]."),
+    no_spec: bool = typer.Option(False, "--no-spec", help="Turn speculation off, even if the bundle has it."),
+    draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
 ):
     """Generate text from a bundle, streaming it as it comes."""
     with _errors():
@@ -153,7 +161,7 @@ def run_cmd(
 
         engine = Engine.load(bundle, threads=threads, context_length=context)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                      seed=seed, stop=stop)
+                      seed=seed, stop=stop, drafter=None if no_spec else (spec or "auto"), draft_len=draft_len)
         if chat:
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": prompt}]
@@ -173,7 +181,9 @@ def run_cmd(
         else:
             sys.stdout.write("\n")
             err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats.new_tokens} new ({stats.stop_reason}); "
-                      f"first token {stats.ttft_s * 1000:.0f} ms, decode {stats.decode_tok_s:.1f} tok/s[/]",
+                      f"first token {stats.ttft_s * 1000:.0f} ms, decode {stats.decode_tok_s:.1f} tok/s"
+                      + (f"; {stats.drafter}: {stats.mean_accepted_per_step:.2f} drafts accepted per verification"
+                         if stats.drafter else "") + "[/]",
                       highlight=False)
 
 
@@ -352,13 +362,18 @@ def bench_cmd(
     json_out: Optional[Path] = typer.Option(
         None, "--json", help="Write the results as JSON to this file (- for stdout)."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a bar chart comparing the bundles (PNG)."),
+    spec: Optional[str] = typer.Option(
+        None, "--spec", help="Measure each bundle without speculation and with this drafter (ngram, recycling, "
+                             "ngram+recycling) in the same run [default: as each bundle says]."),
+    draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
 ):
     """Measure decode speed, time to first token, prefill speed, peak memory and size of bundles."""
     with _errors():
         from . import bench
         from .errors import ConfigError
 
-        options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=threads)
+        options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=threads, spec=spec,
+                                     draft_len=draft_len)
         if plot_out is not None and plot_out.suffix.lower() != ".png":
             raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
         report = bench.bench(bundles, prompts, options, phase=_phase)
@@ -374,6 +389,11 @@ def bench_cmd(
         for label, metric, f in (("decode tok/s", "decode_tok_s", ",.1f"), ("TTFT ms", "ttft_ms", ",.2f"),
                                  ("prefill tok/s", "prefill_tok_s", ",.0f")):
             table.add_row(label, *(rng(b, metric, f) for b in rows))
+        if any(b["speculation"] for b in rows):
+            fmt = lambda sp, key, f: format(sp[key], f) if sp else "-"
+            table.add_row("accepted / verify", *(fmt(b["speculation"], "mean_accepted_per_step", ".2f") for b in rows))
+            table.add_row("draft time share", *(fmt(b["speculation"], "draft_share", ".1%") for b in rows))
+            table.add_row("model time share", *(fmt(b["speculation"], "model_share", ".1%") for b in rows))
         table.add_row("peak RSS MB", *(f"{b['peak_rss_mb']:,.1f}" for b in rows))
         table.add_row("size MB", *(f"{b['size_mb']:,.1f}" for b in rows))
         if len(rows) > 1:

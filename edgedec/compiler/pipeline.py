@@ -29,12 +29,21 @@ class CompileOptions:
     verify_tolerance: float = 1e-2  # max |logit difference| vs the source model before the compile fails
     force: bool = False  # replace an existing bundle at the output path
     passes: tuple = ()  # (name, {option: value}) pairs, run in order after the target's required passes
+    spec: str | None = None  # drafter the bundle speculates with by default (ngram, recycling, ngram+recycling)
+    draft_len: int = 4  # tokens drafted per verification when speculating
 
     def __post_init__(self):
         if self.max_context is not None and self.max_context < 16:
             raise ConfigError(f"max_context must be >= 16, got {self.max_context}")
         if not self.verify_tolerance > 0:
             raise ConfigError(f"verify_tolerance must be > 0, got {self.verify_tolerance}")
+        if self.spec is not None:
+            from ..runtime.drafters import DRAFTER_NAMES
+
+            if self.spec not in DRAFTER_NAMES:
+                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, got {self.spec!r}")
+        if not 1 <= self.draft_len <= 64:
+            raise ConfigError(f"draft_len must be in [1, 64], got {self.draft_len}")
 
 
 @contextlib.contextmanager
@@ -131,6 +140,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             "tokenizer": {"file": "tokenizer.json", "chat_template": loaded.chat_template, **loaded.special_tokens},
             "verification": verification,
             "passes": pass_log,
+            **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}} if options.spec else {}),
             "timings": {k: round(v, 2) for k, v in timings.items()},
         }
         with phase("hashing and writing the bundle"):

@@ -116,6 +116,9 @@ class CombinedDrafter:
             d.observe(inputs, candidates)
 
 
+DRAFTER_NAMES = ("ngram", "recycling", "ngram+recycling")
+
+
 def make_drafter(name: str, vocab_size: int):
     """A drafter by name: ``ngram``, ``recycling`` or ``ngram+recycling``."""
     from ..errors import GenerationError

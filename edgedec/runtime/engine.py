@@ -270,7 +270,7 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                 drafter: "str | Drafter | None" = None, draft_len: int = 4) -> Iterator[Token]:
+                 drafter: "str | Drafter | None" = "auto", draft_len: int | None = None) -> Iterator[Token]:
         """Stream tokens for ``prompt`` (text, or token ids). Greedy by default; seeded sampling otherwise.
 
         Stops at ``max_new_tokens``, an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string,
@@ -281,9 +281,11 @@ class Engine:
         be "" and a later one carry it). Text still held when an end-of-sequence token arrives is
         released with that token, the one case where the eos token is yielded.
 
-        ``drafter`` turns on speculative decoding (``"ngram"``, ``"recycling"``, ``"ngram+recycling"`` or a
-        :class:`~edgedec.runtime.drafters.Drafter`): up to ``draft_len`` drafted tokens are verified in one
-        pass. Greedy output is the same as without it; sampled output has the same distribution.
+        ``drafter`` sets speculative decoding: ``"auto"`` (default) uses the bundle's setting (``edgedec
+        compile --spec``; none if it has none), ``None`` turns it off, or name one (``"ngram"``,
+        ``"recycling"``, ``"ngram+recycling"``) or pass a :class:`~edgedec.runtime.drafters.Drafter`. Up to
+        ``draft_len`` drafted tokens (default: the bundle's, else 4) are verified in one pass. Greedy output
+        is the same as without speculation; sampled output has the same distribution.
         """
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -291,6 +293,11 @@ class Engine:
         if not all(isinstance(s, str) and s for s in stop):
             raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
         sampler = Sampler(temperature, top_k, top_p, seed)
+        spec = self.manifest.get("speculation") or {}
+        if drafter == "auto":
+            drafter = spec.get("drafter")
+        if draft_len is None:
+            draft_len = int(spec.get("draft_len", 4))
         if isinstance(drafter, str):
             drafter = make_drafter(drafter, self.bundle.arch["vocab_size"])
         if drafter is not None and not 1 <= draft_len <= 64:
