@@ -1,0 +1,67 @@
+"""Speculation from the outside: `compile --spec` makes a bundle speculate by default, `run --no-spec`
+turns it off with the same greedy output, `bench --spec` measures both in one run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgedec.runtime import Engine
+
+PROMPT = "The quick brown fox jumps over the lazy dog. The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def spec_bundle(tiny_llama_dir, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from edgedec.cli import app
+
+    out = tmp_path_factory.mktemp("spec") / "tiny-spec"
+    r = CliRunner().invoke(app, ["compile", str(tiny_llama_dir), "-o", str(out), "--spec", "ngram+recycling",
+                                 "--draft-len", "3"])
+    assert r.exit_code == 0, r.stderr
+    return out
+
+
+def test_compiled_bundle_speculates_by_default(spec_bundle, tiny_llama_bundle):
+    manifest = json.loads((spec_bundle / "manifest.json").read_text())
+    assert manifest["speculation"] == {"drafter": "ngram+recycling", "draft_len": 3}
+    eng = Engine.load(spec_bundle, threads=1)
+    spec = [t.id for t in eng.generate(PROMPT, max_new_tokens=32, ignore_eos=True)]
+    assert eng.last_stats.drafter == "ngram+recycling" and eng.last_stats.verify_steps > 0
+    off = [t.id for t in eng.generate(PROMPT, max_new_tokens=32, ignore_eos=True, drafter=None)]
+    assert eng.last_stats.drafter == "" and eng.last_stats.verify_steps == 0
+    plain = Engine.load(tiny_llama_bundle, threads=1)
+    assert spec == off == [t.id for t in plain.generate(PROMPT, max_new_tokens=32, ignore_eos=True)]
+    assert plain.last_stats.drafter == ""  # a bundle compiled without --spec does not speculate
+
+
+def test_run_spec_and_no_spec(spec_bundle, cli):
+    args = ("run", spec_bundle, "-p", PROMPT, "-n", "24", "--json")
+    with_spec, without = json.loads(cli(*args).stdout), json.loads(cli(*args, "--no-spec").stdout)
+    assert with_spec["drafter"] == "ngram+recycling" and without["drafter"] == ""
+    assert with_spec["token_ids"] == without["token_ids"]
+
+
+def test_bad_drafter_is_one_line(spec_bundle, tiny_llama_dir, tmp_path, cli, one_line_error):
+    one_line_error(cli("run", spec_bundle, "-p", "x", "--spec", "medusa"), "unknown drafter 'medusa'")
+    one_line_error(cli("compile", tiny_llama_dir, "-o", tmp_path / "b", "--spec", "medusa"),
+                   "spec must be one of ngram, recycling, ngram\\+recycling")
+    assert not (tmp_path / "b").exists()
+
+
+def test_bench_spec_measures_both(tiny_llama_bundle, tmp_path, cli):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPT + "\n")
+    r = cli("bench", tiny_llama_bundle, "--prompts", prompts, "--warmup", "0", "--runs", "1", "--new-tokens", "16",
+            "--threads", "1", "--spec", "ngram", "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.stderr
+    off, on = json.loads((tmp_path / "b.json").read_text())["bundles"]
+    assert off["speculation"] is None and off["name"].endswith("(no spec)")
+    sp = on["speculation"]
+    assert sp["drafter"] == "ngram" and sp["verify_steps"] > 0
+    assert 0 <= sp["accepted_tokens"] <= sp["drafted_tokens"]
+    assert 0 < sp["model_share"] <= 1 and 0 <= sp["draft_share"] < 1
+    assert on["ratios"]["decode_tok_s"] > 0
