@@ -16,7 +16,27 @@ TARGETS: dict[str, dict] = {
 }
 
 # name -> {"impl": "module:Class", "description": one line, "targets": [...], "requires": [packages]}
-PASSES: dict[str, dict] = {}
+PASSES: dict[str, dict] = {
+    "int4": {
+        "impl": "edgedec.passes.int4:Int4Pass",
+        "description": "block-wise 4-bit weights (MatMulNBits); exact re-expression of GGUF Q4_0/Q4_1/Q8_0 sources",
+        "targets": ["cpu"],
+        "requires": ["onnxruntime"],
+    },
+    "int8": {
+        "impl": "edgedec.passes.int8:Int8Pass",
+        "description": "8-bit weights with int8 activations per block (MatMulNBits), or quantize_dynamic",
+        "targets": ["cpu"],
+        "requires": ["onnxruntime"],
+    },
+    "qdq": {
+        "impl": "edgedec.passes.qdq:QdqPass",
+        "description": "static QuantizeLinear/DequantizeLinear form for NPUs (int8 weights, 16-bit activations), "
+                       "calibrated on text",
+        "targets": ["cpu"],
+        "requires": ["onnxruntime", "tokenizers"],
+    },
+}
 
 
 def target_names() -> list[str]:

@@ -1,0 +1,220 @@
+"""Pass int4: structure after the pass, honest ``modified``, numerics on ONNX Runtime, the exact
+re-expression of GGUF grids, and every error message."""
+
+import numpy as np
+import onnx
+import pytest
+import quant_graphs as qg
+
+from edgedec.errors import ConfigError
+from edgedec.passes.base import PassContext, PassError, PassResult, create_pass
+from edgedec.passes.int4 import Int4Config, Int4Pass, source_grids
+
+GGUF_CONTEXT = PassContext(source={"weight_format": "F32,Q4_1,Q8_0"})
+BODY = 7  # q, k, v, o, gate, up, down
+NOTHING = "found nothing to quantize: no MatMul whose weight is a 2-D float initializer"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return qg.decoder_graph(expose_embedding=True)
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    return qg.run(model)
+
+
+@pytest.fixture(scope="module")
+def gguf_model():
+    return qg.decoder_graph(qg.decoder_weights(seed=1, grid="q4_1"), expose_embedding=True)
+
+
+def rel_err(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_structure_after_the_pass(model):
+    result = create_pass("int4")(model)
+    out = result.model
+    assert result.modified
+    assert qg.count(out, "MatMulNBits") == BODY + 1  # + the head
+    assert qg.count(out, "MatMul") == 0 and qg.count(out, "Transpose") == 0
+    assert qg.count(out, "GatherBlockQuantized") == 1 and qg.count(out, "GroupQueryAttention") == 1
+    bits = {n.name: {a.name: a.i for a in n.attribute} for n in out.graph.node if n.op_type == "MatMulNBits"}
+    head = [a for name, a in bits.items() if name.startswith("lm_head")]
+    assert head == [{"K": 64, "N": 64, "bits": 8, "block_size": 32, "accuracy_level": 4}]
+    body = [a for name, a in bits.items() if not name.startswith("lm_head")]
+    assert all(a["bits"] == 4 and a["accuracy_level"] == 4 for a in body)
+    names = {i.name for i in out.graph.initializer}
+    assert not any(n.endswith(".weight") for n in names)  # every float weight is gone, the table included
+    assert "layers.0.mlp.down_proj.weight.q4" in names and "layers.0.mlp.down_proj.weight.zero_points" in names
+    assert any(o.domain == "com.microsoft" for o in out.opset_import)
+    onnx.checker.check_model(out)
+    # the input model is untouched
+    assert qg.count(model, "MatMulNBits") == 0 and qg.count(model, "MatMul") == BODY + 1
+
+
+def test_report_records_what_was_quantized(model):
+    report = create_pass("int4")(model).report
+    assert report["quantized"] == BODY + 1
+    assert report["settings"]["block_size"] == 32 and report["settings"]["source_grids"] == []
+    tensors = {t["weight"]: t for t in report["tensors"]}
+    assert tensors["lm_head.weight"]["bits"] == 8 and tensors["lm_head.weight"]["gathers"] == 1
+    assert tensors["layers.0.mlp.up_proj.weight"]["method"] == "rtn"
+    assert 0 < report["max_abs_error"] == max(t["max_abs_error"] for t in tensors.values())
+    assert report["bytes_after"] < report["bytes_before"] / 3
+
+
+def test_second_run_is_an_honest_no_op(model):
+    once = create_pass("int4")(model).model
+    again = create_pass("int4")(once)
+    assert not again.modified and again.model is once
+    assert again.report["quantized"] == 0
+
+
+def test_numerics_on_onnxruntime(model, reference):
+    out = qg.run(create_pass("int4")(model).model)
+    # random N(0, 0.15) weights, 4-bit blocks of 32 and int8 activations: a few percent of the logit range
+    assert rel_err(out[0], reference[0]) < 0.15
+    assert rel_err(out[3], reference[3]) < 0.01  # the embedding through the 8-bit table
+
+
+@pytest.mark.parametrize("options", [
+    {"block_size": 16}, {"block_size": 64}, {"block_size": 128}, {"symmetric": True},
+    {"accuracy_level": 0, "lm_head": "fp32"}, {"algorithm": "k_quant"}, {"algorithm": "hqq"}, {"lm_head": "int4"},
+])
+def test_every_setting_runs_and_stays_close(model, reference, options):
+    result = create_pass("int4", options)(model)
+    out = qg.run(result.model)
+    assert rel_err(out[0], reference[0]) < 0.2
+    assert result.report["settings"].items() >= options.items()
+
+
+def test_block_size_that_does_not_divide_the_table_falls_back_for_the_table_only(model):
+    report = create_pass("int4", {"block_size": 128})(model).report
+    tensors = {t["weight"]: t for t in report["tensors"]}
+    assert tensors["lm_head.weight"]["block_size"] == 64
+    assert "the shared table uses 64" in tensors["lm_head.weight"]["notes"][0]
+    assert tensors["layers.0.mlp.down_proj.weight"]["block_size"] == 128  # K = 96 padded, not shared
+
+
+def test_lm_head_fp32_keeps_the_tied_table(model, reference):
+    out = create_pass("int4", {"lm_head": "fp32"})(model).model
+    assert qg.count(out, "MatMulNBits") == BODY
+    assert qg.count(out, "Transpose") == 1 and qg.count(out, "MatMul") == 1 and qg.count(out, "Gather") == 2
+    np.testing.assert_array_equal(qg.run(out)[3], reference[3])
+
+
+def test_hqq_float_zero_points_go_through_the_block_sum_correction(model, reference):
+    out = create_pass("int4", {"algorithm": "hqq", "lm_head": "fp32", "accuracy_level": 0})(model).model
+    corrections = [n for n in out.graph.node if n.op_type == "MatMul" and n.name.endswith("offset_matmul")]
+    assert len(corrections) == BODY
+    block_sums = [n for n in out.graph.node if n.name.endswith("block_sums.matmul")]
+    assert len(block_sums) == 4  # shared: embedding (q, k, v), attn, h1 (gate, up), act
+    assert rel_err(qg.run(out)[0], reference[0]) < 0.15
+
+
+# ---------------------------------------------------------------------------------------------
+# source-aware: weights on GGUF grids are re-expressed without loss
+# ---------------------------------------------------------------------------------------------
+def test_gguf_grids_are_reproduced_exactly(gguf_model):
+    result = Int4Pass(Int4Config(), GGUF_CONTEXT)(gguf_model)
+    report = result.report
+    assert report["by_method"] == {"exact Q4_1 grid": BODY, "exact Q8_0 grid": 1}
+    assert report["max_abs_error"] <= 1e-7
+    assert report["settings"]["source_grids"] == ["Q4_1", "Q8_0"]
+    assert "notes" not in report
+    out = result.model
+    assert qg.count(out, "MatMulNBits") == BODY + 1
+    assert qg.count(out, "Add") == 2 + BODY  # residuals + one block-sum correction per Q4_1 weight
+
+
+def test_gguf_grids_run_exactly_without_activation_quantization(gguf_model):
+    ref = qg.run(gguf_model)
+    config = Int4Config(accuracy_level=0, lm_head="fp32")
+    out = qg.run(Int4Pass(config, GGUF_CONTEXT)(gguf_model).model)
+    np.testing.assert_allclose(out[0], ref[0], rtol=0, atol=1e-5 * np.abs(ref[0]).max())
+
+
+def test_gguf_grids_with_int8_activations(gguf_model):
+    ref = qg.run(gguf_model)
+    out = qg.run(Int4Pass(Int4Config(), GGUF_CONTEXT)(gguf_model).model)
+    np.testing.assert_array_equal(out[3], ref[3])  # the Q8_0 embedding is exact
+    assert rel_err(out[0], ref[0]) < 0.02  # only the int8 activations differ
+
+
+def test_q4_1_table_is_exact_for_head_and_embedding():
+    w = qg.decoder_weights(seed=2, grid="q4_1")
+    w["lm_head.weight"] = qg.q4_1_grid(np.random.default_rng(3), qg.HIDDEN, qg.VOCAB).T.copy()
+    model = qg.decoder_graph(w, expose_embedding=True)
+    ref = qg.run(model)
+    result = Int4Pass(Int4Config(lm_head="int4", accuracy_level=0), GGUF_CONTEXT)(model)
+    assert result.report["by_method"] == {"exact Q4_1 grid": BODY + 1}
+    out = qg.run(result.model)
+    np.testing.assert_allclose(out[3], ref[3], atol=1e-6)  # GatherBlockQuantized + gathered offsets
+    np.testing.assert_allclose(out[0], ref[0], atol=1e-5 * np.abs(ref[0]).max())
+
+
+def test_source_grid_off_requantizes(gguf_model):
+    report = Int4Pass(Int4Config(source_grid="never"), GGUF_CONTEXT)(gguf_model).report
+    assert report["by_method"] == {"rtn": BODY + 1} and report["max_abs_error"] > 1e-3
+
+
+def test_source_grid_auto_follows_the_source_and_notes_fallbacks(gguf_model, model):
+    float_source = Int4Pass(Int4Config(), PassContext(source={"weight_format": "float"}))(gguf_model).report
+    assert float_source["settings"]["source_grids"] == [] and "exact Q4_1 grid" not in float_source["by_method"]
+    mixed = Int4Pass(Int4Config(source_grid="always", block_size=64), PassContext())(model).report
+    assert any("not on a source grid" in n for n in mixed["notes"])
+    on_grid = Int4Pass(Int4Config(block_size=64), GGUF_CONTEXT)(gguf_model).report
+    assert any("keep its blocks of 32" in n for n in on_grid["notes"])
+
+
+def test_source_grids():
+    assert source_grids("auto", "F32,Q4_1,Q8_0") == ("Q4_1", "Q8_0")
+    assert source_grids("auto", "F32,Q6_K") == () and source_grids("auto", "") == ()
+    assert source_grids("always", "") == ("Q4_0", "Q4_1", "Q8_0") and source_grids("never", "Q4_1") == ()
+
+
+# ---------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("options,message", [
+    ({"block_size": 48}, r"int4\.block_size must be one of 16, 32, 64, 128, got 48"),
+    ({"accuracy_level": 5}, r"int4\.accuracy_level must be in 0\.\.4, got 5"),
+    ({"algorithm": "gptq"}, r"int4\.algorithm must be one of rtn, k_quant, hqq, got 'gptq'"),
+    ({"symmetric": True, "algorithm": "hqq"}, r"int4\.symmetric is only available with algorithm rtn"),
+    ({"lm_head": "int2"}, r"int4\.lm_head must be one of fp32, int8, int4, got 'int2'"),
+    ({"accuracy_level": 0}, r"int4\.lm_head=int8 needs accuracy_level=4"),
+    ({"source_grid": "yes"}, r"int4\.source_grid must be one of auto, always, never, got 'yes'"),
+    ({"block_size": "32"}, r"Int4Config\.block_size must be int"),
+])
+def test_config_errors_name_the_field(options, message):
+    with pytest.raises(ConfigError, match=message):
+        create_pass("int4", options)
+
+
+def test_requires_says_what_it_looked_for():
+    with pytest.raises(PassError, match=f"int4 {NOTHING}"):
+        create_pass("int4")(qg.no_matmul_graph())
+
+
+def test_ensures_catches_float_weights_left_behind(model):
+    p = create_pass("int4")
+    with pytest.raises(PassError, match="int4 left float MatMul weights that should have been quantized: layers.0"):
+        p.ensures(model, PassResult(model, True, {}))
+
+
+def test_ensures_catches_a_float_embedding_left_on_the_tied_table(model):
+    p = create_pass("int4")
+    body_only = create_pass("int4", {"lm_head": "fp32"})(model).model
+    left = "int4 left float MatMul weights that should have been quantized"
+    with pytest.raises(PassError, match=f"{left}: lm_head.weight"):
+        p.ensures(model, PassResult(body_only, True, {}))
+    # a head quantized but its embedding left on the float table
+    out = create_pass("int4")(model).model
+    gbq = next(n for n in out.graph.node if n.op_type == "GatherBlockQuantized")
+    gbq.CopyFrom(onnx.helper.make_node("Gather", ["lm_head.weight", "input_ids"], list(gbq.output)))
+    out.graph.initializer.append(next(i for i in model.graph.initializer if i.name == "lm_head.weight"))
+    with pytest.raises(PassError, match="int4 left a float embedding Gather on the tied table lm_head.weight"):
+        p.ensures(model, PassResult(out, True, {}))
