@@ -10,13 +10,19 @@ TARGETS: dict[str, dict] = {
         "module": "edgedec.targets.cpu",
         "backend": "onnxruntime",
         "description": "ONNX Runtime, CPU execution provider; in-place KV cache via GroupQueryAttention",
-        "passes": [],
+        "passes": ["fuse-projections"],  # required: always run first
         "requires": ["onnxruntime"],
     },
 }
 
 # name -> {"impl": "module:Class", "description": one line, "targets": [...], "requires": [packages]}
 PASSES: dict[str, dict] = {
+    "fuse-projections": {
+        "impl": "edgedec.passes.fuse_projections:FuseProjectionsPass",
+        "description": "q/k/v into one MatMul (packed GroupQueryAttention input), gate/up into one MatMul + Split",
+        "targets": ["cpu"],
+        "requires": [],
+    },
     "int4": {
         "impl": "edgedec.passes.int4:Int4Pass",
         "description": "block-wise 4-bit weights (MatMulNBits); exact re-expression of GGUF Q4_0/Q4_1/Q8_0 sources",

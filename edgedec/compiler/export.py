@@ -113,9 +113,11 @@ def _register_gqa_schema() -> None:
     names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
              "cos_cache", "sin_cache"]
     types = {"seqlens_k": "M", "total_sequence_length": "M"}
+    optional = {"key", "value", "past_key", "past_value", "cos_cache", "sin_cache"}  # key/value: packed QKV
     schema = OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[fp(n, types.get(n, "T")) for n in names],
+        inputs=[fp(n, types.get(n, "T"), param_option=OpSchema.FormalParameterOption.Optional
+                   if n in optional else OpSchema.FormalParameterOption.Single) for n in names],
         outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
         type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
         attributes=[

@@ -18,6 +18,7 @@ class CpuTarget(Target):
     name = "cpu"
     backend = "onnxruntime"
     description = "ONNX Runtime, CPU execution provider"
+    required_passes = ("fuse-projections",)  # fewer, larger MatMuls: decode is launch-bound on a CPU
 
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
         file = f"{role}.onnx"

@@ -73,7 +73,9 @@ def test_manifest_contents(tiny):
 
     v = m["verification"]
     assert v["max_abs_logit_diff"] < 1e-3 and v["tokens"] == 12 and v["reference"] == "transformers"
-    assert m["passes"] == []
+    (fuse,) = m["passes"]  # the cpu target's required pass, nothing else without options
+    assert fuse["pass"] == "fuse-projections" and fuse["modified"] is True
+    assert fuse["report"] == {"fused": {"qkv": 2, "siblings": 2}}  # 2 layers: q/k/v and gate/up each
 
 
 def test_manifest_hashes_every_file(tiny):
