@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 from .bundle import Bundle
-from .drafters import Drafter, make_drafter
+from .drafters import Drafter, DraftLengthPolicy, make_drafter
 from .sampler import Sampler
 from .text import StreamDecoder, TextCodec
 
@@ -270,7 +270,8 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], max_new_tokens: int = 128, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: str | Sequence[str] | None = None, ignore_eos: bool = False,
-                 drafter: "str | Drafter | None" = "auto", draft_len: int | None = None) -> Iterator[Token]:
+                 drafter: "str | Drafter | None" = "auto", draft_len: int | None = None,
+                 adaptive_draft: bool = True) -> Iterator[Token]:
         """Stream tokens for ``prompt`` (text, or token ids). Greedy by default; seeded sampling otherwise.
 
         Stops at ``max_new_tokens``, an end-of-sequence token (unless ``ignore_eos``), a ``stop`` string,
@@ -284,7 +285,9 @@ class Engine:
         ``drafter`` sets speculative decoding: ``"auto"`` (default) uses the bundle's setting (``edgedec
         compile --spec``; none if it has none), ``None`` turns it off, or name one (``"ngram"``,
         ``"recycling"``, ``"ngram+recycling"``) or pass a :class:`~edgedec.runtime.drafters.Drafter`. Up to
-        ``draft_len`` drafted tokens (default: the bundle's, else 4) are verified in one pass. Greedy output
+        ``draft_len`` drafted tokens (default: the bundle's, else 4) are verified in one pass; with
+        ``adaptive_draft`` the length follows the running acceptance (:class:`DraftLengthPolicy`) and
+        drafting pauses while it does not pay. Greedy output
         is the same as without speculation; sampled output has the same distribution.
         """
         if max_new_tokens < 1:
@@ -303,7 +306,7 @@ class Engine:
         if drafter is not None and not 1 <= draft_len <= 64:
             raise GenerationError(f"draft_len must be in [1, 64], got {draft_len}")
         ids = self.encode(prompt)
-        return self._generate(ids, max_new_tokens, sampler, stop, ignore_eos, drafter, draft_len)
+        return self._generate(ids, max_new_tokens, sampler, stop, ignore_eos, drafter, draft_len, adaptive_draft)
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[Token]:
         """Apply the bundle's chat template to ``messages`` and generate the assistant's reply."""
@@ -311,7 +314,8 @@ class Engine:
         ids = self.codec.encode(text, add_special_tokens=False)
         return self.generate(ids, **kwargs)
 
-    def _tokens(self, ids: list[int], sampler: Sampler, stats: GenerationStats, drafter, draft_len: int):
+    def _tokens(self, ids: list[int], sampler: Sampler, stats: GenerationStats, drafter, draft_len: int,
+                adaptive: bool = True):
         """Yield new token ids: one per decode step, or several per verification when speculating.
 
         Invariant between yields: the cache holds every token except the last one yielded.
@@ -330,13 +334,15 @@ class Engine:
         drafter.reset(history[:n])
         stats.drafter = drafter.name
         width = getattr(drafter, "width", 0)
+        policy = DraftLengthPolicy(draft_len) if adaptive else None
         while True:
             yield token
             history[n] = token
             n += 1
             room = dec.kv.capacity - dec.kv.length - 1  # draft tokens that fit after `token`
+            k = min(policy.next_k() if policy else draft_len, room)
             t = time.perf_counter()
-            draft = drafter.propose(history[:n], min(draft_len, room)) if room > 0 else []
+            draft = drafter.propose(history[:n], k) if k > 0 else []
             stats.draft_s += time.perf_counter() - t
             if not draft:
                 logits = dec.decode_one(token)
@@ -352,6 +358,8 @@ class Engine:
             stats.verify_steps += 1
             stats.drafted_tokens += len(draft)
             stats.accepted_tokens += accepted
+            if policy:
+                policy.update(len(draft), accepted)
             if width:
                 inputs = np.asarray([token, *draft[:accepted]], np.int32)
                 drafter.observe(inputs, top_candidates(rows[: accepted + 1], width))
@@ -362,7 +370,7 @@ class Engine:
             token = new[-1]
 
     def _generate(self, ids: list[int], max_new: int, sampler: Sampler, stop: list[str], ignore_eos: bool,
-                  drafter=None, draft_len: int = 4):
+                  drafter=None, draft_len: int = 4, adaptive: bool = True):
         dec = self.decoder
         stats = GenerationStats(prompt_tokens=len(ids))
         self.last_stats = stats
@@ -370,7 +378,7 @@ class Engine:
         stream = StreamDecoder(self.codec)
         held = ""  # decoded text not yet yielded: it may be the start of a stop string
         t0 = time.perf_counter()
-        source = self._tokens(ids, sampler, stats, drafter, draft_len)
+        source = self._tokens(ids, sampler, stats, drafter, draft_len, adaptive)
         out = stats.token_ids
         t_first = None
         try:

@@ -13,8 +13,8 @@ from scipy import stats
 
 from edgedec.errors import GenerationError
 from edgedec.runtime import Engine, engine as engine_mod
-from edgedec.runtime.drafters import (CombinedDrafter, PromptLookupDrafter, TokenRecyclingDrafter,
-                                      make_drafter)
+from edgedec.runtime.drafters import (CombinedDrafter, DraftLengthPolicy, PromptLookupDrafter,
+                                      TokenRecyclingDrafter, make_drafter)
 from edgedec.runtime.sampler import Sampler
 
 DRAFTERS = ["ngram", "recycling", "ngram+recycling"]
@@ -53,6 +53,21 @@ def test_make_drafter():
         make_drafter("medusa", 10)
 
 
+def test_draft_length_policy_follows_acceptance():
+    policy = DraftLengthPolicy(max_k=6)
+    for _ in range(30):
+        policy.update(drafted=6, accepted=6)
+    assert policy.alpha > 0.9 and policy.next_k() == 6  # everything accepted: draft as far as allowed
+    for _ in range(60):
+        policy.update(drafted=4, accepted=0)
+    assert policy.alpha < 0.05
+    ks = [policy.next_k() for _ in range(16)]
+    assert ks == [0] * 7 + [2] + [0] * 7 + [2]  # drafting pauses, with a short probe every 8 steps
+    mid = DraftLengthPolicy(max_k=8)
+    mid.successes, mid.trials = 6.0, 10.0  # alpha = 0.6: a short draft pays, a long one does not
+    assert 1 <= mid.next_k() < 8 and mid.value(mid.next_k()) > mid.value(8)
+
+
 def test_verify_chain_greedy():
     rows = np.full((4, 6), -1.0, np.float32)
     rows[0, 2] = rows[1, 3] = rows[2, 5] = rows[3, 1] = 1.0  # argmax: 2, 3, 5, 1
@@ -63,14 +78,15 @@ def test_verify_chain_greedy():
 
 
 # --- greedy losslessness on the tiny models -------------------------------------------------------
+@pytest.mark.parametrize("adaptive", [False, True])
 @pytest.mark.parametrize("drafter", DRAFTERS)
-def test_greedy_speculation_is_lossless(engine, drafter):
+def test_greedy_speculation_is_lossless(engine, drafter, adaptive):
     accepted = 0
     for prompt in PROMPTS:
         base = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True)]
         for k in (1, 3, 6):
             spec = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=drafter,
-                                                  draft_len=k)]
+                                                  draft_len=k, adaptive_draft=adaptive)]
             assert spec == base, (prompt, drafter, k)
             s = engine.last_stats
             assert s.drafter == drafter and s.accepted_tokens <= s.drafted_tokens
