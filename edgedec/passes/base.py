@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import typing
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -31,9 +32,10 @@ def option(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class PassConfig:
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))  # resolves string annotations (from __future__ import annotations)
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            expected = f.type if isinstance(f.type, type) else None
+            expected = hints.get(f.name)
             if expected in (int, float, bool, str) and not isinstance(value, expected) and not (
                 expected is float and isinstance(value, int) and not isinstance(value, bool)
             ):

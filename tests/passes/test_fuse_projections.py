@@ -70,3 +70,10 @@ def test_requires_a_float_graph():
     empty = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
     with pytest.raises(PassError, match="no MatMul found: fuse-projections needs the float decoder graph"):
         create_pass("fuse-projections")(empty)
+
+
+def test_config_types_are_checked_with_postponed_annotations():
+    from edgedec.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="FuseProjectionsConfig.qkv must be bool, got 'yes'"):
+        create_pass("fuse-projections", {"qkv": "yes"})
