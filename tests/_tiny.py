@@ -13,6 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 MAKER = ROOT / "benchmarks" / "make_tiny_model.py"
 MAX_POSITIONS = 512
@@ -81,3 +83,23 @@ def edit_manifest(bundle: Path, edit) -> None:
     manifest = json.loads(path.read_text())
     edit(manifest)
     path.write_text(json.dumps(manifest, indent=2))
+
+
+# Fixtures for tests/eval, tests/bench and tests/gate (each conftest imports them).
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(HF directory, bundle) of the tiny random Llama, seed 0."""
+    return tiny_bundle(tmp_path_factory, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_other(tmp_path_factory):
+    """The same architecture and tokenizer with other random weights (seed 1)."""
+    return tiny_bundle(tmp_path_factory, seed=1)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "text.txt"
+    path.write_text(sample_text("for"))
+    return path

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ModelError, UnsupportedError
+from ..runtime.bundle import sha256_file
 from . import registry
 from .arch import SUPPORTED_MODEL_TYPES, ArchFacts
 
@@ -39,14 +40,6 @@ class LoadedModel:
     special_tokens: dict  # bos_token, eos_token, bos_token_id, eos_token_ids, pad_token_id
     source: SourceInfo
     extras: dict = field(default_factory=dict)
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve(spec: str | None) -> tuple[str, Path, str | None]:

@@ -165,3 +165,7 @@ def char_tokenizer_json() -> str:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     return tok.to_str()
+
+
+BODY = 7  # weight MatMuls per layer: q, k, v, o, gate, up, down
+NOTHING = "found nothing to quantize: no MatMul whose weight is a 2-D float initializer"

@@ -11,18 +11,7 @@ from edgedec.passes.base import PassContext, PassError, PassResult, create_pass
 from edgedec.passes.int4 import Int4Config, Int4Pass, source_grids
 
 GGUF_CONTEXT = PassContext(source={"weight_format": "F32,Q4_1,Q8_0"})
-BODY = 7  # q, k, v, o, gate, up, down
-NOTHING = "found nothing to quantize: no MatMul whose weight is a 2-D float initializer"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return qg.decoder_graph(expose_embedding=True)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return qg.run(model)
+from quant_graphs import BODY, NOTHING
 
 
 @pytest.fixture(scope="module")

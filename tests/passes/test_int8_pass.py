@@ -9,18 +9,7 @@ from edgedec.errors import ConfigError
 from edgedec.passes.base import PassContext, PassError, PassResult, create_pass
 from edgedec.passes.int8 import Int8Config, Int8Pass
 
-BODY = 7
-NOTHING = "found nothing to quantize: no MatMul whose weight is a 2-D float initializer"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return qg.decoder_graph(expose_embedding=True)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return qg.run(model)
+from quant_graphs import BODY, NOTHING
 
 
 def rel_err(a, b):

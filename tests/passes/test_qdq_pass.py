@@ -9,23 +9,12 @@ from edgedec.errors import ConfigError
 from edgedec.passes.base import PassContext, PassError, PassResult
 from edgedec.passes.qdq import DecoderCalibrationReader, QdqConfig, QdqPass, default_calibration_text
 
-BODY = 7
-NOTHING = "found nothing to quantize: no MatMul whose weight is a 2-D float initializer"
+from quant_graphs import BODY, NOTHING
 
 
 @pytest.fixture(scope="module")
 def context():
     return PassContext(tokenizer_json=qg.char_tokenizer_json())
-
-
-@pytest.fixture(scope="module")
-def model():
-    return qg.decoder_graph(expose_embedding=True)
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return qg.run(model)
 
 
 @pytest.fixture(scope="module")
