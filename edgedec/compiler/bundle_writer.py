@@ -23,8 +23,10 @@ def check_output(output: Path, force: bool) -> None:
             raise ConfigError(f"output {output} already exists; pass --force to replace it")
         if any(output.iterdir()) and not (output / MANIFEST).is_file():
             raise ConfigError(f"output {output} is a non-empty directory that is not a bundle; refusing to replace it")
-    if not output.parent.exists():
-        raise ConfigError(f"the parent directory of {output} does not exist")
+    try:  # like mkdir -p: `-o bundles/smol` works in a fresh checkout
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise ConfigError(f"cannot create the parent directory of {output}: a path component is a file") from exc
 
 
 @contextlib.contextmanager

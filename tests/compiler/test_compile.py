@@ -174,8 +174,15 @@ def test_force_does_not_clobber_non_bundles(tiny_llama_dir, tmp_path, setup, mes
     assert out.exists()
 
 
-def test_missing_output_parent(tiny_llama_dir, tmp_path):
-    with pytest.raises(ConfigError, match=r"the parent directory of .* does not exist"):
+def test_missing_output_parents_are_created(tiny_llama_dir, tmp_path):
+    out = tmp_path / "a" / "b"
+    compile_model(str(tiny_llama_dir), out, CompileOptions())
+    assert Bundle.open(out).manifest["format_version"] == 1
+
+
+def test_output_under_a_file_is_refused(tiny_llama_dir, tmp_path):
+    (tmp_path / "a").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"cannot create the parent directory of .*: a path component is a file"):
         compile_model(str(tiny_llama_dir), tmp_path / "a" / "b")
 
 
