@@ -5,10 +5,13 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import onnx
 
 from .. import __version__
 from ..errors import ConfigError, ModelError, UnsupportedError
@@ -101,8 +104,6 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             )
         del loaded.model
 
-        import onnx
-
         onnx_model = onnx.load(str(graph_path))
         context.arch, context.source = arch.to_dict(), loaded.source.to_dict()
         context.tokenizer_json, context.work_dir = loaded.tokenizer_json, work
@@ -111,8 +112,6 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
 
         with phase(f"building for target {target.name}"):
             graph_entry = target.build(onnx_model, tmp, role="decoder")
-        import shutil
-
         shutil.rmtree(work)
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
 
