@@ -221,6 +221,7 @@ class Engine:
         self.decoder = DecoderSession(bundle, threads, context_length)
         self.context_length = context_length
         self.last_stats: GenerationStats | None = None
+        self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
@@ -301,8 +302,10 @@ class Engine:
             drafter = spec.get("drafter")
         if draft_len is None:
             draft_len = int(spec.get("draft_len", 4))
-        if isinstance(drafter, str):
-            drafter = make_drafter(drafter, self.bundle.arch["vocab_size"])
+        if isinstance(drafter, str):  # one drafter per name and engine: what it learned carries over
+            if drafter not in self._drafters:
+                self._drafters[drafter] = make_drafter(drafter, self.bundle.arch["vocab_size"])
+            drafter = self._drafters[drafter]
         if drafter is not None and not 1 <= draft_len <= 64:
             raise GenerationError(f"draft_len must be in [1, 64], got {draft_len}")
         ids = self.encode(prompt)

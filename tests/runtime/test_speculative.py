@@ -175,3 +175,12 @@ def test_sampling_distribution_is_preserved(engine, monkeypatch):
     monkeypatch.setattr(engine_mod, "verify_chain", accept_all)
     wrong = _sample_two_tokens(engine, ids, drafter, 300, **kw)
     assert _chi2_pvalue(wrong[:, 1], p2) < 1e-6
+
+
+def test_named_drafter_keeps_what_it_learned(engine):
+    list(engine.generate(PROMPTS[0], max_new_tokens=16, ignore_eos=True, drafter="recycling"))
+    learned = engine._drafters["recycling"].table.copy()
+    assert (learned >= 0).any()
+    list(engine.generate(PROMPTS[1], max_new_tokens=16, ignore_eos=True, drafter="recycling"))
+    table = engine._drafters["recycling"].table
+    assert (table[learned >= 0] >= 0).all()  # the second call started from the first call's table
