@@ -10,7 +10,23 @@ TARGETS: dict[str, dict] = {
         "module": "edgedec.targets.cpu",
         "backend": "onnxruntime",
         "description": "ONNX Runtime, CPU execution provider; in-place KV cache via GroupQueryAttention",
-        "passes": ["fuse-projections"],  # required: always run first
+        "passes": ["fuse-projections", "fuse-norms"],  # required: always run first
+        "requires": ["onnxruntime"],
+    },
+    "npu": {
+        "module": "edgedec.targets.npu",
+        "backend": "onnxruntime",
+        "description": "static shapes, standard ONNX ops, QDQ int8 weights / 16-bit activations, for NPU "
+                       "execution providers (QNN, NNAPI, CoreML); checked with `edgedec check --target npu`",
+        "passes": ["qdq"],  # required
+        "requires": ["onnxruntime", "tokenizers"],
+    },
+    "gpu": {
+        "module": "edgedec.targets.gpu",
+        "backend": "onnxruntime",
+        "description": "ONNX Runtime CUDA execution provider: float16 weights and KV cache on the device "
+                       "(builds anywhere; runs where onnxruntime-gpu sees a CUDA GPU)",
+        "passes": ["fuse-projections"],  # required
         "requires": ["onnxruntime"],
     },
 }
@@ -20,8 +36,15 @@ PASSES: dict[str, dict] = {
     "fuse-projections": {
         "impl": "edgedec.passes.fuse_projections:FuseProjectionsPass",
         "description": "q/k/v into one MatMul (packed GroupQueryAttention input), gate/up into one MatMul + Split",
-        "targets": ["cpu"],
+        "targets": ["cpu", "gpu"],
         "requires": [],
+    },
+    "fuse-norms": {
+        "impl": "edgedec.passes.fuse_norms:FuseNormsPass",
+        "description": "RMSNorm into SimplifiedLayerNormalization, with the residual Add in front of it "
+                       "(SkipSimplifiedLayerNormalization)",
+        "targets": ["cpu"],
+        "requires": ["onnxruntime"],
     },
     "int4": {
         "impl": "edgedec.passes.int4:Int4Pass",
@@ -39,6 +62,20 @@ PASSES: dict[str, dict] = {
         "impl": "edgedec.passes.qdq:QdqPass",
         "description": "static QuantizeLinear/DequantizeLinear form for NPUs (int8 weights, 16-bit activations), "
                        "calibrated on text",
+        "targets": ["cpu", "npu"],
+        "requires": ["onnxruntime", "tokenizers"],
+    },
+    "ffn-skip": {
+        "impl": "edgedec.passes.ffn_skip:FfnSkipPass",
+        "description": "input-adaptive FFN skipping (FFN-SkipLLM): an If per saturated layer, chosen per token by "
+                       "the runtime; lossy fast decoding or a lossless drafter (calibrate: edgedec calibrate ffn)",
+        "targets": ["cpu"],
+        "requires": ["onnxruntime", "tokenizers"],
+    },
+    "kv-cache": {
+        "impl": "edgedec.passes.kv_cache:KvCachePass",
+        "description": "KV-cache layout fp32/fp16/int8/int4 (GroupQueryAttention's quantized cache, static scales "
+                       "calibrated on text); set by compile --kv",
         "targets": ["cpu"],
         "requires": ["onnxruntime", "tokenizers"],
     },

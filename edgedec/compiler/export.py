@@ -111,20 +111,27 @@ def _register_gqa_schema() -> None:
         return
     fp = OpSchema.FormalParameter
     names = ["query", "key", "value", "past_key", "past_value", "seqlens_k", "total_sequence_length",
-             "cos_cache", "sin_cache"]
-    types = {"seqlens_k": "M", "total_sequence_length": "M"}
-    optional = {"key", "value", "past_key", "past_value", "cos_cache", "sin_cache"}  # key/value: packed QKV
+             "cos_cache", "sin_cache", "position_ids", "attention_bias", "head_sink", "k_scale", "v_scale"]
+    # the cache may be float16/int8/packed-int4 with float scales (the kv-cache pass sets them)
+    types = {"seqlens_k": "M", "total_sequence_length": "M", "past_key": "T_CACHE", "past_value": "T_CACHE",
+             "position_ids": "P", "k_scale": "T_KV_SCALE", "v_scale": "T_KV_SCALE"}
+    optional = set(names) - {"query", "seqlens_k", "total_sequence_length"}  # key/value: packed QKV
     schema = OpSchema(
         "GroupQueryAttention", "com.microsoft", 1,
         inputs=[fp(n, types.get(n, "T"), param_option=OpSchema.FormalParameterOption.Optional
                    if n in optional else OpSchema.FormalParameterOption.Single) for n in names],
-        outputs=[fp("output", "T"), fp("present_key", "T"), fp("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], "")],
+        outputs=[fp("output", "T"), fp("present_key", "T_CACHE"), fp("present_value", "T_CACHE")],
+        type_constraints=[("T", ["tensor(float)", "tensor(float16)"], ""), ("M", ["tensor(int32)"], ""),
+                          ("T_CACHE", ["tensor(float)", "tensor(float16)", "tensor(int8)", "tensor(uint8)"], ""),
+                          ("T_KV_SCALE", ["tensor(float)"], ""), ("P", ["tensor(int64)"], "")],
         attributes=[
             OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, required=True),
             OpSchema.Attribute("kv_num_heads", OpSchema.AttrType.INT, required=True),
             OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, required=False),
             OpSchema.Attribute("do_rotary", OpSchema.AttrType.INT, required=False),
+            OpSchema.Attribute("k_quant_type", OpSchema.AttrType.STRING, required=False),
+            OpSchema.Attribute("v_quant_type", OpSchema.AttrType.STRING, required=False),
+            OpSchema.Attribute("kv_cache_bit_width", OpSchema.AttrType.INT, required=False),
         ],
     )
     onnx.defs.register_schema(schema)
@@ -272,6 +279,27 @@ def export_decoder(hf_model: nn.Module, arch: ArchFacts, out_path: Path, max_pos
 def tidy(model: onnx.ModelProto, arch: ArchFacts) -> onnx.ModelProto:
     """Make the exported graph readable: weight names from the torch module, named symbolic dims,
     no bulky exporter metadata (stack traces, fx nodes)."""
+    tidy_names(model)
+    dims = {
+        "input_ids": [1, "sequence"],
+        "logits_index": ["num_logits"],
+        "logits": [1, "num_logits", arch.vocab_size],
+    }
+    kv_shape = [1, arch.num_kv_heads, "capacity", arch.head_dim]
+    for v in list(model.graph.input) + list(model.graph.output):
+        shape = dims.get(v.name, kv_shape if v.name.startswith(("past_", "present_")) else None)
+        if shape is None:
+            continue
+        for d, s in zip(v.type.tensor_type.shape.dim, shape):
+            if isinstance(s, str):
+                d.dim_param = s
+            else:
+                d.dim_value = s
+    return model
+
+
+def tidy_names(model: onnx.ModelProto) -> None:
+    """Weight names from the torch module's scopes; drop exporter metadata and value_info (in place)."""
     renames: dict[str, str] = {}
     inits = {i.name for i in model.graph.initializer}
     for node in model.graph.node:
@@ -292,25 +320,9 @@ def tidy(model: onnx.ModelProto, arch: ArchFacts) -> onnx.ModelProto:
         for k, name in enumerate(node.input):
             if name in renames:
                 node.input[k] = renames[name]
-    dims = {
-        "input_ids": [1, "sequence"],
-        "logits_index": ["num_logits"],
-        "logits": [1, "num_logits", arch.vocab_size],
-    }
-    kv_shape = [1, arch.num_kv_heads, "capacity", arch.head_dim]
-    for v in list(model.graph.input) + list(model.graph.output):
-        shape = dims.get(v.name, kv_shape if v.name.startswith(("past_", "present_")) else None)
-        if shape is None:
-            continue
-        for d, s in zip(v.type.tensor_type.shape.dim, shape):
-            if isinstance(s, str):
-                d.dim_param = s
-            else:
-                d.dim_value = s
     del model.metadata_props[:]
     del model.graph.value_info[:]
     model.producer_name = "edgedec"
-    return model
 
 
 def verify_against_source(hf_model: nn.Module, model_path: Path, arch: ArchFacts, seed: int = 0) -> dict:

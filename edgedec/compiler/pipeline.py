@@ -15,6 +15,7 @@ import onnx
 
 from .. import __version__
 from ..errors import ConfigError, ModelError, UnsupportedError
+from ..passes import kv_cache as kv_layout
 from ..passes.base import PassContext, create_pass, run_passes
 from ..registry import PASSES
 from ..targets import get_target
@@ -34,6 +35,10 @@ class CompileOptions:
     passes: tuple = ()  # (name, {option: value}) pairs, run in order after the target's required passes
     spec: str | None = None  # drafter the bundle speculates with by default (ngram, recycling, ngram+recycling)
     draft_len: int = 4  # tokens drafted per verification when speculating
+    chunk: int | None = None  # static-shape targets (npu): tokens per graph call (default: the target's)
+    kv: str = "fp32"  # KV-cache layout: fp32, fp16, int8, int4 (the kv-cache pass)
+    kv_window: int | None = None  # sink + sliding window: recent tokens kept once the cache is full (None: off)
+    kv_sinks: int = 4  # with kv_window: first tokens always kept (attention sinks)
 
     def __post_init__(self):
         if self.max_context is not None and self.max_context < 16:
@@ -47,6 +52,16 @@ class CompileOptions:
                 raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, got {self.spec!r}")
         if not 1 <= self.draft_len <= 64:
             raise ConfigError(f"draft_len must be in [1, 64], got {self.draft_len}")
+        if self.chunk is not None and not 1 <= self.chunk <= 1024:
+            raise ConfigError(f"chunk must be in [1, 1024], got {self.chunk}")
+        from ..passes.kv_cache import KV_DTYPES
+
+        if self.kv not in KV_DTYPES:
+            raise ConfigError(f"kv must be one of {', '.join(KV_DTYPES)}, got {self.kv!r}")
+        if self.kv_window is not None and self.kv_window < 16:
+            raise ConfigError(f"kv_window must be >= 16 tokens, got {self.kv_window}")
+        if not 0 <= self.kv_sinks <= 1024:
+            raise ConfigError(f"kv_sinks must be in [0, 1024], got {self.kv_sinks}")
 
 
 @contextlib.contextmanager
@@ -64,12 +79,20 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
     ``phase(name)`` wraps each long step (the CLI passes a progress display). Returns the manifest.
     """
     from ..models import source as sources
-    from . import export
-
     output = Path(output)
     target = get_target(options.target)
-    specs = [(name, {}) for name in target.required_passes] + [(n, dict(o)) for n, o in options.passes]
+    if options.chunk is not None and not getattr(target, "static_shapes", False):
+        raise ConfigError(f"chunk applies to static-shape targets (npu); target {target.name} has dynamic shapes")
+    user_specs = [(n, dict(o)) for n, o in options.passes]
+    named = {n for n, _ in user_specs}  # a required pass the user names runs once, with the user's options
+    specs = [(name, {}) for name in target.required_passes if name not in named] + user_specs
+    if options.kv != "fp32":  # the cache layout is calibrated on the final weights: last
+        if "kv-cache" in named:
+            raise ConfigError("give the KV-cache layout once: --kv or --pass kv-cache:dtype=..., not both")
+        specs.append(("kv-cache", {"dtype": options.kv}))
     target.check_passes([name for name, _ in specs])
+    for name, opts in specs:
+        target.check_pass_options(name, opts)
     context = PassContext()
     passes = [create_pass(name, opts, context) for name, opts in specs]  # validates configs before any work
     for name, _ in specs:
@@ -85,17 +108,22 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             loaded = sources.load(model)
         timings["load_s"] = time.perf_counter() - t
         arch = loaded.arch
-        max_positions = min(arch.max_position_embeddings, options.max_context or DEFAULT_MAX_CONTEXT)
+        max_positions = min(arch.max_position_embeddings,
+                            options.max_context or target.default_max_context or DEFAULT_MAX_CONTEXT)
+        if options.kv_window is not None and options.kv_sinks + options.kv_window > max_positions:
+            raise ConfigError(f"kv_sinks + kv_window = {options.kv_sinks + options.kv_window} exceeds the bundle's "
+                              f"{max_positions} positions (raise --max-context or shrink the window)")
+        inv_freq = kv_layout.rotary_inv_freq(loaded.model)
 
         work = tmp / "_export"
         t = time.perf_counter()
         with phase("exporting to ONNX"):
-            graph_path = export.export_decoder(loaded.model, arch, work / "decoder.onnx", max_positions)
+            graph_path = target.export(loaded.model, arch, work / "decoder.onnx", max_positions, options)
         timings["export_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
         with phase("verifying against the source model"):
-            verification = export.verify_against_source(loaded.model, graph_path, arch)
+            verification = target.verify(loaded.model, graph_path, arch, max_positions, options)
         timings["verify_s"] = time.perf_counter() - t
         if verification["max_abs_logit_diff"] > options.verify_tolerance:
             raise ModelError(
@@ -112,6 +140,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
 
         with phase(f"building for target {target.name}"):
             graph_entry = target.build(onnx_model, tmp, role="decoder")
+        kv_entry = kv_layout.manifest_entry(onnx_model, arch.to_dict(), pass_log, tmp, options.kv_window,
+                                            options.kv_sinks, inv_freq)
         shutil.rmtree(work)
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
 
@@ -135,6 +165,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
                 "outputs": ["present_key.{layer}", "present_value.{layer}"],
                 "note": "present_* must be bound to the same buffer as past_*; the graph writes new "
                         "entries at [total - new, total) and attends over [0, total)",
+                **target.kv_cache_entry(arch, max_positions),
+                **kv_entry,
             },
             "tokenizer": {"file": "tokenizer.json", "chat_template": loaded.chat_template, **loaded.special_tokens},
             "verification": verification,

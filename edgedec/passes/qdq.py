@@ -47,6 +47,7 @@ WEIGHT_TYPES = ("int8", "uint8")
 HEAD_CHOICES = ("int8", "fp32")
 NEVER_QUANTIZED = ("GroupQueryAttention",)
 DECODER_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")
+STATIC_DECODER_INPUTS = ("input_ids", "position_ids", "attention_mask")  # the npu target's static graph
 
 
 @dataclass(frozen=True)
@@ -132,16 +133,62 @@ class DecoderCalibrationReader:
         self._it = iter(self.feeds)
 
 
+class StaticCalibrationReader(DecoderCalibrationReader):
+    """Feeds the static-shape decoder (``edgedec.compiler.export_static``) chunk by chunk over a real cache.
+
+    Each calibration sequence runs from an empty cache in chunks of the graph's C tokens through the float
+    model (the runtime's static session), so every chunk after the first sees the keys and values of the
+    tokens before it, as it will when deployed.
+    """
+
+    def __init__(self, model: onnx.ModelProto, token_ids: list[int], samples: int, length: int, scratch):
+        from ..runtime.static import StaticDecoderSession
+
+        self.feeds = []
+        arch = _static_arch(model)
+        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+            path = Path(tmp) / "float.onnx"
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # saving with external data moves the copy's weights out
+            onnx.save_model(copy, str(path), save_as_external_data=True, location="float.onnx.data")
+            sess = StaticDecoderSession.from_file(path, arch, None, threads=1)
+            length = min(length, sess.kv.capacity)
+            for s in range(min(samples, len(token_ids) // length)):
+                ids = np.asarray(token_ids[s * length:(s + 1) * length], np.int64)
+                sess.kv.length = 0
+                for c0 in range(0, length, sess.chunk):
+                    sess.prepare_chunk(ids[c0:c0 + sess.chunk])
+                    self.feeds.append(sess.feeds())
+                    sess.forward(ids[c0:c0 + sess.chunk])
+            self.tokens = len(self.feeds) and length * (s + 1)
+            del sess
+        self._it = iter(self.feeds)
+
+
+def _static_arch(model: onnx.ModelProto) -> dict:
+    """The few architecture numbers the static session needs, read from the graph's inputs and outputs."""
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in list(model.graph.input) + list(model.graph.output)}
+    _, kv_heads, _, head_dim = shapes["past_key.0"]
+    layers = sum(1 for n in shapes if n.startswith("past_key."))
+    return {"vocab_size": shapes["logits"][-1], "num_layers": layers, "num_kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def scratch_dir(context) -> Path | None:
+    return Path(context.work_dir) if context.work_dir else None
+
+
 class QdqPass(Pass):
     name = "qdq"
     config_class = QdqConfig
 
     def requires(self, model: onnx.ModelProto) -> None:
         names = {v.name for v in model.graph.input}
-        missing = [n for n in DECODER_INPUTS if n not in names]
+        expected = STATIC_DECODER_INPUTS if "attention_mask" in names else DECODER_INPUTS
+        missing = [n for n in expected if n not in names]
         if missing or not any(n.startswith("past_key.") for n in names):
             raise PassError("qdq calibrates by running the edgedec decoder graph and did not find its inputs "
-                            f"({', '.join(missing) or 'past_key.{i}'} missing; expected {', '.join(DECODER_INPUTS)}, "
+                            f"({', '.join(missing) or 'past_key.{i}'} missing; expected {', '.join(expected)}, "
                             "past_key.{i}, past_value.{i})")
         if not weight_matmuls(GraphIndex.of(model)) and not has_quantized_weights(model) and \
                 not any(n.op_type == "DequantizeLinear" for n in model.graph.node):
@@ -201,7 +248,10 @@ class QdqPass(Pass):
         exclude = [n.name for n in work.graph.node if role(n) == CORRECTION_ROLE or
                    (n.op_type == "MatMul" and n.name not in targets)]
         ids, text_source = self._token_ids()
-        reader = DecoderCalibrationReader(work, ids, c.samples, c.sequence_length)
+        if "attention_mask" in {v.name for v in work.graph.input}:
+            reader = StaticCalibrationReader(work, ids, c.samples, c.sequence_length, scratch_dir(self.context))
+        else:
+            reader = DecoderCalibrationReader(work, ids, c.samples, c.sequence_length)
         qtype = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8, "uint16": QuantType.QUInt16,
                  "int16": QuantType.QInt16}
         method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
@@ -226,7 +276,7 @@ class QdqPass(Pass):
         return PassResult(out, True, {
             "quantized": len(records),
             "settings": c.to_dict(),
-            "calibration": {"text": text_source, "sequences": len(reader), "tokens": len(reader) * c.sequence_length},
+            "calibration": {"text": text_source, "sequences": len(reader), "tokens": getattr(reader, "tokens", len(reader) * c.sequence_length)},
             "nodes": counts,
             "max_abs_error": max(r["max_abs_error"] for r in records),
             "head_copies": heads,

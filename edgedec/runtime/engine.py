@@ -18,6 +18,7 @@ import numpy as np
 from ..errors import BundleError, GenerationError
 from .bundle import Bundle
 from .drafters import Drafter, DraftLengthPolicy, make_drafter
+from .ffn_skip import FfnSkipController
 from .sampler import Sampler
 from .text import StreamDecoder, TextCodec
 
@@ -142,6 +143,7 @@ class DecoderSession:
         self._logits1 = np.zeros((1, 1, self.vocab), np.float32)  # (batch, 1, vocab)
         self._one_bound = False
         self.run_s = 0.0
+        self.ffn_skip = FfnSkipController.bind(bundle.manifest, self.session, self.binding)  # None: no skipping
 
     def _bind_one(self) -> None:
         import onnxruntime as ort
@@ -187,9 +189,15 @@ class DecoderSession:
 
         b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
         self._one_bound = False
+        if self.ffn_skip is not None:  # several tokens (prompt, verification): the full model
+            if start == 0:
+                self.ffn_skip.reset()
+            self.ffn_skip.full()
         t = time.perf_counter()
         self.session.run_with_iobinding(b)
         self.run_s += time.perf_counter() - t
+        if self.ffn_skip is not None:
+            self.ffn_skip.after_run()
         self.kv.length = start + n
         return out[0]
 
@@ -202,9 +210,15 @@ class DecoderSession:
         self._ids1[0, 0] = token
         self._seqlens1[0] = total - 1
         self._total1[()] = total
+        if ffn := self.ffn_skip:  # which FFN blocks this token skips
+            if total == 1:
+                ffn.reset()
+            ffn.before_decode()
         t = time.perf_counter()
         self.session.run_with_iobinding(self.binding)
         self.run_s += time.perf_counter() - t
+        if ffn:
+            ffn.after_run()
         self.kv.length = total
         return self._logits1[0, 0]
 
@@ -218,7 +232,12 @@ class Engine:
         self.threads = threads
         tok = self.manifest["tokenizer"]
         self.codec = TextCodec(bundle.file(tok["file"]), tok)
-        self.decoder = DecoderSession(bundle, threads, context_length)
+        if bundle.graph("decoder").get("shapes") == "static":  # npu target: fixed chunk, host-side cache
+            from .static import StaticDecoderSession
+
+            self.decoder = StaticDecoderSession.from_bundle(bundle, threads, context_length)
+        else:
+            self.decoder = DecoderSession(bundle, threads, context_length)
         self.context_length = context_length
         self.last_stats: GenerationStats | None = None
         self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls

@@ -29,6 +29,27 @@ class Target(ABC):
             if p in self.refused_passes:
                 raise UnsupportedError(f"target {self.name} cannot take pass {p}: {self.refused_passes[p]}")
 
+    default_max_context: int | None = None  # cache capacity when the user gives none (None: the pipeline's)
+
+    def check_pass_options(self, name: str, options: dict) -> None:
+        """Refuse, before any work, pass options this target cannot run (e.g. a dtype an NPU lacks)."""
+
+    def export(self, hf_model, arch, out_path: Path, max_positions: int, options=None) -> Path:
+        """Export the reference ONNX graph this target's passes start from (default: GQA, dynamic shapes)."""
+        from ..compiler import export
+
+        return export.export_decoder(hf_model, arch, out_path, max_positions)
+
+    def verify(self, hf_model, graph_path: Path, arch, max_positions: int, options=None) -> dict:
+        """Compare the exported graph's logits with the source model's (``max_abs_logit_diff``)."""
+        from ..compiler import export
+
+        return export.verify_against_source(hf_model, graph_path, arch)
+
+    def kv_cache_entry(self, arch, max_positions: int) -> dict:
+        """Keys of the manifest's ``kv_cache`` that differ from the in-place GQA cache (default: none)."""
+        return {}
+
     @abstractmethod
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
         """Write the graph(s) for ``model`` into ``out_dir``; return the manifest's graph entry."""

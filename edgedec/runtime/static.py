@@ -1,0 +1,199 @@
+"""Running a static-shape decoder graph (the ``npu`` target) with the same interface as ``DecoderSession``.
+
+The graph (see ``edgedec.compiler.export_static``) takes a fixed chunk of ``C`` tokens and a fixed cache of
+``T`` positions and returns the chunk's keys and values instead of writing the cache. This session keeps
+the cache on the host and does what an NPU app does around such a graph:
+
+* a call of ``n`` tokens at position ``start`` runs ``ceil(n / C)`` chunks; a chunk's unused slots are
+  padding (token 0 at the chunk's last position, seeing only itself), their outputs ignored;
+* the additive mask (1, 1, C, T + C) lets chunk row ``i`` see cache columns ``[0, start)`` and chunk
+  columns ``[T, T + i]``; cache columns ``[start, T)`` hold stale or zero entries and are masked;
+* after each chunk the valid rows of ``new_key.{l}`` / ``new_value.{l}`` are copied into the cache at
+  ``[start, start + n)``. Rolling back (speculation) is a smaller ``kv.length``, as with ``KVCache``.
+
+Torch-free: numpy and onnxruntime only. Here the graph runs on ONNX Runtime's CPU provider, which is how
+the numerics of an NPU bundle are checked on a machine without the NPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import BundleError, GenerationError
+
+log = logging.getLogger(__name__)
+
+MASK_VALUE = -10000.0  # the value the exporter documents for masked attention entries
+STATIC_INPUTS = ("input_ids", "position_ids", "attention_mask")
+
+
+class StaticKVCache:
+    """The cache in one flat float32 buffer ``(layer, 2, 1, kv_heads, T, head_dim)``; ``[l, 0]`` keys,
+    ``[l, 1]`` values. ``capacity`` (usable positions) may be below the graph's ``T``."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, graph_capacity: int, capacity: int):
+        self.capacity = capacity
+        self.graph_capacity = graph_capacity
+        self.buffer = np.zeros((num_layers, 2, 1, kv_heads, graph_capacity, head_dim), np.float32)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+
+class StaticDecoderSession:
+    """An ONNX Runtime session over a static-shape decoder graph; ``forward`` / ``decode_one`` as in
+    :class:`edgedec.runtime.engine.DecoderSession`."""
+
+    def __init__(self, model_path: Path, arch: dict, capacity: int | None, threads: int,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(model_path), opts, providers=list(providers))
+        except Exception as exc:
+            raise BundleError(f"ONNX Runtime cannot load {Path(model_path).name}: {exc}") from exc
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        missing = [n for n in (*STATIC_INPUTS, "past_key.0") if n not in inputs]
+        if missing:
+            raise BundleError(f"{Path(model_path).name} is not a static decoder graph: no input {', '.join(missing)}")
+        shape = inputs["past_key.0"].shape
+        chunk = inputs["input_ids"].shape[1]
+        if not all(isinstance(d, int) for d in shape) or not isinstance(chunk, int):
+            raise BundleError(f"{Path(model_path).name} has dynamic cache or chunk dims {shape}, {chunk}; "
+                              "a static decoder graph needs fixed ones")
+        self.chunk, t = chunk, shape[2]
+        self.vocab = arch["vocab_size"]
+        self.num_layers = arch["num_layers"]
+        if capacity is None:
+            capacity = t
+        if not 1 <= capacity <= t:
+            raise GenerationError(f"context {capacity} does not fit the graph's static cache of {t} positions")
+        self.kv = StaticKVCache(self.num_layers, arch["num_kv_heads"], arch["head_dim"], t, capacity)
+        c, kvh, d = chunk, arch["num_kv_heads"], arch["head_dim"]
+        self._ids = np.zeros((1, c), np.int32)  # (batch, C)
+        self._pos = np.zeros((1, c), np.int32)  # (batch, C)
+        self._mask = np.full((1, 1, c, t + c), MASK_VALUE, np.float32)  # (batch, 1, C rows, T + C columns)
+        self._logits = np.zeros((1, c, self.vocab), np.float32)  # (batch, C, vocab)
+        self._new = np.zeros((self.num_layers, 2, 1, kvh, c, d), np.float32)  # (layer, k/v, batch, kv, C, D)
+        self._causal = np.where(np.arange(c)[None, :] <= np.arange(c)[:, None], 0.0, MASK_VALUE).astype(np.float32)
+        b = self.binding = self.session.io_binding()
+        self._ov = []
+        for name, arr in (("input_ids", self._ids), ("position_ids", self._pos), ("attention_mask", self._mask)):
+            self._ov.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            b.bind_ortvalue_input(name, self._ov[-1])
+        self._ov.append(ort.OrtValue.ortvalue_from_numpy(self._logits))
+        b.bind_ortvalue_output("logits", self._ov[-1])
+        for l in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                past = ort.OrtValue.ortvalue_from_numpy(self.kv.buffer[l, j])
+                new = ort.OrtValue.ortvalue_from_numpy(self._new[l, j])
+                self._ov += [past, new]
+                b.bind_ortvalue_input(f"past_{kind}.{l}", past)
+                b.bind_ortvalue_output(f"new_{kind}.{l}", new)
+        self.run_s = 0.0
+
+    @classmethod
+    def from_file(cls, model_path: Path, arch: dict, capacity: int | None = None, threads: int = 1):
+        return cls(model_path, arch, capacity, threads)
+
+    @classmethod
+    def from_bundle(cls, bundle, threads: int, capacity: int) -> "StaticDecoderSession":
+        """The bundle's decoder on its execution provider, or on its recorded fallback (logged)."""
+        graph = bundle.graph("decoder")
+        provider = select_provider(graph)
+        session = cls(bundle.file(graph["file"]), bundle.arch, capacity, threads, providers=[provider])
+        session.provider = provider
+        return session
+
+    def prepare_chunk(self, ids: np.ndarray) -> None:
+        """Fill the bound input buffers for up to C tokens at ``kv.length`` (ids, positions, mask)."""
+        n, start, t = len(ids), self.kv.length, self.kv.graph_capacity
+        if not 1 <= n <= self.chunk:
+            raise GenerationError(f"a chunk holds 1..{self.chunk} tokens, got {n}")
+        self._ids[0, :n] = ids
+        self._ids[0, n:] = 0
+        self._pos[0, :n] = np.arange(start, start + n)
+        self._pos[0, n:] = start + n - 1
+        m = self._mask[0, 0]
+        m.fill(MASK_VALUE)
+        m[:n, :start] = 0.0
+        m[:, t:] = self._causal
+        m[:n, t + n:] = MASK_VALUE  # real tokens never see padding
+        m[n:, t:] = MASK_VALUE
+        m[np.arange(n, self.chunk), t + np.arange(n, self.chunk)] = 0.0  # padding sees only itself
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """Copies of the current inputs by name (what ``prepare_chunk`` filled, and the cache)."""
+        out = {"input_ids": self._ids.copy(), "position_ids": self._pos.copy(), "attention_mask": self._mask.copy()}
+        for l in range(self.num_layers):
+            out[f"past_key.{l}"] = self.kv.buffer[l, 0].copy()
+            out[f"past_value.{l}"] = self.kv.buffer[l, 1].copy()
+        return out
+
+    def _run_chunk(self, ids: np.ndarray) -> np.ndarray:
+        """Run up to C tokens at ``kv.length``; store their keys/values; return logits (C, vocab)."""
+        self.prepare_chunk(ids)
+        n, start = len(ids), self.kv.length
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(self.binding)
+        self.run_s += time.perf_counter() - t0
+        self.kv.buffer[:, :, :, :, start:start + n] = self._new[:, :, :, :, :n]
+        self.kv.length = start + n
+        return self._logits[0]
+
+    def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:
+        """Run ``ids`` at positions ``[kv.length, kv.length + len(ids))``; return logits (rows, vocab)."""
+        n, start = len(ids), self.kv.length
+        if n == 0:
+            raise GenerationError("no tokens to run")
+        if start + n > self.kv.capacity:
+            raise GenerationError(f"{start + n} tokens do not fit the context of {self.kv.capacity} tokens")
+        rows = np.asarray([n - 1] if logits_rows is None else list(logits_rows), dtype=np.int64).reshape(-1)
+        if rows.size == 0 or rows.min() < 0 or rows.max() >= n:
+            raise GenerationError(f"logits_rows must be a non-empty list of positions in [0, {n}), got {rows.tolist()}")
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.min() < 0 or ids.max() >= self.vocab:
+            raise GenerationError(f"token ids must be in [0, {self.vocab})")
+        out = np.empty((len(rows), self.vocab), np.float32)
+        for c0 in range(0, n, self.chunk):
+            c1 = min(c0 + self.chunk, n)
+            logits = self._run_chunk(ids[c0:c1])
+            sel = np.nonzero((rows >= c0) & (rows < c1))[0]
+            out[sel] = logits[rows[sel] - c0]
+        return out
+
+    def decode_one(self, token: int) -> np.ndarray:
+        """One token at ``kv.length`` (a full chunk on the graph); returns logits (vocab,)."""
+        if self.kv.length + 1 > self.kv.capacity:
+            raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
+        return self._run_chunk(np.array([token], np.int64))[0].copy()
+
+
+def select_provider(graph: dict) -> str:
+    """The graph's ``execution_provider`` if this onnxruntime has it, else its ``fallback_execution_provider``
+    (logged as a warning); a BundleError when neither is available."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    want = graph.get("execution_provider", "CPUExecutionProvider")
+    if want in available:
+        return want
+    fallback = graph.get("fallback_execution_provider")
+    if fallback in available:
+        log.warning("%s is not available in this onnxruntime; running the graph on its recorded fallback %s",
+                    want, fallback)
+        return fallback
+    raise BundleError(f"this bundle needs {want}, which this onnxruntime does not provide "
+                      f"(available: {', '.join(available)})")
