@@ -118,6 +118,15 @@ def compile_cmd(
     spec: Optional[str] = typer.Option(
         None, "--spec", help="Speculate by default with this drafter: ngram, recycling or ngram+recycling."),
     draft_len: int = typer.Option(4, "--draft-len", help="Tokens drafted per verification (with --spec)."),
+    kv: str = typer.Option(
+        "fp32", "--kv", help="KV-cache layout: fp32, fp16, int8 or int4 (quantized: static scales calibrated on "
+                             "text; tune with --pass kv-cache:dtype=int4,k_scale=...,v_scale=...)."),
+    kv_window: Optional[int] = typer.Option(
+        None, "--kv-window", help="Sink + sliding window: keep the last N tokens (plus --kv-sinks first ones) and "
+                                  "generate past the window in constant memory."),
+    kv_sinks: int = typer.Option(4, "--kv-sinks", help="First tokens always kept with --kv-window (attention sinks)."),
+    chunk: Optional[int] = typer.Option(
+        None, "--chunk", help="Static-shape targets (npu): tokens per graph call [default: 32]."),
 ):
     """Compile a model into a bundle (load, export to ONNX, verify, run passes, build, write atomically)."""
     with _errors():
@@ -127,7 +136,8 @@ def compile_cmd(
         specs = ([quant] if quant else []) + list(passes or [])
         parsed = tuple((name, tuple(opts.items())) for name, opts in map(parse_pass_spec, specs))
         options = CompileOptions(target=target, max_context=max_context, force=force, passes=parsed, spec=spec,
-                                 draft_len=draft_len)
+                                 draft_len=draft_len, kv=kv, kv_window=kv_window, kv_sinks=kv_sinks,
+                                 chunk=chunk)
         manifest = compile_model(model, output, options, phase=_phase)
         size = sum(f["bytes"] for f in manifest["files"].values())
         v = manifest["verification"]
@@ -349,6 +359,42 @@ def eval_cmd(
                       f"[bold]{100 * result.greedy_agreement:.2f}%[/]", highlight=False)
 
 
+CHECK_ROWS = 40  # violations shown in the table
+
+
+@app.command("check")
+def check_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    target: str = typer.Option("npu", "--target", "-t", help="Target whose runtime rules to check against (npu)."),
+    rules: str = typer.Option("qnn", "--rules", help="Rule set: qnn (ONNX Runtime QNN EP, Hexagon), nnapi, or all."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+):
+    """Check a bundle's graphs against an NPU runtime: supported ops, static shapes, ranks, dtypes, quantized
+    weights. Prints each violation with the rule's source. Exit 0 pass, 1 violations, 2 invalid input."""
+    with _errors():
+        from .check import check_bundle
+
+        result = check_bundle(bundle, target, rules)
+    if as_json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        for file, info in result.graphs.items():
+            out.print(f"{file}: {info['nodes']} nodes; ops " + ", ".join(f"{k}×{v}" for k, v in info["ops"].items()),
+                      highlight=False, soft_wrap=True)
+        if result.violations:
+            table = Table(title=f"{len(result.violations)} violations ({', '.join(result.rule_sets)})")
+            for col in ("rules", "node", "op", "rule", "reason", "source"):
+                table.add_column(col, overflow="fold")
+            for v in result.violations[:CHECK_ROWS]:
+                table.add_row(v.rules, v.node, v.op, v.rule, v.reason, v.source)
+            out.print(table)
+            if len(result.violations) > CHECK_ROWS:
+                out.print(f"... {len(result.violations) - CHECK_ROWS} more (all of them with --json)")
+        verdict = "[bold green]PASS[/]" if result.passed else "[bold red]FAIL[/]"
+        out.print(f"{verdict}: {bundle} against {', '.join(result.rule_sets)} rules for target {target}")
+    raise typer.Exit(0 if result.passed else 1)
+
+
 @app.command("bench")
 def bench_cmd(
     bundles: List[Path] = typer.Argument(..., help="Bundle directories; ratios compare with the first."),
@@ -366,6 +412,9 @@ def bench_cmd(
         None, "--spec", help="Measure each bundle without speculation and with this drafter (ngram, recycling, "
                              "ngram+recycling) in the same run [default: as each bundle says]."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
+    context: Optional[int] = typer.Option(
+        None, "--context", help="Prefill each prompt, repeated, to N tokens before decoding: decode speed and peak "
+                                "memory at context N."),
 ):
     """Measure decode speed, time to first token, prefill speed, peak memory and size of bundles."""
     with _errors():
@@ -373,7 +422,7 @@ def bench_cmd(
         from .errors import ConfigError
 
         options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=threads, spec=spec,
-                                     draft_len=draft_len)
+                                     draft_len=draft_len, context_tokens=context)
         if plot_out is not None and plot_out.suffix.lower() != ".png":
             raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
         report = bench.bench(bundles, prompts, options, phase=_phase)
@@ -395,6 +444,7 @@ def bench_cmd(
             table.add_row("draft time share", *(fmt(b["speculation"], "draft_share", ".1%") for b in rows))
             table.add_row("model time share", *(fmt(b["speculation"], "model_share", ".1%") for b in rows))
         table.add_row("peak RSS MB", *(f"{b['peak_rss_mb']:,.1f}" for b in rows))
+        table.add_row("KV bytes/token", *(f"{b['kv_bytes_per_token']:,}" for b in rows))
         table.add_row("size MB", *(f"{b['size_mb']:,.1f}" for b in rows))
         if len(rows) > 1:
             for label, metric in (("decode ×", "decode_tok_s"), ("TTFT ×", "ttft_ms"), ("size ×", "size_mb")):
