@@ -165,8 +165,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
                 "outputs": ["present_key.{layer}", "present_value.{layer}"],
                 "note": "present_* must be bound to the same buffer as past_*; the graph writes new "
                         "entries at [total - new, total) and attends over [0, total)",
-                **target.kv_cache_entry(arch, max_positions),
                 **kv_entry,
+                **target.kv_cache_entry(arch, max_positions),  # the target's build has the last word
             },
             "tokenizer": {"file": "tokenizer.json", "chat_template": loaded.chat_template, **loaded.special_tokens},
             "verification": verification,

@@ -18,6 +18,8 @@ import numpy as np
 from ..errors import BundleError, GenerationError
 from .bundle import Bundle
 from .drafters import Drafter, DraftLengthPolicy, make_drafter
+from .kv_cache import KVCache  # the buffer layout and sink + window eviction
+from .providers import select_provider, session_providers
 from .ffn_skip import FfnSkipController
 from .sampler import Sampler
 from .text import StreamDecoder, TextCodec
@@ -88,27 +90,6 @@ class GenerationStats:
         return d
 
 
-class KVCache:
-    """The whole KV cache in one flat float32 buffer, ``(layer, 2, 1, kv_heads, capacity, head_dim)``.
-
-    ``[l, 0]`` holds layer l's keys and ``[l, 1]`` its values, each bound to the decoder graph as both
-    ``past_*`` and ``present_*``; GroupQueryAttention writes new entries in place. ``length`` is the
-    number of valid positions; shrinking it rolls entries back without touching memory.
-    """
-
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32):
-        import onnxruntime as ort
-
-        self.capacity = capacity
-        self.buffer = np.zeros((num_layers, 2, 1, kv_heads, capacity, head_dim), dtype=dtype)
-        self.values = [[ort.OrtValue.ortvalue_from_numpy(self.buffer[l, j]) for j in (0, 1)] for l in range(num_layers)]
-        self.length = 0
-
-    @property
-    def nbytes(self) -> int:
-        return self.buffer.nbytes
-
-
 class DecoderSession:
     """An ONNX Runtime session over the bundle's decoder graph with all state bound through IOBinding."""
 
@@ -123,13 +104,19 @@ class DecoderSession:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        self.provider = select_provider(graph)  # the bundle's provider; a clear error if this build lacks it
         try:
-            self.session = ort.InferenceSession(str(bundle.file(graph["file"])), opts, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(str(bundle.file(graph["file"])), opts,
+                                                providers=session_providers(self.provider))
         except Exception as exc:
             raise BundleError(f"ONNX Runtime cannot load {graph['file']}: {exc}") from exc
         self.vocab = arch["vocab_size"]
         self.num_layers = arch["num_layers"]
-        self.kv = KVCache(self.num_layers, arch["num_kv_heads"], arch["head_dim"], capacity)
+        self.kv = KVCache.from_manifest(bundle, capacity)
+        if self.provider == "CUDAExecutionProvider":  # gpu target: the cache lives on the device, never copied
+            self.kv.values = [[ort.OrtValue.ortvalue_from_shape_and_type(self.kv.buffer[l, j].shape, self.kv.buffer.dtype,
+                                                                         "cuda", 0) for j in (0, 1)]
+                              for l in range(self.num_layers)]
         self.binding = self.session.io_binding()
         for l in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):
@@ -166,11 +153,10 @@ class DecoderSession:
         ``logits_rows`` picks which of the new positions get logits (default: the last one).
         """
         n = len(ids)
-        start = self.kv.length
         if n == 0:
             raise GenerationError("no tokens to run")
-        if start + n > self.kv.capacity:
-            raise GenerationError(f"{start + n} tokens do not fit the context of {self.kv.capacity} tokens")
+        self.kv.make_room(n)  # a windowed cache evicts; a plain one refuses what does not fit
+        start = self.kv.length
         if n == 1 and logits_rows is None:
             return self.decode_one(int(ids[0]))
         rows = np.asarray([n - 1] if logits_rows is None else logits_rows, dtype=np.int64).reshape(-1)
@@ -203,9 +189,11 @@ class DecoderSession:
 
     def decode_one(self, token: int) -> np.ndarray:
         """The hot path: one token at position ``kv.length``; returns logits (vocab,)."""
+        if self.kv.length + 1 > self.kv.capacity:
+            if self.kv.window is None:
+                raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
+            self.kv.make_room(1)
         total = self.kv.length + 1
-        if total > self.kv.capacity:
-            raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
         self._bind_one()
         self._ids1[0, 0] = token
         self._seqlens1[0] = total - 1
@@ -238,6 +226,9 @@ class Engine:
             self.decoder = StaticDecoderSession.from_bundle(bundle, threads, context_length)
         else:
             self.decoder = DecoderSession(bundle, threads, context_length)
+        kv = getattr(self.decoder, "kv", None)
+        if getattr(kv, "window", None):  # sink + window: the cache is sinks + window slots, generation unbounded
+            context_length = kv.capacity
         self.context_length = context_length
         self.last_stats: GenerationStats | None = None
         self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls
@@ -350,7 +341,7 @@ class Engine:
             while True:
                 yield token
                 token = sampler(dec.decode_one(token))
-        history = np.zeros(dec.kv.capacity + 1, np.int32)  # (positions,) prompt + generated tokens
+        history = np.zeros(dec.kv.capacity + 1, np.int32)  # (positions,) prompt + generated tokens; grows
         n = len(ids)
         history[:n] = ids
         drafter.reset(history[:n])
@@ -359,6 +350,8 @@ class Engine:
         policy = DraftLengthPolicy(draft_len) if adaptive else None
         while True:
             yield token
+            if n + 64 >= len(history):  # a windowed cache runs past its capacity
+                history = np.concatenate([history, np.zeros_like(history)])
             history[n] = token
             n += 1
             room = dec.kv.capacity - dec.kv.length - 1  # draft tokens that fit after `token`
@@ -372,11 +365,10 @@ class Engine:
                     drafter.observe(history[n - 1 : n], top_candidates(logits[None], width))
                 token = sampler(logits)
                 continue
-            start = dec.kv.length
             rows = dec.forward([token, *draft], logits_rows=range(len(draft) + 1))  # (k + 1, vocab)
             new = verify_chain(rows, draft, sampler)
             accepted = len(new) - 1
-            dec.kv.length = start + 1 + accepted  # roll back rejected drafts; no copy
+            dec.kv.length -= len(draft) - accepted  # roll back rejected drafts; no copy
             stats.verify_steps += 1
             stats.drafted_tokens += len(draft)
             stats.accepted_tokens += accepted
@@ -421,7 +413,7 @@ class Engine:
                     if rest := held + stream.flush():
                         yield Token(token, rest)
                     return
-                last = len(out) >= max_new or dec.kv.length + 1 > dec.kv.capacity
+                last = len(out) >= max_new or dec.kv.is_full
                 text = held + stream.push(token) + (stream.flush() if last else "")
                 held = ""
                 if stop:
@@ -439,7 +431,7 @@ class Engine:
                 if len(out) >= max_new:
                     stats.stop_reason = "length"
                     break
-                if dec.kv.length + 1 > dec.kv.capacity:
+                if dec.kv.is_full:
                     stats.stop_reason = "context_full"
                     break
         finally:

@@ -25,6 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import BundleError, GenerationError
+from .providers import select_provider, session_providers
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class StaticDecoderSession:
         """The bundle's decoder on its execution provider, or on its recorded fallback (logged)."""
         graph = bundle.graph("decoder")
         provider = select_provider(graph)
-        session = cls(bundle.file(graph["file"]), bundle.arch, capacity, threads, providers=[provider])
+        session = cls(bundle.file(graph["file"]), bundle.arch, capacity, threads, providers=session_providers(provider))
         session.provider = provider
         return session
 
@@ -180,20 +181,3 @@ class StaticDecoderSession:
             raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
         return self._run_chunk(np.array([token], np.int64))[0].copy()
 
-
-def select_provider(graph: dict) -> str:
-    """The graph's ``execution_provider`` if this onnxruntime has it, else its ``fallback_execution_provider``
-    (logged as a warning); a BundleError when neither is available."""
-    import onnxruntime as ort
-
-    available = ort.get_available_providers()
-    want = graph.get("execution_provider", "CPUExecutionProvider")
-    if want in available:
-        return want
-    fallback = graph.get("fallback_execution_provider")
-    if fallback in available:
-        log.warning("%s is not available in this onnxruntime; running the graph on its recorded fallback %s",
-                    want, fallback)
-        return fallback
-    raise BundleError(f"this bundle needs {want}, which this onnxruntime does not provide "
-                      f"(available: {', '.join(available)})")
