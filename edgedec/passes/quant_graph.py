@@ -163,6 +163,9 @@ def unique_name(idx: GraphIndex, base: str, taken: set) -> str:
 
 def check_model(model: onnx.ModelProto) -> None:
     """onnx.checker on the in-memory model (contrib ops are not checked beyond their domain)."""
+    from . import contrib_schemas
+
+    contrib_schemas.register()
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:

@@ -18,7 +18,8 @@ class CpuTarget(Target):
     name = "cpu"
     backend = "onnxruntime"
     description = "ONNX Runtime, CPU execution provider"
-    required_passes = ("fuse-projections",)  # fewer, larger MatMuls: decode is launch-bound on a CPU
+    # fewer, larger nodes: decoding is launch-bound on a CPU once the weights are small
+    required_passes = ("fuse-projections", "fuse-norms")
 
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
         file = f"{role}.onnx"

@@ -73,9 +73,11 @@ def test_manifest_contents(tiny):
 
     v = m["verification"]
     assert v["max_abs_logit_diff"] < 1e-3 and v["tokens"] == 12 and v["reference"] == "transformers"
-    (fuse,) = m["passes"]  # the cpu target's required pass, nothing else without options
+    fuse, norms = m["passes"]  # the cpu target's required passes, nothing else without options
     assert fuse["pass"] == "fuse-projections" and fuse["modified"] is True
     assert fuse["report"] == {"fused": {"qkv": 2, "siblings": 2}}  # 2 layers: q/k/v and gate/up each
+    assert norms["pass"] == "fuse-norms" and norms["modified"] is True
+    assert norms["report"]["norms"] == 5 and norms["report"]["skip_norms"] == 3  # 2 per layer + final
 
 
 def test_manifest_hashes_every_file(tiny):
