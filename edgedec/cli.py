@@ -109,7 +109,7 @@ def compile_cmd(
     output: Path = typer.Option(..., "--output", "-o", help="Bundle directory to create."),
     target: str = typer.Option("cpu", "--target", "-t", help="Compilation target (see `edgedec targets list`)."),
     max_context: Optional[int] = typer.Option(
-        None, "--max-context", help="Longest sequence the bundle supports [default: min(model's, 8192)]."),
+        None, "--max-context", help="Longest sequence the bundle supports (default: min(model's, 8192))."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle at the output path."),
     quant: Optional[str] = typer.Option(
         None, "--quant", "-q", help="Quantization pass to apply (shorthand for --pass NAME; see `edgedec passes list`)."),
@@ -126,7 +126,7 @@ def compile_cmd(
                                   "generate past the window in constant memory."),
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="First tokens always kept with --kv-window (attention sinks)."),
     chunk: Optional[int] = typer.Option(
-        None, "--chunk", help="Static-shape targets (npu): tokens per graph call [default: 32]."),
+        None, "--chunk", help="Static-shape targets (npu): tokens per graph call (default: 32)."),
 ):
     """Compile a model into a bundle (load, export to ONNX, verify, run passes, build, write atomically)."""
     with _errors():
@@ -157,11 +157,11 @@ def run_cmd(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling mass (1 = off)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop at this string (repeatable)."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads [default: physical cores]."),
-    context: Optional[int] = typer.Option(None, "--context", help="KV-cache capacity in tokens [default: 2048]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
+    context: Optional[int] = typer.Option(None, "--context", help="KV-cache capacity in tokens (default: 2048)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings)."),
     spec: Optional[str] = typer.Option(
-        None, "--spec", help="Speculate with this drafter (ngram, recycling, ngram+recycling) [default: the bundle's]."),
+        None, "--spec", help="Speculate with this drafter (ngram, recycling, ngram+recycling) (default: the bundle's)."),
     no_spec: bool = typer.Option(False, "--no-spec", help="Turn speculation off, even if the bundle has it."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
 ):
@@ -337,7 +337,7 @@ def eval_cmd(
     reference: Optional[Path] = typer.Option(
         None, "--reference", help="Reference bundle: also report its perplexity, the ratio and greedy agreement."),
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Read at most this many tokens in total."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads [default: physical cores]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ):
     """Perplexity of a bundle on your text (sliding window), optionally against a reference bundle."""
@@ -400,17 +400,17 @@ def bench_cmd(
     bundles: List[Path] = typer.Argument(..., help="Bundle directories; ratios compare with the first."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Prompt file: one prompt per line, or JSONL of {\"messages\": [...]} chats "
-                                "[default: a built-in set]."),
+                                "(default: a built-in set)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed passes over the prompts."),
     runs: int = typer.Option(3, "--runs", help="Timed passes; the report gives median, min and max."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads [default: physical cores]."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
     new_tokens: int = typer.Option(64, "--new-tokens", help="Tokens generated per prompt per pass."),
     json_out: Optional[Path] = typer.Option(
         None, "--json", help="Write the results as JSON to this file (- for stdout)."),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a bar chart comparing the bundles (PNG)."),
     spec: Optional[str] = typer.Option(
         None, "--spec", help="Measure each bundle without speculation and with this drafter (ngram, recycling, "
-                             "ngram+recycling) in the same run [default: as each bundle says]."),
+                             "ngram+recycling) in the same run (default: as each bundle says)."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
     context: Optional[int] = typer.Option(
         None, "--context", help="Prefill each prompt, repeated, to N tokens before decoding: decode speed and peak "
