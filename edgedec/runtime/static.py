@@ -43,9 +43,21 @@ class StaticKVCache:
         self.buffer = np.zeros((num_layers, 2, 1, kv_heads, graph_capacity, head_dim), np.float32)
         self.length = 0
 
+    window = None  # no sliding window: a static cache is a fixed context
+
     @property
     def nbytes(self) -> int:
         return self.buffer.nbytes
+
+    @property
+    def is_full(self) -> bool:
+        """No room for one more token."""
+        return self.length + 1 > self.capacity
+
+    def make_room(self, n: int) -> None:
+        """Refuse ``n`` more tokens that do not fit (the ``KVCache`` interface; nothing is evicted)."""
+        if self.length + n > self.capacity:
+            raise GenerationError(f"{self.length + n} tokens do not fit the context of {self.capacity} tokens")
 
 
 class StaticDecoderSession:
