@@ -28,7 +28,7 @@ JSON written by ``edgedec bench --json`` (:meth:`BenchReport.to_dict`)::
          "decode_tok_s": 80.1, "decode_tok_s_min": 78.0, "decode_tok_s_max": 81.2,
          "ttft_ms": 12.3, "ttft_ms_min": ..., "ttft_ms_max": ...,
          "prefill_tok_s": 900.0, "prefill_tok_s_min": ..., "prefill_tok_s_max": ...,
-         "peak_rss_mb": 210.5, "size_mb": 98.7,
+         "peak_rss_mb": 210.5, "size_mb": 98.7, "kv_bytes_per_token": 184320, "kv_cache_mb": 377.5,
          "threads": 2, "load_s": 0.4, "prompt_tokens": 250, "new_tokens": 384,
          "runs": [{"decode_tok_s": ..., "ttft_ms": ..., "prefill_tok_s": ...}, ...],
          "speculation": null,            # reserved: mean accepted tokens per verify step, when drafting
@@ -83,6 +83,7 @@ class BenchOptions:
     new_tokens: int = 64  # tokens generated per prompt per pass
     threads: int | None = None  # ONNX Runtime threads (default: physical cores)
     context: int | None = None  # KV-cache capacity (default: the runtime's)
+    context_tokens: int | None = None  # prefill each prompt, repeated, to this many tokens, then decode
     spec: str | None = None  # measure each bundle without speculation and with this drafter
     draft_len: int | None = None  # tokens drafted per verification (default: the bundle's, else 4)
 
@@ -98,6 +99,8 @@ class BenchOptions:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         if self.context is not None and self.context < 2:
             raise ConfigError(f"context must be >= 2, got {self.context}")
+        if self.context_tokens is not None and self.context_tokens < 1:
+            raise ConfigError(f"context_tokens must be >= 1, got {self.context_tokens}")
         if self.spec is not None:
             from .runtime.drafters import DRAFTER_NAMES
 
@@ -164,6 +167,8 @@ class BundleBench:
     prompt_tokens: int  # per pass
     new_tokens: int  # per pass
     speculation: dict | None = None  # reserved: mean accepted tokens per verify step, when drafting
+    kv_bytes_per_token: int = 0  # KV-cache bytes one token occupies (all layers, keys and values)
+    kv_cache_bytes: int = 0  # the KV-cache buffer the runtime allocated
 
     def median(self, metric: str) -> float:
         if metric == "peak_rss_mb":
@@ -179,7 +184,8 @@ class BundleBench:
             d.update({m: statistics.median(vals), f"{m}_min": min(vals), f"{m}_max": max(vals)})
         d.update(peak_rss_mb=self.peak_rss_bytes / 1e6, size_mb=self.size_bytes / 1e6, threads=self.threads,
                  load_s=self.load_s, prompt_tokens=self.prompt_tokens, new_tokens=self.new_tokens,
-                 runs=self.passes, speculation=self.speculation)
+                 runs=self.passes, speculation=self.speculation, kv_bytes_per_token=self.kv_bytes_per_token,
+                 kv_cache_mb=self.kv_cache_bytes / 1e6)
         return d
 
 
@@ -199,7 +205,8 @@ class BenchReport:
         return {
             "edgedec_bench": 1,
             "settings": {"warmup": o.warmup, "runs": o.runs, "new_tokens": o.new_tokens, "threads": o.threads,
-                         "context": o.context, "prompts": self.prompts, "prompt_source": self.prompt_source},
+                         "context": o.context, "context_tokens": o.context_tokens, "prompts": self.prompts,
+                         "prompt_source": self.prompt_source},
             "bundles": [{**b.to_dict(), "ratios": self.ratios(b)} for b in self.bundles],
         }
 
@@ -269,6 +276,7 @@ def measure(bundle: str | Path, prompts: Sequence[Prompt], options: BenchOptions
         raise ConfigError("no prompts to benchmark with")
     request = {"bundle": str(bundle), "prompts": list(prompts), "warmup": options.warmup, "runs": options.runs,
                "new_tokens": options.new_tokens, "threads": options.threads, "context": options.context,
+               "context_tokens": options.context_tokens,
                "drafter": drafter, "draft_len": options.draft_len}
     log.info("benchmarking %s (%d prompts, %d warm-up + %d timed passes)", bundle, len(prompts), options.warmup,
              options.runs)
@@ -280,6 +288,7 @@ def measure(bundle: str | Path, prompts: Sequence[Prompt], options: BenchOptions
         peak_rss_bytes=int(result["peak_rss_bytes"]), threads=int(result["threads"]), load_s=float(result["load_s"]),
         passes=passes, prompt_tokens=sum(p["prompt_tokens"] for p in first),
         new_tokens=sum(p["new_tokens"] for p in first), speculation=result.get("speculation"),
+        kv_bytes_per_token=int(result.get("kv_bytes_per_token", 0)), kv_cache_bytes=int(result.get("kv_cache_bytes", 0)),
     )
 
 

@@ -10,7 +10,11 @@ a user command.
 REQUEST.json::
 
     {"bundle": "path", "prompts": ["text", {"messages": [{"role": ..., "content": ...}]}, ...],
-     "warmup": 1, "runs": 3, "new_tokens": 64, "threads": null, "context": null}
+     "warmup": 1, "runs": 3, "new_tokens": 64, "threads": null, "context": null, "context_tokens": null}
+
+With ``context_tokens`` N each prompt is repeated (as tokens) to exactly N tokens and prefilled, so
+the decode steps run over a cache already holding N tokens (decode speed at context N); the cache
+capacity is then at least N + new_tokens.
 
 RESULT.json, on success::
 
@@ -67,15 +71,20 @@ def run(request: dict) -> dict:
     from .runtime import Engine
 
     t = time.perf_counter()
-    engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=request.get("context"))
+    fill = request.get("context_tokens")
+    context = request.get("context")
+    if fill:
+        context = max(context or 0, int(fill) + int(request["new_tokens"]) + 1)
+    engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=context)
     load_s = time.perf_counter() - t
+    prompts = [_filled(engine, p, int(fill)) for p in request["prompts"]] if fill else request["prompts"]
     kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True,
                   drafter=request.get("drafter", "auto"), draft_len=request.get("draft_len"))
     runs, all_stats = [], []
     for i in range(int(request["warmup"]) + int(request["runs"])):
         measured = i >= int(request["warmup"])
         per_prompt = []
-        for prompt in request["prompts"]:
+        for prompt in prompts:
             if isinstance(prompt, dict):
                 stream = engine.chat(prompt["messages"], **kwargs)
             else:
@@ -89,8 +98,22 @@ def run(request: dict) -> dict:
                 all_stats.append(s)
         if measured:
             runs.append(per_prompt)
+    kv = engine.bundle.manifest["kv_cache"]
+    arch = engine.bundle.arch
+    per_token = kv.get("bytes_per_token", arch["num_layers"] * 2 * arch["num_kv_heads"] * arch["head_dim"] * 4)
     return {"threads": engine.threads, "load_s": load_s, "runs": runs, "peak_rss_bytes": peak_rss_bytes(),
-            "speculation": _speculation(all_stats)}
+            "speculation": _speculation(all_stats), "kv_bytes_per_token": int(per_token),
+            "kv_cache_bytes": int(getattr(getattr(engine.decoder, "kv", None), "nbytes", 0))}
+
+
+def _filled(engine, prompt, n: int) -> list[int]:
+    """``prompt`` (text or chat) as token ids, repeated to exactly ``n`` tokens."""
+    if isinstance(prompt, dict):
+        ids = engine.codec.encode(engine.codec.apply_chat_template(prompt["messages"], add_generation_prompt=True),
+                                  add_special_tokens=False)
+    else:
+        ids = engine.codec.encode(prompt)
+    return (ids * (n // max(len(ids), 1) + 1))[:n]
 
 
 def main(argv: list[str] | None = None) -> int:

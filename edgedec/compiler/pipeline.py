@@ -62,6 +62,10 @@ class CompileOptions:
             raise ConfigError(f"kv_window must be >= 16 tokens, got {self.kv_window}")
         if not 0 <= self.kv_sinks <= 1024:
             raise ConfigError(f"kv_sinks must be in [0, 1024], got {self.kv_sinks}")
+        if self.kv_window is not None and self.max_context is not None and \
+                self.kv_sinks + self.kv_window > self.max_context:
+            raise ConfigError(f"kv_sinks + kv_window = {self.kv_sinks + self.kv_window} exceeds the bundle's "
+                              f"{self.max_context} positions (raise --max-context or shrink the window)")
 
 
 @contextlib.contextmanager

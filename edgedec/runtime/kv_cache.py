@@ -1,0 +1,139 @@
+"""The KV cache: one flat buffer in the bundle's layout, optionally a sink + sliding window (StreamingLLM).
+
+Torch-free. The buffer is ``(layer, 2, 1, kv_heads, capacity, row)``: ``[l, 0]`` holds layer l's keys and
+``[l, 1]`` its values, each bound to the decoder graph as both ``past_*`` and ``present_*`` so that
+GroupQueryAttention writes new entries in place. ``row`` and the element type come from the manifest's
+``kv_cache`` section: float32/float16 rows of ``head_dim``, int8 rows of ``head_dim``, or uint8 rows of
+``head_dim / 2`` (int4, two per byte, element 2i in the low nibble, stored as ``q + 8``). ``length`` is
+the number of valid positions; shrinking it rolls entries back without touching memory.
+
+Sink + window: with ``window`` set the capacity is ``sinks + window``. When a step would overflow it,
+the oldest non-sink tokens are evicted ``evict_chunk`` at a time: the rest of the window shifts left
+over them. GroupQueryAttention rotates keys at the cache slot they are written to (positions come from
+``seqlens_k``), and stores them rotated, so shifted keys are re-rotated by minus the shift: every token
+keeps the slot's position, as in StreamingLLM. Rotation is exact for float caches; quantized keys are
+dequantized, rotated and requantized with the calibrated scales (per channel pair, the rotation keeps
+them in range).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import BundleError, GenerationError
+
+log = logging.getLogger(__name__)
+
+STORAGE_DTYPES = {"float32": np.float32, "float16": np.float16, "int8": np.int8, "uint8": np.uint8}
+KV_DTYPES = {"fp32": "float32", "fp16": "float16", "int8": "int8", "int4": "uint8"}
+
+
+class KVCache:
+    """The whole KV cache in one buffer ``(layer, 2, 1, kv_heads, capacity, row)`` of the bundle's dtype."""
+
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32,
+                 kv_dtype: str = "fp32", scales: np.ndarray | None = None, sinks: int = 0,
+                 window: int | None = None, evict_chunk: int = 1, inv_freq: np.ndarray | None = None):
+        import onnxruntime as ort
+
+        row = head_dim // 2 if kv_dtype == "int4" else head_dim
+        self.kv_dtype = kv_dtype
+        self.head_dim = head_dim
+        self.capacity = capacity
+        self.buffer = np.zeros((num_layers, 2, 1, kv_heads, capacity, row), dtype=dtype)
+        self.values = [[ort.OrtValue.ortvalue_from_numpy(self.buffer[l, j]) for j in (0, 1)] for l in range(num_layers)]
+        self.length = 0
+        self.scales = scales  # (layer, 2, kv_heads, head_dim) float32, quantized layouts only
+        self.sinks, self.window, self.evict_chunk = sinks, window, evict_chunk
+        self.inv_freq = inv_freq  # (head_dim / 2,) float64, windowed caches only
+        self.evicted = 0  # tokens evicted so far (windowed caches)
+
+    @classmethod
+    def from_manifest(cls, bundle, capacity: int) -> "KVCache":
+        kv, arch = bundle.manifest["kv_cache"], bundle.arch
+        storage = kv.get("dtype", "float32")
+        kv_dtype = kv.get("kv_dtype", "fp32")
+        if storage not in STORAGE_DTYPES or KV_DTYPES.get(kv_dtype) != storage:
+            raise BundleError(f"manifest kv_cache layout {kv_dtype!r} with dtype {storage!r} is not one this runtime "
+                              f"knows ({', '.join(f'{k}/{v}' for k, v in KV_DTYPES.items())})")
+        layers, heads, dim = arch["num_layers"], arch["num_kv_heads"], arch["head_dim"]
+        scales = None
+        quant = kv.get("quantization")
+        window = kv.get("window")
+        if quant and window:  # only re-rotation needs the scales on the host
+            path = bundle.file(quant["scales_file"])
+            if quant["scales_file"] not in bundle.manifest["files"]:
+                raise BundleError(f"manifest refers to {quant['scales_file']!r}, which is not among its hashed files")
+            scales = np.fromfile(path, dtype="<f4")
+            if scales.size != layers * 2 * heads * dim:
+                raise BundleError(f"{quant['scales_file']} has {scales.size} scales, expected {layers * 2 * heads * dim}")
+            scales = scales.reshape(layers, 2, heads, dim)
+        if window:
+            sinks, size = int(window["sinks"]), int(window["window"])
+            inv = np.asarray(window["rotary_inv_freq"], np.float64)
+            if inv.shape != (dim // 2,):
+                raise BundleError(f"manifest kv_cache.window.rotary_inv_freq must have {dim // 2} entries")
+            return cls(layers, heads, dim, sinks + size, STORAGE_DTYPES[storage], kv_dtype, scales, sinks, size,
+                       int(window.get("evict_chunk", 1)), inv)
+        return cls(layers, heads, dim, capacity, STORAGE_DTYPES[storage], kv_dtype)
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.nbytes
+
+    @property
+    def is_full(self) -> bool:
+        """No room for one more token (a windowed cache always makes room)."""
+        return self.window is None and self.length + 1 > self.capacity
+
+    def make_room(self, n: int) -> None:
+        """Before writing ``n`` tokens: a windowed cache evicts what it must; a plain one checks the fit."""
+        if self.length + n <= self.capacity:
+            return
+        if self.window is None:
+            raise GenerationError(f"{self.length + n} tokens do not fit the context of {self.capacity} tokens")
+        if n > self.window:
+            raise GenerationError(f"a step of {n} tokens does not fit the window of {self.window} tokens")
+        self.evict(min(max(self.evict_chunk, self.length + n - self.capacity), self.length - self.sinks))
+
+    def evict(self, e: int) -> None:
+        """Drop the ``e`` oldest tokens after the sinks; shift the rest left and re-rotate their keys."""
+        s, n = self.sinks, self.length
+        if e <= 0:
+            return
+        angle = e * self.inv_freq  # (head_dim / 2,)
+        cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
+        half = self.head_dim // 2
+        for l in range(self.buffer.shape[0]):
+            v = self.buffer[l, 1, 0]  # (kv_heads, capacity, row)
+            v[:, s:n - e] = v[:, s + e:n]  # numpy copies through a temporary when the ranges overlap
+            k = self.buffer[l, 0, 0]
+            x = self._load_keys(k[:, s + e:n], l)  # (kv_heads, n - s - e, head_dim) float32
+            x1, x2 = x[..., :half], x[..., half:]
+            rotated = np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)  # R(-e)
+            k[:, s:n - e] = self._store_keys(rotated, l)
+        self.length = n - e
+        self.evicted += e
+
+    def _load_keys(self, q: np.ndarray, layer: int) -> np.ndarray:
+        if self.kv_dtype in ("fp32", "fp16"):
+            return q.astype(np.float32)
+        scale = self.scales[layer, 0][:, None, :]  # (kv_heads, 1, head_dim)
+        if self.kv_dtype == "int8":
+            return q.astype(np.float32) * scale
+        x = np.empty(q.shape[:-1] + (self.head_dim,), np.float32)
+        x[..., 0::2] = (q & 15).astype(np.float32) - 8
+        x[..., 1::2] = (q >> 4).astype(np.float32) - 8
+        return x * scale
+
+    def _store_keys(self, x: np.ndarray, layer: int) -> np.ndarray:
+        if self.kv_dtype in ("fp32", "fp16"):
+            return x.astype(self.buffer.dtype)
+        q = np.rint(x / self.scales[layer, 0][:, None, :])
+        if self.kv_dtype == "int8":
+            return np.clip(q, -128, 127).astype(np.int8)
+        q = (np.clip(q, -8, 7) + 8).astype(np.uint8)
+        return q[..., 0::2] | (q[..., 1::2] << 4)

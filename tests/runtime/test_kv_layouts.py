@@ -1,0 +1,215 @@
+"""KV-cache layouts (compile --kv fp16/int8/int4) and the sink + sliding window, on the tiny Llama/Qwen2.
+
+References: the fp32-KV bundle of the same model (logits, its float cache), and the layout the manifest
+documents (what the kernel must have stored, re-derived in numpy from the fp32 cache and the scales).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgedec.compiler.pipeline import CompileOptions, compile_model
+from edgedec.errors import ConfigError
+from edgedec.passes.kv_cache import dequantize, quantize
+from edgedec.runtime import Engine
+
+_built: dict = {}
+
+
+@pytest.fixture(scope="module")
+def prompt(tiny) -> list[int]:
+    """60 tokens of English prose (not the calibration text) in the tiny model's tokenizer."""
+    from tokenizers import Tokenizer
+
+    from _tiny import sample_text
+
+    ids = Tokenizer.from_file(str(tiny["dir"] / "tokenizer.json")).encode(sample_text("while")).ids
+    assert len(ids) >= 60
+    return ids[:60]
+
+
+def _bundle(tmp_path_factory, tiny: dict, kv: str, window: int | None = None, sinks: int = 4) -> Path:
+    key = (tiny["name"], kv, window, sinks)
+    if key not in _built:
+        out = tmp_path_factory.mktemp(f"kv-{tiny['name']}-{kv}-{window}") / "bundle"
+        compile_model(str(tiny["dir"]), out, CompileOptions(kv=kv, kv_window=window, kv_sinks=sinks))
+        _built[key] = out
+    return _built[key]
+
+
+def _manifest(bundle: Path) -> dict:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def _teacher_forced(bundle: Path, prompt: list[int], tokens: list[int]) -> np.ndarray:
+    """Logits of the prompt's last position and of each decode step fed ``tokens``: (1 + steps, vocab)."""
+    dec = Engine.load(bundle, threads=1).decoder
+    rows = [dec.forward(prompt)[-1].copy()]
+    for t in tokens:
+        rows.append(dec.decode_one(t).copy())
+    return np.array(rows)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, prompt):
+    """The fp32-KV bundle's greedy continuation of the prompt and its logits along it."""
+    dec = Engine.load(tiny["bundle"], threads=1).decoder
+    rows = [dec.forward(prompt)[-1].copy()]
+    tokens = []
+    for _ in range(40):
+        tokens.append(int(rows[-1].argmax()))
+        rows.append(dec.decode_one(tokens[-1]).copy())
+    return tokens, np.array(rows)
+
+
+# --- manifest and sizes ------------------------------------------------------------------------
+@pytest.mark.parametrize("kv,dtype,row,per_token", [("fp16", "float16", 16, 256), ("int8", "int8", 16, 128),
+                                                   ("int4", "uint8", 8, 64)])
+def test_manifest_describes_layout(tmp_path_factory, tiny, kv, dtype, row, per_token):
+    bundle = _bundle(tmp_path_factory, tiny, kv)
+    m = _manifest(bundle)
+    c = m["kv_cache"]
+    # 2 layers x (K, V) x 2 kv heads x head_dim 16; fp32 is 512 bytes per token
+    assert (c["kv_dtype"], c["dtype"], c["row_elements"], c["bytes_per_token"]) == (kv, dtype, row, per_token)
+    assert _manifest(tiny["bundle"])["kv_cache"]["bytes_per_token"] == 512
+    inputs = {v["name"]: v for v in m["graphs"]["decoder"]["inputs"]}
+    assert inputs["past_key.1"]["dtype"] == dtype and inputs["past_key.1"]["shape"] == [1, 2, "capacity", row]
+    assert c["window"] is None
+    q = c["quantization"]
+    if kv == "fp16":
+        assert q is None and "kv_scales.f32" not in m["files"]
+        return
+    assert q["bits"] == (8 if kv == "int8" else 4) and q["zero_point"] == (0 if kv == "int8" else 8)
+    assert q["key"]["scheme"] == q["value"]["scheme"] == "per_channel"
+    assert q["key"]["scale_tensor"] == "kv_scale.key.{layer}" and q["key"]["scale_shape"] == [1, 2, 1, 16]
+    assert m["files"][q["scales_file"]]["bytes"] == 2 * 2 * 2 * 16 * 4
+    assert q["calibration"]["tokens"] > 0
+    assert 0 < q["key"]["relative_rms_error"]["max"] < (0.05 if kv == "int8" else 0.5)
+    pass_log = [p for p in m["passes"] if p["pass"] == "kv-cache"]
+    assert len(pass_log) == 1 and pass_log[0]["modified"] and pass_log[0]["config"]["dtype"] == kv
+
+
+@pytest.mark.parametrize("kv", ["int8", "int4"])
+def test_kernel_stores_the_documented_layout(tmp_path_factory, tiny, prompt, kv):
+    """Layer 0's keys and values depend on the tokens alone, so the quantized bundle must hold exactly
+    quantize(fp32 cache, scales) as the manifest's formula and scales file say."""
+    bundle = _bundle(tmp_path_factory, tiny, kv)
+    m = _manifest(bundle)
+    ref = Engine.load(tiny["bundle"], threads=1).decoder
+    ref.forward(prompt)
+    dec = Engine.load(bundle, threads=1).decoder
+    dec.forward(prompt)
+    scales = np.fromfile(bundle / m["kv_cache"]["quantization"]["scales_file"], "<f4").reshape(2, 2, 2, 16)
+    n = len(prompt)
+    for j in (0, 1):  # keys (post-rotary), values
+        x = ref.kv.buffer[0, j, 0, :, :n]  # (kv_heads, n, head_dim)
+        s = scales[0, j][:, None, :]
+        stored = dec.kv.buffer[0, j, 0, :, :n]
+        assert stored.dtype == (np.int8 if kv == "int8" else np.uint8)
+        assert (quantize(x, s, kv) == stored).mean() > 0.999
+        err = np.sqrt(((dequantize(stored, s, kv) - x) ** 2).mean() / (x ** 2).mean())
+        assert err < (0.02 if kv == "int8" else 0.2)
+
+
+def test_fp16_matches_fp32(tmp_path_factory, tiny, prompt, reference):
+    tokens, ref = reference
+    got = _teacher_forced(_bundle(tmp_path_factory, tiny, "fp16"), prompt, tokens)
+    assert np.abs(got - ref).max() < 1e-2 * np.abs(ref).max()
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() > 0.95
+
+
+@pytest.mark.parametrize("kv,min_agree,max_err", [("int8", 0.6, 0.3), ("int4", 0.2, 0.8)])
+def test_quantized_close_to_fp32(tmp_path_factory, tiny, prompt, reference, kv, min_agree, max_err):
+    """The tiny random models amplify cache error (init range 0.2): loose bounds, checked along 40
+    decode steps fed the fp32 bundle's greedy tokens; SmolLM2's perplexity is the quality figure."""
+    tokens, ref = reference
+    got = _teacher_forced(_bundle(tmp_path_factory, tiny, kv), prompt, tokens)
+    assert not np.array_equal(got, ref)  # the quantized path really ran
+    rel = np.sqrt(((got - ref) ** 2).mean() / (ref ** 2).mean())
+    assert rel < max_err
+    assert (got.argmax(-1) == ref.argmax(-1)).mean() >= min_agree
+
+
+# --- sink + sliding window -----------------------------------------------------------------------
+@pytest.mark.parametrize("kv", ["fp32", "int8"])
+def test_window_generates_far_past_the_window_in_constant_memory(tmp_path_factory, tiny, prompt, kv):
+    bundle = _bundle(tmp_path_factory, tiny, kv, window=32, sinks=4)
+    w = _manifest(bundle)["kv_cache"]["window"]
+    assert (w["sinks"], w["window"], w["capacity"], w["evict_chunk"]) == (4, 32, 36, 4)
+    assert len(w["rotary_inv_freq"]) == 8
+    engine = Engine.load(bundle, threads=1)
+    kv_cache = engine.decoder.kv
+    buffer, nbytes = kv_cache.buffer, kv_cache.nbytes
+    assert kv_cache.capacity == 36 and engine.context_length == 36
+    out = list(engine.generate(prompt[:10], max_new_tokens=360, ignore_eos=True, drafter=None))
+    assert len(out) == 360 and engine.last_stats.stop_reason == "length"
+    assert kv_cache.buffer is buffer and kv_cache.nbytes == nbytes  # one buffer, never reallocated
+    assert kv_cache.evicted >= 360 + 10 - 36 and kv_cache.length <= 36
+    # speculation rolls back inside the window too
+    spec = list(engine.generate(prompt[:10], max_new_tokens=200, ignore_eos=True, drafter="ngram"))
+    assert [t.id for t in spec] == [t.id for t in out[:200]]
+
+
+def test_window_equals_plain_cache_until_full(tmp_path_factory, tiny, prompt, reference):
+    tokens, ref = reference
+    bundle = _bundle(tmp_path_factory, tiny, "fp32", window=128, sinks=4)  # 60 + 40 < 132: no eviction
+    got = _teacher_forced(bundle, prompt, tokens)
+    assert np.abs(got - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("kv,tol", [("fp32", 1e-4), ("int8", None)])
+def test_evicted_cache_holds_keys_at_their_slot_positions(tmp_path_factory, tiny, prompt, kv, tol):
+    """After an eviction the kept tokens sit at new slots with keys rotated for those slots: layer 0's
+    cache must equal that of a fresh prefill of just the kept tokens (layer 0 depends on tokens only)."""
+    bundle = _bundle(tmp_path_factory, tiny, kv, window=32, sinks=4)
+    dec = Engine.load(bundle, threads=1).decoder
+    ids = prompt[:36]
+    dec.forward(ids)  # the cache is full
+    dec.decode_one(7)  # evicts 4 tokens after the sinks, then writes token 7
+    assert dec.kv.length == 33 and dec.kv.evicted == 4
+    kept = ids[:4] + ids[8:] + [7]
+    fresh = Engine.load(bundle, threads=1).decoder
+    fresh.forward(kept)
+    a, b = dec.kv.buffer[0, :, 0, :, :33], fresh.kv.buffer[0, :, 0, :, :33]
+    if tol is not None:
+        assert np.abs(a - b).max() < tol
+    else:  # requantized after rotation: within one step of the grid, but where the calibrated range
+        # clipped a key, rotation moves the clipped part
+        near = np.abs(a.astype(int) - b.astype(int)) <= 1
+        assert near.mean() > 0.995 and (a == b).mean() > 0.9
+        assert np.array_equal(a[1], b[1])  # values are shifted, not requantized
+
+
+# --- errors ------------------------------------------------------------------------------------
+def test_invalid_layouts_are_refused(cli, one_line_error, tiny, tmp_path):
+    result = cli("compile", str(tiny["dir"]), "-o", str(tmp_path / "b"), "--kv", "int3")
+    one_line_error(result, r"kv must be one of fp32, fp16, int8, int4, got 'int3'")
+    result = cli("compile", str(tiny["dir"]), "-o", str(tmp_path / "b"), "--kv-window", "8")
+    one_line_error(result, r"kv_window must be >= 16")
+    result = cli("compile", str(tiny["dir"]), "-o", str(tmp_path / "b"), "--kv-window", "60", "--max-context", "32")
+    one_line_error(result, r"kv_sinks \+ kv_window = 64 exceeds the bundle's 32 positions")
+    result = cli("compile", str(tiny["dir"]), "-o", str(tmp_path / "b"), "--kv-window", "300")  # known after loading
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("error: kv_sinks + kv_window = 304 exceeds the bundle's 256 "
+                                                      "positions (raise --max-context or shrink the window)")
+    assert not (tmp_path / "b").exists()
+    with pytest.raises(ConfigError, match="kv-cache.k_scale must be one of per_channel, per_tensor, got 'per_token'"):
+        compile_model(str(tiny["dir"]), tmp_path / "c",
+                      CompileOptions(passes=(("kv-cache", (("dtype", "int8"), ("k_scale", "per_token"))),)))
+    with pytest.raises(ConfigError, match="give the KV-cache layout once"):
+        compile_model(str(tiny["dir"]), tmp_path / "c", CompileOptions(kv="int8", passes=(("kv-cache", ()),)))
+    assert not (tmp_path / "c").exists()
+
+
+def test_bench_reports_kv_bytes_and_context(tmp_path_factory, tiny):
+    from edgedec.bench import BenchOptions, measure
+
+    bundle = _bundle(tmp_path_factory, tiny, "int8")
+    b = measure(bundle, ["def f(x):"], BenchOptions(warmup=0, runs=1, new_tokens=4, context_tokens=100, threads=1))
+    assert b.kv_bytes_per_token == 128
+    assert b.prompt_tokens == 100 and b.new_tokens == 4
+    assert b.kv_cache_bytes == 2 * 2 * 2 * 105 * 16  # capacity = context + new tokens + 1
