@@ -29,6 +29,22 @@ TARGETS: dict[str, dict] = {
         "passes": ["fuse-projections"],  # required
         "requires": ["onnxruntime"],
     },
+    "cpu-tvm": {
+        "module": "edgedec.targets.cpu_tvm",
+        "backend": "tvm",
+        "description": "Apache TVM (Relax) library for this machine's CPU, built from the source weights "
+                       "(float32); in-place KV cache; runs on the TVM runtime",
+        "passes": [],  # takes none: the ONNX passes target ONNX Runtime
+        "requires": ["apache-tvm"],
+    },
+    "arm64": {
+        "module": "edgedec.targets.arm64",
+        "backend": "tvm",
+        "description": "Apache TVM (Relax) cross-compiled for aarch64 Linux/Android (NEON, float32): "
+                       "decoder.tar of objects, plus decoder.so with aarch64-linux-gnu-gcc",
+        "passes": [],
+        "requires": ["apache-tvm"],
+    },
 }
 
 # name -> {"impl": "module:Class", "description": one line, "targets": [...], "requires": [packages]}
@@ -45,6 +61,13 @@ PASSES: dict[str, dict] = {
                        "(SkipSimplifiedLayerNormalization)",
         "targets": ["cpu"],
         "requires": ["onnxruntime"],
+    },
+    "draft-head": {
+        "impl": "edgedec.passes.draft_head:DraftHeadPass",
+        "description": "fuse a trained draft head with a trimmed vocabulary (VocabTrim) into the verifier: each "
+                       "run also emits the next round's first draft token (edgedec calibrate draft-head)",
+        "targets": ["cpu"],
+        "requires": ["onnxruntime", "optuna"],
     },
     "int4": {
         "impl": "edgedec.passes.int4:Int4Pass",

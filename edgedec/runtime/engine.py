@@ -131,6 +131,10 @@ class DecoderSession:
         self._one_bound = False
         self.run_s = 0.0
         self.ffn_skip = FfnSkipController.bind(bundle.manifest, self.session, self.binding)  # None: no skipping
+        # pass draft-head: every run also emits, per logits row, the next round's first draft token
+        self.has_draft_head = any(o.name == "draft_tokens" for o in self.session.get_outputs())
+        self._draft1 = np.zeros((1, 1), np.int64)  # (batch, rows)
+        self.draft_rows: np.ndarray | None = None  # (rows,) int64 after each run
 
     def _bind_one(self) -> None:
         import onnxruntime as ort
@@ -145,6 +149,9 @@ class DecoderSession:
         b.bind_ortvalue_input("total_sequence_length", self._ov[2])
         b.bind_ortvalue_input("logits_index", self._ov[3])
         b.bind_ortvalue_output("logits", self._ov[4])
+        if self.has_draft_head:
+            self._ov.append(ort.OrtValue.ortvalue_from_numpy(self._draft1))
+            b.bind_ortvalue_output("draft_tokens", self._ov[-1])
         self._one_bound = True
 
     def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:
@@ -174,6 +181,10 @@ class DecoderSession:
         import onnxruntime as ort
 
         b.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(out))
+        if self.has_draft_head:
+            drafts = np.empty((1, len(rows)), np.int64)  # (batch, rows)
+            b.bind_ortvalue_output("draft_tokens", ort.OrtValue.ortvalue_from_numpy(drafts))
+            self.draft_rows = drafts[0]
         self._one_bound = False
         if self.ffn_skip is not None:  # several tokens (prompt, verification): the full model
             if start == 0:
@@ -208,6 +219,8 @@ class DecoderSession:
         if ffn:
             ffn.after_run()
         self.kv.length = total
+        if self.has_draft_head:
+            self.draft_rows = self._draft1[0]
         return self._logits1[0, 0]
 
 
@@ -220,7 +233,11 @@ class Engine:
         self.threads = threads
         tok = self.manifest["tokenizer"]
         self.codec = TextCodec(bundle.file(tok["file"]), tok)
-        if bundle.graph("decoder").get("shapes") == "static":  # npu target: fixed chunk, host-side cache
+        if self.manifest["target"].get("backend") == "tvm":  # cpu-tvm / arm64: a TVM library, same cache contract
+            from .tvm_session import TvmDecoderSession
+
+            self.decoder = TvmDecoderSession(bundle, threads, context_length)
+        elif bundle.graph("decoder").get("shapes") == "static":  # npu target: fixed chunk, host-side cache
             from .static import StaticDecoderSession
 
             self.decoder = StaticDecoderSession.from_bundle(bundle, threads, context_length)
@@ -243,9 +260,9 @@ class Engine:
         verify: check every file's sha256 (sizes are always checked).
         """
         bundle = Bundle.open(bundle_dir, verify_hashes=verify)
-        if bundle.manifest["target"].get("backend") != "onnxruntime":
+        if bundle.manifest["target"].get("backend") not in ("onnxruntime", "tvm"):
             raise BundleError(
-                f"this runtime runs onnxruntime bundles; this one is for backend {bundle.manifest['target'].get('backend')!r}"
+                f"this runtime runs onnxruntime and tvm bundles; this one is for backend {bundle.manifest['target'].get('backend')!r}"
             )
         max_ctx = int(bundle.manifest["kv_cache"]["max_capacity"])
         if context_length is None:
@@ -314,7 +331,7 @@ class Engine:
             draft_len = int(spec.get("draft_len", 4))
         if isinstance(drafter, str):  # one drafter per name and engine: what it learned carries over
             if drafter not in self._drafters:
-                self._drafters[drafter] = make_drafter(drafter, self.bundle.arch["vocab_size"])
+                self._drafters[drafter] = make_drafter(drafter, self.bundle.arch["vocab_size"], self.decoder)
             drafter = self._drafters[drafter]
         if drafter is not None and not 1 <= draft_len <= 64:
             raise GenerationError(f"draft_len must be in [1, 64], got {draft_len}")
@@ -369,6 +386,8 @@ class Engine:
             new = verify_chain(rows, draft, sampler)
             accepted = len(new) - 1
             dec.kv.length -= len(draft) - accepted  # roll back rejected drafts; no copy
+            if getattr(dec, "draft_rows", None) is not None:  # the draft head's guess after the last accepted row is last
+                dec.draft_rows = dec.draft_rows[: accepted + 1]
             stats.verify_steps += 1
             stats.drafted_tokens += len(draft)
             stats.accepted_tokens += accepted

@@ -1,0 +1,352 @@
+"""The Llama/Qwen2 decoder as a TVM Relax module, built directly from the source model's weights.
+
+TVM's Relax ONNX frontend does not import ONNX Runtime's contrib ops (GroupQueryAttention), so the
+``cpu-tvm`` and ``arm64`` targets do not go through the ONNX graph: they write the same computation
+(the one :class:`edgedec.compiler.export.ExportDecoder` exports, verified against the source) as a
+Relax module with a few hand-written TIR kernels, under the same KV-cache contract:
+
+    functions (batch 1; ``total`` = tokens in the cache after this step, ``start = total - n``)
+      prefill(input_ids int32 (1, n), logits_index int32 (m,), R.Shape([total]), caches, params)
+          -> logits float32 (1, m, vocab)
+      decode(input_ids int32 (1, 1), R.Shape([total]), caches, params) -> logits float32 (1, 1, vocab)
+    caches   tuple of 2 * layers tensors, float32 (1, kv_heads, capacity, head_dim):
+             (key.0, value.0, key.1, value.1, ...). Written IN PLACE (call_tir_inplace) at
+             positions [start, total); attention reads [0, total). Rolling back = a smaller total.
+    params   tuple of the weights in :func:`param_names` order (float32, the shapes there).
+
+Kernels: projections are GEMVs over (out, in) weights (dlight's CPU GEMV rule vectorizes and
+parallelizes them on the decode path); attention is one hand-written TIR kernel with an online
+softmax, parallel over heads, reading the cache in place; rotary embedding uses the same cos/sin
+tables as the ONNX graph (computed in float64, stored in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..models.arch import ArchFacts
+
+
+def param_names(arch: ArchFacts) -> list[str]:
+    """The weights the module takes, in order. Linear weights are (out, in), as in Hugging Face."""
+    names = ["embed_tokens.weight", "rope.cos", "rope.sin"]
+    for l in range(arch.num_layers):
+        p = f"layers.{l}."
+        names += [p + "input_layernorm.weight"]
+        names += [p + f"self_attn.{x}_proj.weight" for x in ("q", "k", "v")]
+        if arch.attention_bias:
+            names += [p + f"self_attn.{x}_proj.bias" for x in ("q", "k", "v")]
+        names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
+        names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+    names += ["norm.weight"]
+    if not arch.tie_word_embeddings:
+        names += ["lm_head.weight"]
+    return names
+
+
+def rope_tables(hf_model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin (max_positions, head_dim / 2) exactly as the ONNX export computes them."""
+    import torch
+
+    rotary = hf_model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().double()
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    freqs = torch.outer(torch.arange(max_positions, dtype=torch.float64), inv_freq)
+    return (freqs.cos() * scaling).float().numpy(), (freqs.sin() * scaling).float().numpy()
+
+
+def weights_from_hf(hf_model, arch: ArchFacts, max_positions: int) -> dict[str, np.ndarray]:
+    """The module's parameters (float32, C-contiguous) from a transformers ``*ForCausalLM``."""
+    state = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+    cos, sin = rope_tables(hf_model, max_positions)
+    out = {}
+    for name in param_names(arch):
+        if name == "rope.cos":
+            out[name] = cos
+        elif name == "rope.sin":
+            out[name] = sin
+        else:
+            out[name] = np.ascontiguousarray(state[name].detach().float().numpy())
+    return out
+
+
+def param_shapes(arch: ArchFacts, max_positions: int) -> dict[str, tuple[int, ...]]:
+    a = arch
+    q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+    shapes = {"embed_tokens.weight": (a.vocab_size, a.hidden_size), "rope.cos": (max_positions, a.head_dim // 2),
+              "rope.sin": (max_positions, a.head_dim // 2), "norm.weight": (a.hidden_size,),
+              "lm_head.weight": (a.vocab_size, a.hidden_size)}
+    for l in range(a.num_layers):
+        p = f"layers.{l}."
+        shapes.update({
+            p + "input_layernorm.weight": (a.hidden_size,), p + "post_attention_layernorm.weight": (a.hidden_size,),
+            p + "self_attn.q_proj.weight": (q, a.hidden_size), p + "self_attn.k_proj.weight": (kv, a.hidden_size),
+            p + "self_attn.v_proj.weight": (kv, a.hidden_size), p + "self_attn.q_proj.bias": (q,),
+            p + "self_attn.k_proj.bias": (kv,), p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (a.hidden_size, q),
+            p + "mlp.gate_proj.weight": (a.intermediate_size, a.hidden_size),
+            p + "mlp.up_proj.weight": (a.intermediate_size, a.hidden_size),
+            p + "mlp.down_proj.weight": (a.hidden_size, a.intermediate_size),
+        })
+    return {n: shapes[n] for n in param_names(arch)}
+
+
+# --------------------------------------------------------------------------------------------
+# TIR kernels
+# --------------------------------------------------------------------------------------------
+def _kv_write_kernel(kv_heads: int, head_dim: int):
+    """cache[0, h, start + i, d] = new[0, i, h * head_dim + d]: the new keys/values, in place."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True)
+    def kv_write(var_cache: T.handle, var_new: T.handle, start: T.int64):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})  # opaque: never fused
+        cap = T.int64()
+        n = T.int64()
+        cache = T.match_buffer(var_cache, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
+        new = T.match_buffer(var_new, (T.int64(1), n, T.int64(kv_heads * head_dim)), "float32")
+        for h, i, d in T.grid(T.int64(kv_heads), n, T.int64(head_dim)):
+            cache[0, h, start + i, d] = new[0, i, h * T.int64(head_dim) + d]
+
+    return kv_write
+
+
+def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
+    """Causal GQA attention of n new queries over cache[0:total], online softmax, parallel over heads.
+
+    q, out: (1, n, heads * head_dim); caches (1, kv_heads, capacity, head_dim). Query i (position
+    start + i) attends to positions [0, start + i].
+    """
+    from tvm.script import tirx as T
+
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim)
+
+    @T.prim_func(private=True)
+    def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, total: T.int64, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})  # opaque: never fused
+        cap = T.int64()
+        n = T.int64()
+        q = T.match_buffer(var_q, (T.int64(1), n, T.int64(heads * head_dim)), "float32")
+        kc = T.match_buffer(var_k, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
+        vc = T.match_buffer(var_v, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
+        out = T.match_buffer(var_out, (T.int64(1), n, T.int64(heads * head_dim)), "float32")
+        for hi in T.parallel(T.int64(heads) * n):
+            acc = T.decl_buffer((head_dim,), "float32", scope="local")
+            st = T.decl_buffer((4,), "float32", scope="local")  # running max, running sum, score, correction
+            h = hi // n
+            i = hi % n
+            kvh = h // T.int64(group)
+            for d in range(T.int64(head_dim)):
+                acc[d] = T.float32(0)
+            st[0] = T.float32(-3.4e38)
+            st[1] = T.float32(0)
+            for j in range(total - n + i + T.int64(1)):
+                st[2] = T.float32(0)
+                for d in range(T.int64(head_dim)):
+                    st[2] = st[2] + q[0, i, h * T.int64(head_dim) + d] * kc[0, kvh, j, d]
+                st[2] = st[2] * T.float32(scale)
+                if st[2] > st[0]:
+                    st[3] = T.exp(st[0] - st[2])
+                    st[0] = st[2]
+                    st[1] = st[1] * st[3] + T.float32(1)
+                    for d in range(T.int64(head_dim)):
+                        acc[d] = acc[d] * st[3] + vc[0, kvh, j, d]
+                else:
+                    st[3] = T.exp(st[2] - st[0])
+                    st[1] = st[1] + st[3]
+                    for d in range(T.int64(head_dim)):
+                        acc[d] = acc[d] + st[3] * vc[0, kvh, j, d]
+            for d in range(T.int64(head_dim)):
+                out[0, i, h * T.int64(head_dim) + d] = acc[d] / st[1]
+
+    return attention
+
+
+# --------------------------------------------------------------------------------------------
+# Tensor expressions
+# --------------------------------------------------------------------------------------------
+def _linear_kernel(n, d_in: int, d_out: int, bias: bool):
+    """y (1, n, out) = x (1, n, in) @ W (out, in)^T (+ b), scheduled for a CPU.
+
+    Each output row j streams W[j, :] contiguously: ``lanes`` partial sums are accumulated in a
+    vector register over the input dimension, then summed (a GEMV that vectorizes and prefetches
+    well); rows are split across threads. The kernel is opaque to fusion.
+    """
+    from tvm import s_tir, te
+
+    lanes = next(v for v in (16, 8, 4, 2, 1) if d_in % v == 0)
+    x = te.placeholder((1, n, d_in), "float32", name="x")
+    w = te.placeholder((d_out, d_in), "float32", name="w")
+    b = te.placeholder((d_out,), "float32", name="b") if bias else None
+    ko = te.reduce_axis((0, d_in // lanes), "ko")
+    part = te.compute((1, n, d_out, lanes),
+                      lambda a, i, j, v: te.sum(x[a, i, ko * lanes + v] * w[j, ko * lanes + v], axis=ko), name="part")
+    kv = te.reduce_axis((0, lanes), "kv")
+    y = te.compute((1, n, d_out), lambda a, i, j: te.sum(part[a, i, j, kv], axis=kv), name="y")
+    out = te.compute(y.shape, lambda a, i, j: y[a, i, j] + b[j], name="out") if bias else y
+    func = te.create_prim_func([x, w, *([b] if bias else []), out])
+    sch = s_tir.Schedule(func)
+    blk_part, blk_y = sch.get_sblock("part"), sch.get_sblock("y")
+    if bias:
+        sch.reverse_compute_inline(sch.get_sblock("out"))
+    a, i, j = sch.get_loops(blk_y)[:3]
+    tile = next(t for t in (16, 8, 4, 2, 1) if d_out % t == 0)
+    jo, ji = sch.split(j, [None, tile])
+    sch.parallel(jo)
+    sch.compute_at(blk_part, ji)
+    loops = sch.get_loops(blk_part)
+    v, k = loops[-2], loops[-1]
+    sch.reorder(k, v)
+    sch.set_scope(blk_part, 0, "local")
+    init = sch.decompose_reduction(blk_part, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(v)  # LLVM's SLP vectorizer turns the unrolled lanes into vector FMAs
+    func = sch.mod["main"].with_attr("op_pattern", 8).without_attr("global_symbol")
+    return func
+
+
+def _te_rms_norm(x, w, eps: float):
+    """x / sqrt(mean(x^2) + eps) * w, as the ONNX graph writes it."""
+    from tvm import te, tirx
+
+    hidden = x.shape[2]
+    k = te.reduce_axis((0, hidden), "k")
+    ss = te.compute((x.shape[0], x.shape[1]), lambda a, i: te.sum(x[a, i, k] * x[a, i, k], axis=k), name="sumsq")
+    mean = lambda a, i: ss[a, i] / tirx.const(float(int(hidden)), "float32")  # noqa: E731
+    return te.compute(x.shape, lambda a, i, j: x[a, i, j] / tirx.sqrt(mean(a, i) + tirx.const(eps, "float32")) * w[j],
+                      name="rms_norm")
+
+
+def _te_rope(x, cos, sin, total, heads: int, head_dim: int):
+    """Rotary embedding (non-interleaved, rotate_half) at positions [total - n, total)."""
+    from tvm import te, tirx
+
+    n = x.shape[1]
+    half = head_dim // 2
+
+    def f(a, i, c):
+        pos = total - n + i
+        d = c % head_dim
+        j = tirx.if_then_else(d < half, d, d - half)
+        partner = tirx.if_then_else(d < half, -x[a, i, c + half], x[a, i, c - half])
+        return x[a, i, c] * cos[pos, j] + partner * sin[pos, j]
+
+    return te.compute(x.shape, f, name="rope")
+
+
+def _te_silu_mul(g, u):
+    from tvm import te, tirx
+
+    return te.compute(g.shape, lambda a, i, j: g[a, i, j] / (tirx.const(1.0, "float32") + tirx.exp(-g[a, i, j]))
+                      * u[a, i, j], name="silu_mul")
+
+
+# --------------------------------------------------------------------------------------------
+# The module
+# --------------------------------------------------------------------------------------------
+def build_module(arch: ArchFacts, max_positions: int):
+    """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring)."""
+    import tvm
+    from tvm import relax, tirx
+
+    a = arch
+    names = param_names(a)
+    shapes = param_shapes(a, max_positions)
+    bb = relax.BlockBuilder()
+    kv_write = bb.add_func(_kv_write_kernel(a.num_kv_heads, a.head_dim), "kv_write")
+    attention = bb.add_func(_attention_kernel(a.num_heads, a.num_kv_heads, a.head_dim), "attention")
+
+    kernels: dict = {}
+
+    def function(name: str, decode: bool):
+        n = tirx.IntImm("int64", 1) if decode else tirx.Var("n", "int64")
+        m = tirx.Var("m", "int64")
+        total = tirx.Var("total", "int64")
+        cap = tirx.Var("capacity", "int64")
+        ids = relax.Var("input_ids", relax.TensorType((1, n), "int32"))
+        rows = None if decode else relax.Var("logits_index", relax.TensorType((m,), "int32"))
+        shape = relax.Var("total", relax.ShapeType([total]))
+        cache_t = relax.TensorType((1, a.num_kv_heads, cap, a.head_dim), "float32")
+        caches = relax.Var("caches", relax.TupleType([cache_t] * (2 * a.num_layers)))
+        params = relax.Var("params", relax.TupleType([relax.TensorType(shapes[p], "float32") for p in names]))
+        args = [ids] + ([rows] if rows is not None else []) + [shape, caches, params]
+        def linear(x, wname, bias=None, rows=n):
+            weight = w[wname]
+            d_out, d_in = shapes[wname]
+            key = (decode, d_in, d_out, bias is not None)  # prefill kernels take any number of rows
+            if key not in kernels:
+                var = tirx.IntImm("int64", 1) if decode else tirx.Var("n", "int64")
+                kernels[key] = bb.add_func(_linear_kernel(var, d_in, d_out, bias is not None), "linear")
+            return bb.emit(relax.call_tir(kernels[key], [x, weight, *([bias] if bias is not None else [])],
+                                          relax.TensorType((1, rows, d_out), "float32")))
+
+        with bb.function(name, args):
+            with bb.dataflow():
+                w = {p: bb.emit(relax.TupleGetItem(params, i)) for i, p in enumerate(names)}
+                h = bb.emit(relax.op.take(w["embed_tokens.weight"], relax.op.reshape(ids, [n]), axis=0))
+                h = bb.emit(relax.op.reshape(h, [1, n, a.hidden_size]))
+                for l in range(a.num_layers):
+                    p = f"layers.{l}."
+                    x = bb.emit_te(_te_rms_norm, h, w[p + "input_layernorm.weight"], a.rms_norm_eps,
+                                   primfunc_name_hint="rms_norm")
+                    qkv = []
+                    for proj in ("q", "k", "v"):
+                        bias = w.get(p + f"self_attn.{proj}_proj.bias")
+                        qkv.append(linear(x, p + f"self_attn.{proj}_proj.weight", bias))
+                    q = bb.emit_te(_te_rope, qkv[0], w["rope.cos"], w["rope.sin"], total, a.num_heads, a.head_dim,
+                                   primfunc_name_hint="rope")
+                    k = bb.emit_te(_te_rope, qkv[1], w["rope.cos"], w["rope.sin"], total, a.num_kv_heads,
+                                   a.head_dim, primfunc_name_hint="rope")
+                    kc = bb.emit(relax.TupleGetItem(caches, 2 * l))
+                    vc = bb.emit(relax.TupleGetItem(caches, 2 * l + 1))
+                    start = relax.prim_value(total - n)
+                    kc = bb.emit(relax.call_tir_inplace(kv_write, [kc, k, start], [0], cache_t))
+                    vc = bb.emit(relax.call_tir_inplace(kv_write, [vc, qkv[2], start], [0], cache_t))
+                    att = bb.emit(relax.call_tir(attention, [q, kc, vc, relax.prim_value(total)],
+                                                 relax.TensorType((1, n, a.num_heads * a.head_dim), "float32")))
+                    h = bb.emit(relax.op.add(h, linear(att, p + "self_attn.o_proj.weight")))
+                    x = bb.emit_te(_te_rms_norm, h, w[p + "post_attention_layernorm.weight"], a.rms_norm_eps,
+                                   primfunc_name_hint="rms_norm")
+                    g = linear(x, p + "mlp.gate_proj.weight")
+                    u = linear(x, p + "mlp.up_proj.weight")
+                    gu = bb.emit_te(_te_silu_mul, g, u, primfunc_name_hint="silu_mul")
+                    h = bb.emit(relax.op.add(h, linear(gu, p + "mlp.down_proj.weight")))
+                if rows is not None:
+                    h = bb.emit(relax.op.take(h, rows, axis=1))
+                x = bb.emit_te(_te_rms_norm, h, w["norm.weight"], a.rms_norm_eps, primfunc_name_hint="rms_norm")
+                head = "lm_head.weight" if not a.tie_word_embeddings else "embed_tokens.weight"
+                logits = bb.emit_output(linear(x, head, rows=n if decode else m))
+            bb.emit_func_output(logits)
+
+    function("prefill", decode=False)
+    function("decode", decode=True)
+    return bb.get()
+
+
+def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = False):
+    """Compile the module for ``target`` (a tvm.target.Target) into a Relax VM executable.
+
+    Pipeline: TVM's CPU default (legalize, fuse the small elementwise/norm kernels, lower); the
+    projections and attention are hand-scheduled kernels that the pipeline leaves as they are.
+    """
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    mod = build_module(arch, max_positions)
+
+    @tvm.transform.module_pass(opt_level=0)
+    def pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target)
+                + cpu_generic.legalize_passes(target)
+                + cpu_generic.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target)
+            )
+            return seq(mod)
+
+    return relax.build(mod, target=target, relax_pipeline=pipeline)

@@ -1,0 +1,237 @@
+"""Targets ``cpu-tvm`` (Apache TVM, host CPU) and ``arm64`` (the same, cross-compiled for aarch64 Linux/Android).
+
+TVM's Relax ONNX frontend cannot import the reference graph's GroupQueryAttention, so these targets
+build a Relax module directly from the source weights (:mod:`edgedec.targets.tvm_module`), with the
+same in-place KV-cache contract as the ``cpu`` bundle. The pipeline still exports and verifies the
+reference ONNX graph (the manifest's ``verification``); the TVM library is verified separately
+against the source model (the graph entry's ``verification``), when it can run on this machine.
+
+Bundle files:
+    decoder.so   (cpu-tvm) Relax VM executable, a shared library for the host (x86_64 or aarch64)
+    decoder.tar  (arm64)   the same as object files for the app's own link step (no cross linker needed);
+                           plus decoder.so when ``aarch64-linux-gnu-gcc`` is installed
+    params.bin   every weight as raw little-endian float32, C order, at the 64-byte-aligned offsets the
+                 manifest lists (``graphs.decoder.params``: name, shape, offset, bytes) in call order
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelError, UnsupportedError
+from .base import Target
+
+log = logging.getLogger(__name__)
+
+ALIGN = 64
+ORT_ONLY = "it rewrites the ONNX graph for ONNX Runtime (contrib ops / ORT-specific fusion), and the {t} " \
+           "target builds its TVM module from the source weights, not from that graph"
+REFUSED = {
+    "fuse-projections": ORT_ONLY,
+    "int4": "it emits com.microsoft MatMulNBits, an ONNX Runtime contrib op TVM does not import; the {t} "
+            "target runs float32 weights",
+    "int8": "it emits com.microsoft MatMulNBits / DynamicQuantizeLinear, ONNX Runtime ops TVM does not "
+            "import; the {t} target runs float32 weights",
+    "qdq": "static QDQ is the form NPU compilers take; the {t} target builds float32 kernels from the weights",
+    "fuse-norms": ORT_ONLY,
+    "kv-cache": "the {t} runtime keeps a float32 cache; quantized cache layouts are ONNX Runtime kernels",
+}
+OTHER = "it is an ONNX graph pass, and the {t} target builds its TVM module from the source weights"
+
+
+def _write_params(weights: dict[str, np.ndarray], names: list[str], path: Path) -> list[dict]:
+    """Raw float32 tensors at 64-byte-aligned offsets; returns the manifest's table."""
+    table, offset = [], 0
+    with open(path, "wb") as f:
+        for name in names:
+            arr = np.ascontiguousarray(weights[name], dtype="<f4")
+            pad = -offset % ALIGN
+            f.write(b"\0" * pad)
+            offset += pad
+            f.write(arr.tobytes())
+            table.append({"name": name, "shape": list(arr.shape), "dtype": "float32", "offset": offset,
+                          "bytes": arr.nbytes})
+            offset += arr.nbytes
+    return table
+
+
+def host_llvm_target(num_cores: int | None = None) -> dict:
+    """The LLVM target for this machine's CPU (triple and CPU name from LLVM)."""
+    import os
+
+    from tvm.target import codegen
+
+    triple = codegen.llvm_get_system_triple()
+    arch = triple.split("-")[0]
+    return {"kind": "llvm", "mtriple": f"{arch}-linux-gnu", "mcpu": codegen.llvm_get_system_cpu(),
+            "num-cores": num_cores or os.cpu_count() or 1}
+
+
+class TvmTarget(Target):
+    backend = "tvm"
+    library = "decoder.so"
+
+    def __init__(self, name: str, description: str):
+        self.name = name
+        self.description = description
+        self.refused_passes = {p: r.format(t=name) for p, r in REFUSED.items()}
+        self._pending: dict | None = None  # what export() built, for build() to move into the bundle
+
+    def check_passes(self, passes: list[str]) -> None:
+        """The ONNX passes rewrite a graph this target does not compile: it refuses all of them."""
+        for p in passes:
+            raise UnsupportedError(f"target {self.name} cannot take pass {p}: "
+                                   + self.refused_passes.get(p, OTHER.format(t=self.name)))
+
+    def llvm_target(self) -> dict:
+        return host_llvm_target()
+
+    def runs_here(self) -> bool:
+        return True
+
+    # the pipeline's hooks ---------------------------------------------------------------------
+    def export(self, hf_model, arch, out_path: Path, max_positions: int, options=None) -> Path:
+        """Export the reference ONNX graph (verified by the pipeline) and build the TVM library from the
+        same weights into ``out_path``'s directory; :meth:`build` moves it into the bundle."""
+        path = super().export(hf_model, arch, out_path, max_positions, options)
+        self._pending = None
+        try:
+            import tvm  # noqa: F401
+        except ImportError as exc:
+            raise UnsupportedError(f"target {self.name} needs Apache TVM: pip install 'edgedec[tvm]' ({exc})") from exc
+        from . import tvm_module
+
+        work = out_path.parent / "tvm"
+        work.mkdir(parents=True, exist_ok=True)
+        weights = tvm_module.weights_from_hf(hf_model, arch, max_positions)
+        names = tvm_module.param_names(arch)
+        table = _write_params(weights, names, work / "params.bin")
+        target_dict = self.llvm_target()
+        log.info("building the TVM module for %s", target_dict)
+        import tvm
+
+        executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict))
+        files = self.export_library(executable, work)  # the one the runtime loads first
+        if self.runs_here():
+            verification = verify_library(work / files[0], weights, names, hf_model, arch)
+            tolerance = getattr(options, "verify_tolerance", 1e-2)
+            if verification["max_abs_logit_diff"] > tolerance:
+                raise ModelError(f"the TVM library differs from the source model by "
+                                 f"{verification['max_abs_logit_diff']:.3g} in logits (tolerance {tolerance}); "
+                                 "refusing to write a wrong bundle")
+        else:
+            verification = {"skipped": f"built for {target_dict['mtriple']}; this machine is {platform.machine()}"}
+            log.warning("target %s: the library is not run here (%s); verification recorded as skipped",
+                        self.name, verification["skipped"])
+        self._pending = {"work": work, "files": files, "table": table, "target": target_dict,
+                         "verification": verification}
+        return path
+
+    def build(self, model, out_dir: Path, role: str) -> dict:
+        if self._pending is None:
+            raise UnsupportedError(f"target {self.name}: build() runs after export(), which builds the TVM library")
+        pending, self._pending = self._pending, None
+        for name in [*pending["files"], "params.bin"]:
+            shutil.move(str(pending["work"] / name), str(out_dir / name))
+        files = pending["files"]
+        return {
+            "role": role,
+            "file": files[0],
+            "data": ["params.bin", *files[1:]],
+            "format": "tvm-relax-vm",
+            "tvm_version": _tvm_version(),
+            "llvm_target": pending["target"],
+            "libraries": files,
+            "functions": {
+                "prefill": "(input_ids int32 (1, n), logits_index int32 (m,), Shape([total]), caches, params) "
+                           "-> logits float32 (1, m, vocab)",
+                "decode": "(input_ids int32 (1, 1), Shape([total]), caches, params) -> logits float32 (1, 1, vocab)",
+            },
+            "caches": "tuple of 2 * num_layers float32 (1, kv_heads, capacity, head_dim): key.0, value.0, key.1, ...; "
+                      "written in place at [total - n, total), attention over [0, total)",
+            "params_file": "params.bin",
+            "params_layout": "raw little-endian float32, C order, 64-byte-aligned offsets; linear weights (out, in); "
+                             "rope.cos/rope.sin (max_positions, head_dim / 2)",
+            "params": pending["table"],
+            "verification": pending["verification"],
+        }
+
+    def export_library(self, executable, work: Path) -> list[str]:
+        executable.export_library(str(work / self.library))
+        return [self.library]
+
+    def manifest_entry(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "llvm_target": self.llvm_target()}
+
+
+class Arm64Target(TvmTarget):
+    """aarch64 Linux/Android: NEON, cross-compiled with LLVM; objects in a .tar (and a .so with a cross linker)."""
+
+    triple = "aarch64-linux-gnu"
+    cross_cc = "aarch64-linux-gnu-gcc"
+
+    def llvm_target(self) -> dict:
+        return {"kind": "llvm", "mtriple": self.triple, "mattr": ["+neon"], "num-cores": 4}
+
+    def runs_here(self) -> bool:
+        return platform.machine() in ("aarch64", "arm64") and shutil.which("gcc") is not None
+
+    def export_library(self, executable, work: Path) -> list[str]:
+        executable.export_library(str(work / "decoder.tar"))  # object files: no linker needed
+        files = ["decoder.tar"]
+        if shutil.which(self.cross_cc):
+            from tvm.contrib import cc
+
+            executable.export_library(str(work / "decoder.so"), fcompile=cc.cross_compiler(self.cross_cc))
+            files.append("decoder.so")
+        else:
+            log.warning("target arm64: %s not found; the bundle has decoder.tar (objects to link) but no decoder.so",
+                        self.cross_cc)
+        if self.runs_here() and "decoder.so" not in files:
+            executable.export_library(str(work / "decoder.so"))
+            files.append("decoder.so")
+        return sorted(files, key=lambda f: f != "decoder.so")  # what the runtime loads, first
+
+    def manifest_entry(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "llvm_target": self.llvm_target(),
+                "note": "cross-compiled: runs with the TVM runtime on aarch64 (load decoder.so, or link decoder.tar)"}
+
+
+def _tvm_version() -> str:
+    import tvm
+
+    return tvm.__version__
+
+
+def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, arch, seed: int = 0) -> dict:
+    """Run the built library on fixed ids (prefill 9, decode 1, step 2) against the source model's logits."""
+    import torch
+    import tvm
+
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, arch.vocab_size, size=12)
+    with torch.no_grad():
+        ref = hf_model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
+    params = tvm.runtime.convert([tvm.runtime.tensor(weights[n]) for n in names])
+    caches = tvm.runtime.convert([tvm.runtime.tensor(np.zeros((1, arch.num_kv_heads, 16, arch.head_dim), "float32"))
+                                  for _ in range(2 * arch.num_layers)])
+    diffs, start = [], 0
+    for n in (9, 1, 2):
+        chunk = tvm.runtime.tensor(ids[None, start:start + n].astype("int32"))
+        total = tvm.runtime.ShapeTuple([start + n])
+        if n == 1:
+            out = vm["decode"](chunk, total, caches, params).numpy()
+        else:
+            out = vm["prefill"](chunk, tvm.runtime.tensor(np.arange(n, dtype="int32")), total, caches, params).numpy()
+        diffs.append(float(np.abs(out[0] - ref[start:start + n]).max()))
+        start += n
+    return {"max_abs_logit_diff": max(diffs), "tokens": int(len(ids)), "reference": "transformers",
+            "logit_scale": float(np.abs(ref).max())}
+
+
