@@ -30,6 +30,9 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="The registry of known models.", no_args_is_help=True)
 targets_app = typer.Typer(help="Compilation targets.", no_args_is_help=True)
+# `edgedec calibrate WHAT`: one subcommand per calibration (statistics or weights that a pass consumes)
+calibrate_app = typer.Typer(help="Measure statistics or train small weights that passes consume.",
+                            no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(targets_app, name="targets")
 
@@ -357,6 +360,46 @@ def eval_cmd(
             out.print(f"reference perplexity {result.reference_perplexity:.4f}; ratio "
                       f"[bold]{result.perplexity_ratio:.4f}[/]; greedy agreement "
                       f"[bold]{100 * result.greedy_agreement:.2f}%[/]", highlight=False)
+
+
+app.add_typer(calibrate_app, name="calibrate")
+
+
+@calibrate_app.command("draft-head")
+def calibrate_draft_head(
+    bundle: Path = typer.Argument(..., help="Bundle whose model the head drafts for (it also generates the "
+                                            "training text)."),
+    output: Path = typer.Option(..., "--output", "-o", help="The .npz to write (input of --pass draft-head:weights=...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Source model for the hidden states (default: the "
+                                                               "bundle's source)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: one per line, or JSONL chat "
+                                                                   "messages (default: 48 openings of Python's own "
+                                                                   "documentation topics plus edgedec bench's set)."),
+    new_tokens: int = typer.Option(96, "--new-tokens", help="Tokens the bundle generates per prompt."),
+    epochs: int = typer.Option(8, "--epochs", help="Training epochs over the generated positions."),
+    min_coverage: float = typer.Option(0.9, "--min-coverage", help="VocabTrim: the kept tokens must cover at least "
+                                                                   "this share of the target's tokens."),
+    trials: int = typer.Option(60, "--trials", help="VocabTrim: TPE trials of the vocabulary-size search."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
+):
+    """Train a draft head on text the bundle itself generates, and choose its trimmed vocabulary (VocabTrim)."""
+    with _errors():
+        from .bench import load_prompts
+        from .draft_head import calibrate, default_prompts
+
+        if new_tokens < 4 or epochs < 1 or trials < 1 or not 0 < min_coverage <= 1:
+            from .errors import ConfigError
+
+            raise ConfigError("need --new-tokens >= 4, --epochs >= 1, --trials >= 1 and 0 < --min-coverage <= 1")
+        plist = load_prompts(prompts) if prompts else default_prompts()
+        head = calibrate(bundle, model, output, plist, new_tokens=new_tokens, threads=threads, epochs=epochs,
+                         min_coverage=min_coverage, trials=trials, phase=_phase)
+        st, vt = head.stats, head.stats["vocab_trim"]
+        out.print(f"draft head {output}: top-1 agreement with the model {100 * st['agreement_untrained']:.1f}% "
+                  f"untrained -> [bold]{100 * st['agreement']:.1f}%[/] trained ({st['positions']:,} positions); "
+                  f"VocabTrim K = [bold]{vt['k']:,}[/] of {st['vocab_size']:,} tokens, coverage "
+                  f"{100 * vt['coverage']:.1f}%, draft FLOPs {vt['draft_flops'] / vt['draft_flops_full']:.2f}x "
+                  f"the untrimmed head's", highlight=False)
 
 
 CHECK_ROWS = 40  # violations shown in the table

@@ -89,6 +89,9 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         raise ConfigError(f"chunk applies to static-shape targets (npu); target {target.name} has dynamic shapes")
     user_specs = [(n, dict(o)) for n, o in options.passes]
     named = {n for n, _ in user_specs}  # a required pass the user names runs once, with the user's options
+    if options.spec and options.spec.startswith("head") and "draft-head" not in named:
+        raise ConfigError(f"--spec {options.spec} drafts with a trained head: add --pass draft-head:weights=... "
+                          "(from `edgedec calibrate draft-head`)")
     specs = [(name, {}) for name in target.required_passes if name not in named] + user_specs
     if options.kv != "fp32":  # the cache layout is calibrated on the final weights: last
         if "kv-cache" in named:

@@ -116,17 +116,54 @@ class CombinedDrafter:
             d.observe(inputs, candidates)
 
 
-DRAFTER_NAMES = ("ngram", "recycling", "ngram+recycling")
+class DraftHeadDrafter:
+    """The bundle's fused draft head (pass ``draft-head``): the verifier's own run also emits, per logits
+    row, a guess for the token after the one it picks there (``DecoderSession.draft_rows``). So the first
+    draft of the next round costs no extra pass; this drafter proposes it, and when ``then`` is given
+    (prompt lookup) continues the chain from it. Needs a bundle compiled with the draft-head pass."""
+
+    width = 0
+
+    def __init__(self, decoder, then=None):
+        if not getattr(decoder, "has_draft_head", False):
+            from ..errors import GenerationError
+
+            raise GenerationError("the drafter `head` needs a bundle compiled with the draft-head pass "
+                                  "(edgedec calibrate draft-head, then --pass draft-head:weights=...)")
+        self.decoder, self.then = decoder, then
+        self.name = "head" + (f"+{then.name}" if then is not None else "")
+
+    def reset(self, prompt: np.ndarray) -> None:
+        if self.then is not None:
+            self.then.reset(prompt)
+
+    def propose(self, history: np.ndarray, k: int) -> list[int]:
+        rows = self.decoder.draft_rows  # (rows,) of the last run; the engine trims it to the accepted row
+        if k < 1 or rows is None or not len(rows):
+            return []
+        first = int(rows[-1])
+        if self.then is None or k == 1:
+            return [first]
+        return [first] + self.then.propose(np.append(history, np.int32(first)), k - 1)
+
+    def observe(self, inputs: np.ndarray, candidates: np.ndarray) -> None:
+        pass
 
 
-def make_drafter(name: str, vocab_size: int):
-    """A drafter by name: ``ngram``, ``recycling`` or ``ngram+recycling``."""
+DRAFTER_NAMES = ("ngram", "recycling", "ngram+recycling", "head", "head+ngram")
+
+
+def make_drafter(name: str, vocab_size: int, decoder=None):
+    """A drafter by name: ``ngram``, ``recycling``, ``ngram+recycling``, ``head`` or ``head+ngram``
+    (the last two need ``decoder``, a session over a bundle with the draft-head pass)."""
     from ..errors import GenerationError
 
+    if name in ("head", "head+ngram"):
+        return DraftHeadDrafter(decoder, PromptLookupDrafter() if name == "head+ngram" else None)
     parts = {"ngram": lambda: PromptLookupDrafter(), "recycling": lambda: TokenRecyclingDrafter(vocab_size)}
     names = name.split("+")
     if not names or any(n not in parts for n in names):
-        raise GenerationError(f"unknown drafter {name!r}; valid: ngram, recycling, ngram+recycling")
+        raise GenerationError(f"unknown drafter {name!r}; valid: {', '.join(DRAFTER_NAMES)}")
     drafters = [parts[n]() for n in names]
     return drafters[0] if len(drafters) == 1 else CombinedDrafter(*drafters)
 
