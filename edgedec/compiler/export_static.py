@@ -96,7 +96,6 @@ class StaticDecoder(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, past: list[torch.Tensor]):
         a = self.arch
-        c = input_ids.shape[1]
         h_, kv, d = a.num_heads, a.num_kv_heads, a.head_dim
         g = h_ // kv
         h = self.embed_tokens(input_ids)  # (1, C, hidden)
@@ -108,19 +107,19 @@ class StaticDecoder(nn.Module):
         for i, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             x = self.input_norms[i](h)
-            q = attn.q_proj(x).view(1, c, h_, d)
-            k = attn.k_proj(x).view(1, c, kv, d)
-            v = attn.v_proj(x).view(1, c, kv, d)
+            q = attn.q_proj(x).view(1, -1, h_, d)  # -1, never C: the graph re-declares for any chunk
+            k = attn.k_proj(x).view(1, -1, kv, d)
+            v = attn.v_proj(x).view(1, -1, kv, d)
             q = (q * cos + _rotate_half(q) * sin).transpose(1, 2)  # (1, H, C, D)
             k = (k * cos + _rotate_half(k) * sin).transpose(1, 2)  # (1, kv, C, D)
             v = v.transpose(1, 2)
             news += [k, v]
             keys = torch.cat([past[2 * i], k], dim=2)  # (1, kv, T+C, D)
             values = torch.cat([past[2 * i + 1], v], dim=2)
-            qg = q.reshape(1, kv, g * c, d)  # heads are ordered kv-major: head = kv_idx * g + j
+            qg = q.contiguous().view(1, kv, -1, d)  # heads are ordered kv-major: head = kv_idx * g + j
             scores = (qg @ keys.transpose(2, 3)) * self.scale + mask  # (1, kv, g*C, T+C)
             out = scores.softmax(-1) @ values  # (1, kv, g*C, D)
-            out = out.reshape(1, h_, c, d).transpose(1, 2).reshape(1, c, h_ * d)
+            out = out.view(1, h_, -1, d).transpose(1, 2).contiguous().view(1, -1, h_ * d)
             h = h + attn.o_proj(out)
             x = self.post_norms[i](h)
             h = h + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))

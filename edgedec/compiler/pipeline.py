@@ -158,7 +158,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             "source": loaded.source.to_dict(),
             "architecture": arch.to_dict(),
             "target": target.manifest_entry(),
-            "graphs": {"decoder": graph_entry},
+            "graphs": {"decoder": graph_entry, **target.extra_graphs(tmp)},
             "kv_cache": {
                 "layout": "per_layer_bnsh",
                 "dtype": "float32",

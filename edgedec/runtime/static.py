@@ -60,12 +60,10 @@ class StaticKVCache:
             raise GenerationError(f"{self.length + n} tokens do not fit the context of {self.capacity} tokens")
 
 
-class StaticDecoderSession:
-    """An ONNX Runtime session over a static-shape decoder graph; ``forward`` / ``decode_one`` as in
-    :class:`edgedec.runtime.engine.DecoderSession`."""
+class _StaticGraph:
+    """One static graph (chunk C) with its bound buffers; past_* are bound to the shared host cache."""
 
-    def __init__(self, model_path: Path, arch: dict, capacity: int | None, threads: int,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+    def __init__(self, model_path: Path, arch: dict, kv_buffer: np.ndarray | None, threads: int, providers):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -73,20 +71,76 @@ class StaticDecoderSession:
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.log_severity_level = 3
+        name = Path(model_path).name
         try:
             self.session = ort.InferenceSession(str(model_path), opts, providers=list(providers))
         except Exception as exc:
-            raise BundleError(f"ONNX Runtime cannot load {Path(model_path).name}: {exc}") from exc
+            raise BundleError(f"ONNX Runtime cannot load {name}: {exc}") from exc
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = [n for n in (*STATIC_INPUTS, "past_key.0") if n not in inputs]
         if missing:
-            raise BundleError(f"{Path(model_path).name} is not a static decoder graph: no input {', '.join(missing)}")
-        shape = inputs["past_key.0"].shape
-        chunk = inputs["input_ids"].shape[1]
+            raise BundleError(f"{name} is not a static decoder graph: no input {', '.join(missing)}")
+        shape, chunk = inputs["past_key.0"].shape, inputs["input_ids"].shape[1]
         if not all(isinstance(d, int) for d in shape) or not isinstance(chunk, int):
-            raise BundleError(f"{Path(model_path).name} has dynamic cache or chunk dims {shape}, {chunk}; "
-                              "a static decoder graph needs fixed ones")
-        self.chunk, t = chunk, shape[2]
+            raise BundleError(f"{name} has dynamic cache or chunk dims {shape}, {chunk}; a static decoder graph "
+                              "needs fixed ones")
+        self.chunk, self.capacity = chunk, shape[2]
+        self.num_layers, vocab = arch["num_layers"], arch["vocab_size"]
+        c, t, kvh, d = chunk, shape[2], arch["num_kv_heads"], arch["head_dim"]
+        self.ids = np.zeros((1, c), np.int32)  # (batch, C)
+        self.pos = np.zeros((1, c), np.int32)  # (batch, C)
+        self.mask = np.full((1, 1, c, t + c), MASK_VALUE, np.float32)  # (batch, 1, C rows, T + C columns)
+        self.logits = np.zeros((1, c, vocab), np.float32)  # (batch, C, vocab)
+        self.new = np.zeros((self.num_layers, 2, 1, kvh, c, d), np.float32)  # (layer, k/v, batch, kv, C, D)
+        self.causal = np.where(np.arange(c)[None, :] <= np.arange(c)[:, None], 0.0, MASK_VALUE).astype(np.float32)
+        self.kv_buffer = kv_buffer
+
+    def bind(self, kv_buffer: np.ndarray) -> None:
+        import onnxruntime as ort
+
+        b = self.binding = self.session.io_binding()
+        self._ov = []
+        for name, arr in (("input_ids", self.ids), ("position_ids", self.pos), ("attention_mask", self.mask)):
+            self._ov.append(ort.OrtValue.ortvalue_from_numpy(arr))
+            b.bind_ortvalue_input(name, self._ov[-1])
+        self._ov.append(ort.OrtValue.ortvalue_from_numpy(self.logits))
+        b.bind_ortvalue_output("logits", self._ov[-1])
+        for l in range(self.num_layers):
+            for j, kind in enumerate(("key", "value")):
+                past = ort.OrtValue.ortvalue_from_numpy(kv_buffer[l, j])
+                new = ort.OrtValue.ortvalue_from_numpy(self.new[l, j])
+                self._ov += [past, new]
+                b.bind_ortvalue_input(f"past_{kind}.{l}", past)
+                b.bind_ortvalue_output(f"new_{kind}.{l}", new)
+
+    def prepare(self, ids: np.ndarray, start: int) -> None:
+        """Fill the bound inputs for ``n <= C`` tokens at positions ``[start, start + n)``."""
+        n, t, c = len(ids), self.capacity, self.chunk
+        self.ids[0, :n] = ids
+        self.ids[0, n:] = 0
+        self.pos[0, :n] = np.arange(start, start + n)
+        self.pos[0, n:] = start + n - 1
+        m = self.mask[0, 0]
+        m.fill(MASK_VALUE)
+        m[:n, :start] = 0.0
+        m[:, t:] = self.causal
+        m[:n, t + n:] = MASK_VALUE  # real tokens never see padding
+        m[n:, t:] = MASK_VALUE
+        m[np.arange(n, c), t + np.arange(n, c)] = 0.0  # padding sees only itself
+
+
+class StaticDecoderSession:
+    """Static-shape decoder graphs (a prefill chunk of C tokens and, when the bundle has one, a one-token
+    decode graph) over one host cache; ``forward`` / ``decode_one`` as in
+    :class:`edgedec.runtime.engine.DecoderSession`."""
+
+    def __init__(self, model_paths: Sequence[Path], arch: dict, capacity: int | None, threads: int,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        graphs = [_StaticGraph(p, arch, None, threads, providers) for p in model_paths]
+        caps = {g.capacity for g in graphs}
+        if len(caps) != 1:
+            raise BundleError(f"the static graphs disagree on the cache size: {sorted(caps)}")
+        t = caps.pop()
         self.vocab = arch["vocab_size"]
         self.num_layers = arch["num_layers"]
         if capacity is None:
@@ -94,77 +148,62 @@ class StaticDecoderSession:
         if not 1 <= capacity <= t:
             raise GenerationError(f"context {capacity} does not fit the graph's static cache of {t} positions")
         self.kv = StaticKVCache(self.num_layers, arch["num_kv_heads"], arch["head_dim"], t, capacity)
-        c, kvh, d = chunk, arch["num_kv_heads"], arch["head_dim"]
-        self._ids = np.zeros((1, c), np.int32)  # (batch, C)
-        self._pos = np.zeros((1, c), np.int32)  # (batch, C)
-        self._mask = np.full((1, 1, c, t + c), MASK_VALUE, np.float32)  # (batch, 1, C rows, T + C columns)
-        self._logits = np.zeros((1, c, self.vocab), np.float32)  # (batch, C, vocab)
-        self._new = np.zeros((self.num_layers, 2, 1, kvh, c, d), np.float32)  # (layer, k/v, batch, kv, C, D)
-        self._causal = np.where(np.arange(c)[None, :] <= np.arange(c)[:, None], 0.0, MASK_VALUE).astype(np.float32)
-        b = self.binding = self.session.io_binding()
-        self._ov = []
-        for name, arr in (("input_ids", self._ids), ("position_ids", self._pos), ("attention_mask", self._mask)):
-            self._ov.append(ort.OrtValue.ortvalue_from_numpy(arr))
-            b.bind_ortvalue_input(name, self._ov[-1])
-        self._ov.append(ort.OrtValue.ortvalue_from_numpy(self._logits))
-        b.bind_ortvalue_output("logits", self._ov[-1])
-        for l in range(self.num_layers):
-            for j, kind in enumerate(("key", "value")):
-                past = ort.OrtValue.ortvalue_from_numpy(self.kv.buffer[l, j])
-                new = ort.OrtValue.ortvalue_from_numpy(self._new[l, j])
-                self._ov += [past, new]
-                b.bind_ortvalue_input(f"past_{kind}.{l}", past)
-                b.bind_ortvalue_output(f"new_{kind}.{l}", new)
+        for g in graphs:
+            g.bind(self.kv.buffer)
+        self._big = max(graphs, key=lambda g: g.chunk)  # prefill and multi-token steps
+        self._one = next((g for g in graphs if g.chunk == 1), None)  # single-token decode, if the bundle has it
+        self.chunk = self._big.chunk
+        self._prepared: _StaticGraph | None = None
         self.run_s = 0.0
 
     @classmethod
     def from_file(cls, model_path: Path, arch: dict, capacity: int | None = None, threads: int = 1):
-        return cls(model_path, arch, capacity, threads)
+        return cls([model_path], arch, capacity, threads)
 
     @classmethod
     def from_bundle(cls, bundle, threads: int, capacity: int) -> "StaticDecoderSession":
-        """The bundle's decoder on its execution provider, or on its recorded fallback (logged)."""
+        """The bundle's static graphs (decoder, and prefill when present) on its execution provider, or on
+        its recorded fallback (logged)."""
         graph = bundle.graph("decoder")
+        paths = [bundle.file(graph["file"])]
+        if any(g.get("role") == "prefill" for g in bundle.manifest["graphs"].values()):
+            paths.append(bundle.file(bundle.graph("prefill")["file"]))
         provider = select_provider(graph)
-        session = cls(bundle.file(graph["file"]), bundle.arch, capacity, threads, providers=session_providers(provider))
+        session = cls(paths, bundle.arch, capacity, threads, providers=session_providers(provider))
         session.provider = provider
         return session
 
+    def _graph_for(self, n: int) -> _StaticGraph:
+        return self._one if n == 1 and self._one is not None else self._big
+
     def prepare_chunk(self, ids: np.ndarray) -> None:
         """Fill the bound input buffers for up to C tokens at ``kv.length`` (ids, positions, mask)."""
-        n, start, t = len(ids), self.kv.length, self.kv.graph_capacity
+        n = len(ids)
         if not 1 <= n <= self.chunk:
             raise GenerationError(f"a chunk holds 1..{self.chunk} tokens, got {n}")
-        self._ids[0, :n] = ids
-        self._ids[0, n:] = 0
-        self._pos[0, :n] = np.arange(start, start + n)
-        self._pos[0, n:] = start + n - 1
-        m = self._mask[0, 0]
-        m.fill(MASK_VALUE)
-        m[:n, :start] = 0.0
-        m[:, t:] = self._causal
-        m[:n, t + n:] = MASK_VALUE  # real tokens never see padding
-        m[n:, t:] = MASK_VALUE
-        m[np.arange(n, self.chunk), t + np.arange(n, self.chunk)] = 0.0  # padding sees only itself
+        g = self._graph_for(n)
+        g.prepare(ids, self.kv.length)
+        self._prepared = g
 
     def feeds(self) -> dict[str, np.ndarray]:
-        """Copies of the current inputs by name (what ``prepare_chunk`` filled, and the cache)."""
-        out = {"input_ids": self._ids.copy(), "position_ids": self._pos.copy(), "attention_mask": self._mask.copy()}
+        """Copies of the prepared graph's inputs by name (what ``prepare_chunk`` filled, and the cache)."""
+        g = self._prepared
+        out = {"input_ids": g.ids.copy(), "position_ids": g.pos.copy(), "attention_mask": g.mask.copy()}
         for l in range(self.num_layers):
             out[f"past_key.{l}"] = self.kv.buffer[l, 0].copy()
             out[f"past_value.{l}"] = self.kv.buffer[l, 1].copy()
         return out
 
     def _run_chunk(self, ids: np.ndarray) -> np.ndarray:
-        """Run up to C tokens at ``kv.length``; store their keys/values; return logits (C, vocab)."""
+        """Run up to C tokens at ``kv.length``; store their keys/values; return logits (chunk, vocab)."""
         self.prepare_chunk(ids)
-        n, start = len(ids), self.kv.length
+        g, n, start = self._prepared, len(ids), self.kv.length
         t0 = time.perf_counter()
-        self.session.run_with_iobinding(self.binding)
+        g.session.run_with_iobinding(g.binding)
         self.run_s += time.perf_counter() - t0
-        self.kv.buffer[:, :, :, :, start:start + n] = self._new[:, :, :, :, :n]
+        self.kv.buffer[:, :, :, :, start:start + n] = g.new[:, :, :, :, :n]
         self.kv.length = start + n
-        return self._logits[0]
+        return g.logits[0]
 
     def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:
         """Run ``ids`` at positions ``[kv.length, kv.length + len(ids))``; return logits (rows, vocab)."""
@@ -188,8 +227,7 @@ class StaticDecoderSession:
         return out
 
     def decode_one(self, token: int) -> np.ndarray:
-        """One token at ``kv.length`` (a full chunk on the graph); returns logits (vocab,)."""
+        """One token at ``kv.length`` (the one-token graph when the bundle has one); returns logits (vocab,)."""
         if self.kv.length + 1 > self.kv.capacity:
             raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
         return self._run_chunk(np.array([token], np.int64))[0].copy()
-

@@ -50,6 +50,10 @@ class Target(ABC):
         """Keys of the manifest's ``kv_cache`` that differ from the in-place GQA cache (default: none)."""
         return {}
 
+    def extra_graphs(self, out_dir: Path) -> dict:
+        """Manifest entries of graphs ``build`` wrote besides the decoder (e.g. a prefill graph); default none."""
+        return {}
+
     @abstractmethod
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
         """Write the graph(s) for ``model`` into ``out_dir``; return the manifest's graph entry."""

@@ -86,16 +86,32 @@ class NpuTarget(Target):
         }
 
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
-        file = f"{role}.onnx"
-        data = f"{file}.data"
-        onnx.save_model(model, str(out_dir / file), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
+        """Two graphs over one weight file: ``prefill.onnx`` (the exported chunk of C tokens) and the
+        ``role`` graph (one token: the same nodes and weights re-declared for C = 1, so decoding does not
+        pay for a whole chunk per token)."""
+        data = "weights.data"
+        onnx.save_model(model, str(out_dir / "prefill.onnx"), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data, size_threshold=1024)
+        prefill = onnx.load(str(out_dir / "prefill.onnx"), load_external_data=False)
+        onnx.save(with_chunk(prefill, 1), str(out_dir / f"{role}.onnx"))  # weights stay in weights.data
+        data_files = [data] if (out_dir / data).exists() else []
+        decoder = onnx.load(str(out_dir / f"{role}.onnx"), load_external_data=False)
+        return self._graph_entry(decoder, f"{role}.onnx", data_files, role)
+
+    def extra_graphs(self, out_dir: Path) -> dict:
+        """The prefill graph's manifest entry (``build`` wrote it beside the decoder graph)."""
+        prefill = onnx.load(str(out_dir / "prefill.onnx"), load_external_data=False)
+        data = [f for f in ("weights.data",) if (out_dir / f).exists()]
+        return {"prefill": self._graph_entry(prefill, "prefill.onnx", data, "prefill")}
+
+    @staticmethod
+    def _graph_entry(model: onnx.ModelProto, file: str, data: list, role: str) -> dict:
         inputs = [value_info(v) for v in model.graph.input]
         chunk = next(i["shape"][1] for i in inputs if i["name"] == "input_ids")
         return {
             "role": role,
             "file": file,
-            "data": [data] if (out_dir / data).exists() else [],
+            "data": data,
             "inputs": inputs,
             "outputs": [value_info(v) for v in model.graph.output],
             "shapes": "static",
@@ -113,6 +129,26 @@ class NpuTarget(Target):
     def manifest_entry(self) -> dict:
         return {"name": self.name, "backend": self.backend, "execution_provider": "QNNExecutionProvider",
                 "fallback_execution_provider": "CPUExecutionProvider", "shapes": "static"}
+
+
+def with_chunk(model: onnx.ModelProto, chunk: int) -> onnx.ModelProto:
+    """The static graph re-declared for ``chunk`` tokens per call (its reshapes use -1 for the chunk axis)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    dims = {v.name: v.type.tensor_type.shape.dim for v in list(out.graph.input) + list(out.graph.output)}
+    old = dims["input_ids"][1].dim_value
+    capacity = dims["past_key.0"][2].dim_value
+    dims["input_ids"][1].dim_value = dims["position_ids"][1].dim_value = chunk
+    dims["attention_mask"][2].dim_value = chunk
+    dims["attention_mask"][3].dim_value = capacity + chunk
+    dims["logits"][1].dim_value = chunk
+    for name, d in dims.items():
+        if name.startswith(("new_key.", "new_value.")):
+            d[2].dim_value = chunk
+    del out.graph.value_info[:]
+    out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    log.info("static graph re-declared from %d to %d tokens per call", old, chunk)
+    return out
 
 
 TARGET = NpuTarget()

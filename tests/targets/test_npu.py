@@ -16,21 +16,26 @@ NPU_CHUNK, NPU_CAPACITY = 8, 64  # as in conftest.py
 PROMPT = list(range(5, 25))  # 20 tokens: more than two chunks of 8
 
 
-def test_graph_is_static_and_standard(npu_bundle):
+def test_graphs_are_static_and_standard(npu_bundle):
+    """A prefill graph of C tokens and a one-token decode graph, the same nodes over one weight file."""
     manifest = json.loads((npu_bundle / "manifest.json").read_text())
-    graph = manifest["graphs"]["decoder"]
-    assert graph["shapes"] == "static" and graph["chunk"] == NPU_CHUNK
+    graphs = manifest["graphs"]
+    assert graphs["decoder"]["chunk"] == 1 and graphs["prefill"]["chunk"] == NPU_CHUNK
+    assert graphs["decoder"]["data"] == graphs["prefill"]["data"] == ["weights.data"]
     assert manifest["kv_cache"]["max_capacity"] == NPU_CAPACITY and manifest["kv_cache"]["in_place"] is False
-    model = onnx.load(str(npu_bundle / graph["file"]), load_external_data=False)
-    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
-    ops = {n.op_type for n in model.graph.node}
-    assert "GroupQueryAttention" not in ops and {"QuantizeLinear", "DequantizeLinear", "Softmax"} <= ops
-    for v in list(model.graph.input) + list(model.graph.output):
-        assert all(d.dim_value > 0 and not d.dim_param for d in v.type.tensor_type.shape.dim), v.name
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
-    assert shapes["input_ids"] == [1, NPU_CHUNK]
-    assert shapes["attention_mask"] == [1, 1, NPU_CHUNK, NPU_CAPACITY + NPU_CHUNK]
-    assert shapes["past_key.0"][2] == NPU_CAPACITY
+    models = {role: onnx.load(str(npu_bundle / g["file"]), load_external_data=False) for role, g in graphs.items()}
+    assert [n.op_type for n in models["decoder"].graph.node] == [n.op_type for n in models["prefill"].graph.node]
+    for role, chunk in (("decoder", 1), ("prefill", NPU_CHUNK)):
+        model = models[role]
+        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+        ops = {n.op_type for n in model.graph.node}
+        assert "GroupQueryAttention" not in ops and {"QuantizeLinear", "DequantizeLinear", "Softmax"} <= ops
+        for v in list(model.graph.input) + list(model.graph.output):
+            assert all(d.dim_value > 0 and not d.dim_param for d in v.type.tensor_type.shape.dim), v.name
+        shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+        assert shapes["input_ids"] == [1, chunk]
+        assert shapes["attention_mask"] == [1, 1, chunk, NPU_CAPACITY + chunk]
+        assert shapes["past_key.0"][2] == NPU_CAPACITY
     assert manifest["passes"][0]["pass"] == "qdq" and manifest["passes"][0]["report"]["quantized"] > 0
 
 
@@ -42,6 +47,7 @@ def test_float_static_graph_matches_cpu_bundle(npu_float_bundle, tiny_llama_bund
     a = npu.decoder.forward(PROMPT, logits_rows=range(len(PROMPT)))
     b = ref.decoder.forward(PROMPT, logits_rows=range(len(PROMPT)))
     np.testing.assert_allclose(a, b, atol=1e-4)
+    assert npu.decoder._one.chunk == 1  # single tokens run on the one-token graph
     for tok in (7, 3, 11):  # single-token steps on the cache
         np.testing.assert_allclose(npu.decoder.decode_one(tok), ref.decoder.decode_one(tok), atol=1e-4)
     x = [t.id for t in npu.generate(PROMPT, max_new_tokens=24, ignore_eos=True)]
