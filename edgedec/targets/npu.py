@@ -9,7 +9,9 @@ target therefore builds:
   GroupQueryAttention / MatMulNBits / SimplifiedLayerNormalization (contrib ops the NPU EPs do not take);
 * **QDQ quantization** (the ``qdq`` pass, required): int8 weights, 16-bit activations by default.
 
-The host owns the KV cache and writes the chunk's new keys/values into it
+The bundle has two graphs over one weight file: ``prefill.onnx`` (C tokens per call) and ``decoder.onnx``
+(the same nodes declared for one token per call, see :func:`with_chunk`). The host owns the KV cache and
+writes the new keys/values into it
 (:mod:`edgedec.runtime.static`). ``edgedec check BUNDLE --target npu`` validates the graph against the
 rule sets in :mod:`edgedec.targets.npu_rules`. On a machine without an NPU the runtime runs the same graph on
 ONNX Runtime's CPU provider (logged as a fallback), which is how its numerics are checked.
