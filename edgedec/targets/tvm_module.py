@@ -190,12 +190,12 @@ def _linear_kernel(n, d_in: int, d_out: int, bias: bool):
     func = te.create_prim_func([x, w, *([b] if bias else []), out])
     sch = s_tir.Schedule(func)
     blk_part, blk_y = sch.get_sblock("part"), sch.get_sblock("y")
-    if bias:
-        sch.reverse_compute_inline(sch.get_sblock("out"))
     a, i, j = sch.get_loops(blk_y)[:3]
     tile = next(t for t in (16, 8, 4, 2, 1) if d_out % t == 0)
     jo, ji = sch.split(j, [None, tile])
     sch.parallel(jo)
+    if bias:
+        sch.reverse_compute_at(sch.get_sblock("out"), ji)
     sch.compute_at(blk_part, ji)
     loops = sch.get_loops(blk_part)
     v, k = loops[-2], loops[-1]

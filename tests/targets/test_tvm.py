@@ -1,0 +1,186 @@
+"""Targets cpu-tvm and arm64 (Apache TVM): greedy parity with the cpu bundle on tiny Llama and Qwen2,
+logits against ONNX Runtime, the cross-compiled artifact's architecture, refused passes, torch-free loading."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tvm", reason="the cpu-tvm/arm64 targets need apache-tvm (pip install 'edgedec[tvm]')")
+
+from edgedec.compiler.pipeline import CompileOptions, compile_model  # noqa: E402
+from edgedec.errors import BundleError, GenerationError, UnsupportedError  # noqa: E402
+from edgedec.runtime import Engine  # noqa: E402
+
+PROMPTS = ["def fibonacci(n):", "The for statement is used to", "class A:\n    pass", "Hello, world",
+           "import os\nimport sys", "x = [i for i in range(10)]"]
+EM_AARCH64 = 183
+EM_X86_64 = 62
+
+
+def _tvm_bundle(model_dir: Path, out: Path, target: str = "cpu-tvm") -> Path:
+    compile_model(str(model_dir), out, CompileOptions(target=target, max_context=128))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tvm_llama(tiny_llama_dir, tmp_path_factory) -> Path:
+    return _tvm_bundle(tiny_llama_dir, tmp_path_factory.mktemp("tvm") / "tiny-llama-tvm")
+
+
+@pytest.fixture(scope="session")
+def tvm_qwen2(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    return _tvm_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("tvm") / "tiny-qwen2-tvm")
+
+
+@pytest.fixture(scope="session")
+def arm64_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
+    return _tvm_bundle(tiny_llama_dir, tmp_path_factory.mktemp("tvm") / "tiny-llama-arm64", target="arm64")
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def pair(request, tvm_llama, tvm_qwen2, tiny_llama_bundle, tiny_qwen2_bundle):
+    """(tvm bundle, cpu bundle) compiled from the same tiny model."""
+    return (tvm_llama, tiny_llama_bundle) if request.param == "llama" else (tvm_qwen2, tiny_qwen2_bundle)
+
+
+def e_machine(header: bytes) -> int:
+    """ELF e_machine (little-endian, offset 18), after checking the magic and the 64-bit class."""
+    assert header[:4] == b"\x7fELF", header[:4]
+    assert header[4] == 2, "not a 64-bit ELF"
+    assert header[5] == 1, "not little-endian"
+    return int.from_bytes(header[18:20], "little")
+
+
+def test_greedy_identical_to_cpu_bundle(pair):
+    tvm_dir, cpu_dir = pair
+    tvm_engine, cpu_engine = Engine.load(tvm_dir, threads=2), Engine.load(cpu_dir, threads=2, context_length=128)
+    for prompt in PROMPTS:
+        want = [t.id for t in cpu_engine.generate(prompt, max_new_tokens=40, ignore_eos=True)]
+        got = [t.id for t in tvm_engine.generate(prompt, max_new_tokens=40, ignore_eos=True)]
+        assert got == want, prompt
+        assert len(set(want)) > 3  # the tiny models produce varied tokens, so the comparison means something
+
+
+def test_speculation_rolls_back_the_tvm_cache(pair):
+    """Chain verification writes drafts into the cache and rolls rejected ones back by length."""
+    tvm_dir, _ = pair
+    engine = Engine.load(tvm_dir, threads=2)
+    for prompt in PROMPTS[:3]:
+        plain = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=None)]
+        spec = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter="ngram+recycling")]
+        assert spec == plain
+        assert engine.last_stats.verify_steps > 0
+
+
+def test_logits_match_onnxruntime(pair):
+    """Prefill with several logit rows, one decode step, a multi-token step: TVM vs the cpu bundle's graph."""
+    tvm_dir, cpu_dir = pair
+    a = Engine.load(tvm_dir, threads=2).decoder
+    b = Engine.load(cpu_dir, threads=2, context_length=128).decoder
+    ids = np.random.default_rng(0).integers(0, 300, size=16).tolist()
+    steps = [(ids[:9], [0, 4, 8]), (ids[9:10], None), (ids[10:14], [0, 1, 2, 3])]
+    for chunk, rows in steps:
+        la, lb = a.forward(chunk, rows), b.forward(chunk, rows)
+        assert la.shape == lb.shape
+        np.testing.assert_allclose(la, lb, atol=1e-4, rtol=0)
+    a.kv.length = b.kv.length = 10  # roll back four tokens, then write other ones over them
+    np.testing.assert_allclose(a.forward(ids[12:16], [3]), b.forward(ids[12:16], [3]), atol=1e-4, rtol=0)
+
+
+def test_manifest_describes_library_and_params(tvm_llama):
+    m = json.loads((tvm_llama / "manifest.json").read_text())
+    g = m["graphs"]["decoder"]
+    assert m["target"]["backend"] == "tvm" and g["format"] == "tvm-relax-vm"
+    assert g["file"] == "decoder.so" and "params.bin" in g["data"]
+    assert set(g["data"]) | {g["file"]} <= set(m["files"])
+    assert all(p["offset"] % 64 == 0 and p["dtype"] == "float32" for p in g["params"])
+    assert g["verification"]["max_abs_logit_diff"] < 1e-3
+    assert m["passes"] == []
+    with open(tvm_llama / "decoder.so", "rb") as f:
+        assert e_machine(f.read(20)) == EM_X86_64
+    # the params file is what the manifest says: the embedding table is the HF model's
+    p = next(p for p in g["params"] if p["name"] == "embed_tokens.weight")
+    raw = np.fromfile(tvm_llama / "params.bin", dtype="<f4", count=int(np.prod(p["shape"])), offset=p["offset"])
+    assert np.isfinite(raw).all() and raw.std() > 0
+
+
+def test_context_full_and_bad_ids(tvm_llama):
+    engine = Engine.load(tvm_llama, threads=1, context_length=16)
+    dec = engine.decoder
+    with pytest.raises(GenerationError, match="do not fit the context of 16"):
+        dec.forward(list(range(17)))
+    with pytest.raises(GenerationError, match="token ids must be in"):
+        dec.forward([1, 10_000])
+    tokens = [t.id for t in engine.generate("def f(x):", max_new_tokens=64, ignore_eos=True)]
+    assert engine.last_stats.stop_reason == "context_full" and dec.kv.length == 16 and tokens
+
+
+def test_arm64_artifact_is_aarch64(arm64_bundle, tmp_path):
+    m = json.loads((arm64_bundle / "manifest.json").read_text())
+    g = m["graphs"]["decoder"]
+    assert g["llvm_target"]["mtriple"] == "aarch64-linux-gnu"
+    assert "decoder.tar" in g["libraries"]
+    assert "skipped" in g["verification"]  # cannot run here: recorded, not silent
+    with tarfile.open(arm64_bundle / "decoder.tar") as tar:
+        objects = [mem for mem in tar.getmembers() if mem.name.endswith(".o")]
+        assert objects
+        for mem in objects:
+            assert e_machine(tar.extractfile(mem).read(20)) == EM_AARCH64, mem.name
+    if shutil.which("aarch64-linux-gnu-gcc"):
+        assert g["file"] == "decoder.so"
+        with open(arm64_bundle / "decoder.so", "rb") as f:
+            assert e_machine(f.read(20)) == EM_AARCH64
+
+
+def test_arm64_shared_library_needs_cross_linker(arm64_bundle):
+    if not shutil.which("aarch64-linux-gnu-gcc"):
+        pytest.skip("aarch64-linux-gnu-gcc is not installed (apt-get install gcc-aarch64-linux-gnu): "
+                    "the bundle has decoder.tar only")
+    assert (arm64_bundle / "decoder.so").is_file()
+
+
+def test_arm64_bundle_refused_on_this_machine(arm64_bundle, cli, one_line_error):
+    import platform
+
+    if platform.machine() in ("aarch64", "arm64"):
+        pytest.skip("this machine is aarch64: the bundle runs here")
+    with pytest.raises(BundleError, match="built for aarch64-linux-gnu and cannot run on this"):
+        Engine.load(arm64_bundle)
+    one_line_error(cli("run", arm64_bundle, "--prompt", "hi"), "built for aarch64-linux-gnu")
+
+
+@pytest.mark.parametrize("target", ["cpu-tvm", "arm64"])
+@pytest.mark.parametrize("args, pass_name", [(["-q", "int4"], "int4"), (["-q", "int8"], "int8"),
+                                             (["--pass", "fuse-projections"], "fuse-projections")])
+def test_ort_passes_refused_before_any_work(target, args, pass_name, tiny_llama_dir, tmp_path, cli, one_line_error):
+    out = tmp_path / "b"
+    result = cli("compile", tiny_llama_dir, "-o", out, "--target", target, *args)
+    one_line_error(result, f"target {target} cannot take pass {pass_name}: .+")
+    assert not out.exists()
+    with pytest.raises(UnsupportedError, match=f"target {target} cannot take pass {pass_name}"):
+        compile_model(str(tiny_llama_dir), out, CompileOptions(target=target, passes=((pass_name, ()),)))
+
+
+def test_targets_list_shows_tvm_targets(cli):
+    r = cli("targets", "list")
+    assert r.exit_code == 0
+    for name in ("cpu-tvm", "arm64", "cpu"):
+        assert name in r.stdout
+
+
+def test_tvm_runtime_stays_torch_free(tvm_llama):
+    code = ("import sys; from edgedec.runtime import Engine; e = Engine.load(sys.argv[1], threads=1); "
+            "e.generate_text('def f(x):', max_new_tokens=4); "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code, str(tvm_llama)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("ok")
