@@ -86,8 +86,8 @@ def report(tiny, tmp_path_factory):
 def test_report_has_required_keys_and_sane_values(report, tiny):
     _, bundle = tiny
     d = json.loads(json.dumps(report.to_dict()))  # JSON-serialisable
-    assert d["settings"] == {"warmup": 1, "runs": 2, "new_tokens": 4, "threads": 1, "context": None, "prompts": 2,
-                             "prompt_source": d["settings"]["prompt_source"]}
+    assert d["settings"] == {"warmup": 1, "runs": 2, "new_tokens": 4, "threads": 1, "context": None,
+                             "context_tokens": None, "prompts": 2, "prompt_source": d["settings"]["prompt_source"]}
     assert len(d["bundles"]) == 2
     size_mb = Bundle.open(bundle).size_bytes() / 1e6
     for b in d["bundles"]:
@@ -96,6 +96,7 @@ def test_report_has_required_keys_and_sane_values(report, tiny):
         assert len(b["runs"]) == 2
         assert b["peak_rss_mb"] > 0 and b["size_mb"] == pytest.approx(size_mb)
         assert b["threads"] == 1 and b["speculation"] is None
+        assert b["kv_bytes_per_token"] == Bundle.open(bundle).manifest["kv_cache"]["bytes_per_token"] > 0
         assert b["new_tokens"] == 2 * 4  # ignore_eos: every prompt makes exactly new_tokens
         assert set(b["ratios"]) == {"decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mb", "size_mb"}
     assert d["bundles"][0]["ratios"] == {k: 1.0 for k in d["bundles"][0]["ratios"]}
