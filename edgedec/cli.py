@@ -402,6 +402,36 @@ def calibrate_draft_head(
                   f"the untrimmed head's", highlight=False)
 
 
+@calibrate_app.command("ffn")
+def calibrate_ffn_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle to measure (built without ffn-skip)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Stats JSON to write (input of --pass ffn-skip:stats=...)."),
+    text: Optional[list[Path]] = typer.Option(None, "--text", help="UTF-8 text to calibrate on (repeatable; default: "
+                                                                   "prose from Python's own documentation)."),
+    samples: int = typer.Option(8, "--samples", help="Calibration sequences."),
+    length: int = typer.Option(256, "--length", help="Tokens per calibration sequence."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: all cores)."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the stats as JSON."),
+):
+    """Per-layer FFN saturation (cos of the hidden state entering and leaving each FFN block), the layers
+    never to skip, and the layers to skip per target ratio: what the ffn-skip pass needs."""
+    with _errors():
+        from .calibrate import calibrate_ffn
+
+        with _phase("measuring FFN saturation"):
+            stats = calibrate_ffn(bundle, [str(t) for t in text or []] or None, samples, length, threads)
+        stats.save(output)
+        if as_json:
+            print(json.dumps(stats.to_dict(), indent=2))
+            return
+        sat = " ".join(f"{v:.3f}" for v in stats.mean_cos)
+        out.print(f"FFN saturation over {stats.tokens:,} tokens (mean cos per layer): {sat}", highlight=False)
+        out.print(f"never skip: first {stats.never_skip_first}, last {stats.never_skip_last} layers; "
+                  + "; ".join(f"ratio {r}: {v['skip_per_token']} blocks/token, static choice {v['layers']}"
+                              for r, v in stats.recommended.items()), highlight=False)
+        out.print(f"wrote {output}")
+
+
 CHECK_ROWS = 40  # violations shown in the table
 
 

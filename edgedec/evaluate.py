@@ -179,6 +179,9 @@ def _window_logits(engine, ids: Sequence[int], first_scored: int) -> np.ndarray:
     """Logits (scored, vocab) predicting ``ids[first_scored:]``, running ``ids`` from an empty cache."""
     dec = engine.decoder
     dec.kv.length = 0
+    ffn = getattr(dec, "ffn_skip", None)
+    if ffn is not None and ffn.enabled:  # FFN skipping decides per decoded token: score as decoding would
+        return _window_logits_stepwise(dec, ids, first_scored)
     parts = []
     for c0 in range(0, len(ids), CHUNK):
         c1 = min(c0 + CHUNK, len(ids))
@@ -190,6 +193,22 @@ def _window_logits(engine, ids: Sequence[int], first_scored: int) -> np.ndarray:
         if rows:
             parts.append(logits)
     return np.concatenate(parts, axis=0)
+
+
+def _window_logits_stepwise(dec, ids: Sequence[int], first_scored: int) -> np.ndarray:
+    """As :func:`_window_logits` for a bundle that skips FFN blocks at run time: the unscored context
+    runs as a prompt (full model, in chunks), then every scored prediction is one decode step, so the
+    skipping (warm-up, refresh, per-token choice) is exactly what generation would do."""
+    lo = max(first_scored - 1, 1)  # positions [0, lo) are prompt; decode steps at positions lo .. len-2
+    out = []
+    for c0 in range(0, lo, CHUNK):
+        c1 = min(c0 + CHUNK, lo)
+        logits = dec.forward(ids[c0:c1], logits_rows=[c1 - c0 - 1])
+    if first_scored - 1 < lo:  # position 0 predicts token 1 from the prompt pass
+        out.append(logits[-1])
+    for p in range(lo, len(ids) - 1):
+        out.append(dec.decode_one(int(ids[p])).copy())
+    return np.stack(out)
 
 
 def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:

@@ -150,7 +150,53 @@ class DraftHeadDrafter:
         pass
 
 
-DRAFTER_NAMES = ("ngram", "recycling", "ngram+recycling", "head", "head+ngram")
+DRAFTER_NAMES = ("ngram", "recycling", "ngram+recycling", "head", "head+ngram", "ffn-skip")
+
+
+class FfnSkipDrafter:
+    """Draft&Verify with FFN skipping (Zhang et al. 2023, skipping as in FFN-SkipLLM): the model itself,
+    skipping the bundle's draft number of FFN blocks per token, drafts ``k`` tokens greedily; the full
+    model then verifies them in one pass. Needs a bundle built with the ``ffn-skip`` pass.
+
+    Cache: the draft steps write KV entries at ``[start, start + k)`` (from the skipping model); the
+    drafter then rolls ``kv.length`` back to ``start``, and the verification pass over ``[last, *draft]``
+    rewrites ``[start, start + k]`` with the full model, so the cache after verification is exactly what
+    plain decoding would have left (rejected entries are rolled back by length as usual).
+    Each draft token costs a skipping decode step (~0.8 of a full step at 25%), not ~0: the adaptive
+    draft length is told so (``cost_per_token``) and stops drafting when acceptance does not pay for it.
+    """
+
+    name = "ffn-skip"
+    width = 0
+
+    def __init__(self, decoder, skip_per_token: int | None = None, cost_per_token: float = 0.9):
+        ctl = getattr(decoder, "ffn_skip", None)
+        if ctl is None:
+            from ..errors import GenerationError
+
+            raise GenerationError("the drafter `ffn-skip` needs a bundle compiled with the ffn-skip pass "
+                                  "(--pass ffn-skip:use=draft)")
+        self.decoder, self.skip_per_token, self.cost_per_token = decoder, skip_per_token, cost_per_token
+
+    def reset(self, prompt: np.ndarray) -> None:
+        pass
+
+    def propose(self, history: np.ndarray, k: int) -> list[int]:
+        dec = self.decoder
+        start = dec.kv.length  # the cache holds history[:-1]
+        k = min(k, dec.kv.capacity - start - 1)
+        out, tok = [], int(history[-1])
+        try:
+            with dec.ffn_skip.drafting(self.skip_per_token):
+                for _ in range(k):
+                    tok = int(np.argmax(dec.decode_one(tok)))
+                    out.append(tok)
+        finally:
+            dec.kv.length = start  # the verifier rewrites these positions with the full model
+        return out
+
+    def observe(self, inputs: np.ndarray, candidates: np.ndarray) -> None:
+        pass
 
 
 def make_drafter(name: str, vocab_size: int, decoder=None):
@@ -158,6 +204,8 @@ def make_drafter(name: str, vocab_size: int, decoder=None):
     (the last two need ``decoder``, a session over a bundle with the draft-head pass)."""
     from ..errors import GenerationError
 
+    if name == "ffn-skip":
+        return FfnSkipDrafter(decoder)
     if name in ("head", "head+ngram"):
         return DraftHeadDrafter(decoder, PromptLookupDrafter() if name == "head+ngram" else None)
     parts = {"ngram": lambda: PromptLookupDrafter(), "recycling": lambda: TokenRecyclingDrafter(vocab_size)}

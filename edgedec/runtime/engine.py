@@ -352,6 +352,8 @@ class Engine:
         """
         dec = self.decoder
         dec.kv.length = 0
+        if (ffn := getattr(dec, "ffn_skip", None)) is not None:  # speculating is lossless: plain steps run full
+            ffn.lossless = drafter is not None
         logits = dec.forward(ids)[-1]
         token = sampler(logits)
         if drafter is None:
@@ -364,7 +366,7 @@ class Engine:
         drafter.reset(history[:n])
         stats.drafter = drafter.name
         width = getattr(drafter, "width", 0)
-        policy = DraftLengthPolicy(draft_len) if adaptive else None
+        policy = DraftLengthPolicy(draft_len, getattr(drafter, "cost_per_token", 0.12)) if adaptive else None
         while True:
             yield token
             if n + 64 >= len(history):  # a windowed cache runs past its capacity
