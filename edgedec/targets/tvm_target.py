@@ -159,6 +159,7 @@ class TvmTarget(Target):
                              "rope.cos/rope.sin (max_positions, head_dim / 2)",
             "params": pending["table"],
             "verification": pending["verification"],
+            **({"shared_library": self.shared_library} if hasattr(self, "shared_library") else {}),
         }
 
     def export_library(self, executable, work: Path) -> list[str]:
@@ -184,14 +185,20 @@ class Arm64Target(TvmTarget):
     def export_library(self, executable, work: Path) -> list[str]:
         executable.export_library(str(work / "decoder.tar"))  # object files: no linker needed
         files = ["decoder.tar"]
+        self.shared_library = "decoder.so"
         if shutil.which(self.cross_cc):
-            from tvm.contrib import cc
+            from tvm.support import cc
 
-            executable.export_library(str(work / "decoder.so"), fcompile=cc.cross_compiler(self.cross_cc))
-            files.append("decoder.so")
+            try:
+                executable.export_library(str(work / "decoder.so"), fcompile=cc.cross_compiler(self.cross_cc))
+                files.append("decoder.so")
+            except Exception as exc:  # e.g. the cross libc (libc6-dev-arm64-cross) is missing
+                self.shared_library = f"not built: {self.cross_cc} failed to link ({str(exc).splitlines()[-1][:200]})"
         else:
-            log.warning("target arm64: %s not found; the bundle has decoder.tar (objects to link) but no decoder.so",
-                        self.cross_cc)
+            self.shared_library = f"not built: {self.cross_cc} not found (apt-get install gcc-aarch64-linux-gnu)"
+        if "decoder.so" not in files:
+            log.warning("target arm64: decoder.so %s; the bundle has decoder.tar (objects for the app to link)",
+                        self.shared_library)
         if self.runs_here() and "decoder.so" not in files:
             executable.export_library(str(work / "decoder.so"))
             files.append("decoder.so")
