@@ -374,7 +374,9 @@ def calibrate_draft_head(
                                                                "bundle's source)."),
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompts file: one per line, or JSONL chat "
                                                                    "messages (default: 48 openings of Python's own "
-                                                                   "documentation topics plus edgedec bench's set)."),
+                                                                   "documentation topics, also as chat requests when "
+                                                                   "the model has a chat template, plus edgedec bench's "
+                                                                   "set)."),
     new_tokens: int = typer.Option(96, "--new-tokens", help="Tokens the bundle generates per prompt."),
     epochs: int = typer.Option(8, "--epochs", help="Training epochs over the generated positions."),
     min_coverage: float = typer.Option(0.9, "--min-coverage", help="VocabTrim: the kept tokens must cover at least "
@@ -391,7 +393,12 @@ def calibrate_draft_head(
             from .errors import ConfigError
 
             raise ConfigError("need --new-tokens >= 4, --epochs >= 1, --trials >= 1 and 0 < --min-coverage <= 1")
-        plist = load_prompts(prompts) if prompts else default_prompts()
+        if prompts:
+            plist = load_prompts(prompts)
+        else:
+            from .runtime.bundle import Bundle
+
+            plist = default_prompts(chat=bool(Bundle.open(bundle).manifest.get("tokenizer", {}).get("chat_template")))
         head = calibrate(bundle, model, output, plist, new_tokens=new_tokens, threads=threads, epochs=epochs,
                          min_coverage=min_coverage, trials=trials, phase=_phase)
         st, vt = head.stats, head.stats["vocab_trim"]

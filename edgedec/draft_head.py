@@ -106,16 +106,25 @@ def generate_sequences(bundle: str | Path, prompts: list, new_tokens: int, threa
     return out
 
 
-def default_prompts(n_topics: int = 48) -> list:
-    """Openings of Python's own documentation topics (``pydoc_data``) plus edgedec bench's built-in set."""
+CHAT_TASKS = ("Explain this in simple words: {}", "Summarise in two sentences: {}", "Rewrite more clearly: {}",
+              "Write a short Python example about: {}")
+
+
+def default_prompts(n_topics: int = 48, chat: bool = False) -> list:
+    """Openings of Python's own documentation topics (``pydoc_data``) plus edgedec bench's built-in set;
+    with ``chat``, each opening also comes as a chat request (explain, summarise, rewrite, write code),
+    which is what a chat model mostly generates in use."""
     from pydoc_data.topics import topics
 
     from .bench import BUILTIN_PROMPTS
 
-    out = []
-    for key in sorted(topics)[:: max(len(topics) // n_topics, 1)][:n_topics]:
+    out: list = []
+    keys = sorted(topics)[:: max(len(topics) // n_topics, 1)][:n_topics]
+    for i, key in enumerate(keys):
         words = " ".join(topics[key].split()[:40])
         out.append(words)
+        if chat:
+            out.append({"messages": [{"role": "user", "content": CHAT_TASKS[i % len(CHAT_TASKS)].format(words)}]})
     return out + list(BUILTIN_PROMPTS)
 
 
@@ -151,7 +160,8 @@ def choose_vocab(order: np.ndarray, heldout_targets: np.ndarray, agreement: floa
     import optuna
 
     k_max = min(k_max or len(order), len(order))
-    rank = np.empty(len(order), np.int64)
+    vocab = max(len(order), int(heldout_targets.max()) + 1 if len(heldout_targets) else 0)
+    rank = np.full(vocab, vocab, np.int64)  # a token outside ``order`` is never covered
     rank[order] = np.arange(len(order))
     target_rank = np.sort(rank[heldout_targets])
 
@@ -186,7 +196,7 @@ def choose_vocab(order: np.ndarray, heldout_targets: np.ndarray, agreement: floa
             "step_flops": step_flops, "min_coverage": min_coverage, "trials": trials}
 
 
-def train(model, sequences, special_ids: list[int], k_train: int = 8192, epochs: int = 8, lr: float = 2e-3,
+def train(model, sequences, special_ids: list[int], k_train: int = 4096, epochs: int = 8, lr: float = 2e-3,
           batch: int = 256, heldout: float = 0.1, seed: int = 0, min_coverage: float = 0.9, trials: int = 60,
           progress=None) -> DraftHead:
     """Fit the draft head on the target's own text; choose K by TPE; return the trimmed head."""
@@ -246,7 +256,7 @@ def train(model, sequences, special_ids: list[int], k_train: int = 8192, epochs:
     log.info("draft head: top-1 agreement with the target %.3f untrained -> %.3f trained (%d positions)",
              before, after, n)
     params_total = sum(p.numel() for p in model.parameters())
-    search = choose_vocab(order[:k_train], tgt[val].numpy(), after, hidden, step_flops=2.0 * params_total,
+    search = choose_vocab(order, tgt[val].numpy(), after, hidden, step_flops=2.0 * params_total,
                           min_coverage=min_coverage, k_max=k_train, trials=trials, seed=seed)
     k = search["k"]
     with torch.no_grad():
@@ -265,7 +275,7 @@ def train(model, sequences, special_ids: list[int], k_train: int = 8192, epochs:
 
 def calibrate(bundle: str | Path, model_spec: str | None, output: str | Path, prompts: list, new_tokens: int = 96,
               threads: int | None = None, epochs: int = 8, min_coverage: float = 0.9, trials: int = 60,
-              phase=None) -> DraftHead:
+              k_train: int = 4096, phase=None) -> DraftHead:
     """``edgedec calibrate draft-head``: generate with ``bundle``, train on its text, save to ``output``."""
     import contextlib
 
@@ -284,7 +294,8 @@ def calibrate(bundle: str | Path, model_spec: str | None, output: str | Path, pr
     special = sorted({int(i) for i in [tok.get("bos_token_id"), tok.get("pad_token_id"), *tok.get("eos_token_ids", [])]
                       if i is not None} | set(_template_token_ids(b)))
     with phase("training the draft head"):
-        head = train(loaded.model, seqs, special, epochs=epochs, min_coverage=min_coverage, trials=trials)
+        head = train(loaded.model, seqs, special, k_train=k_train, epochs=epochs, min_coverage=min_coverage,
+                     trials=trials)
     head.save(output)
     return head
 

@@ -103,3 +103,52 @@ def _explain(model, ids, ours, theirs, prompt) -> str:
     top = logits.topk(2)
     return (f"prompt {prompt!r}: first difference at new token {k} (ours {ours[k]}, transformers {theirs[k]}); "
             f"transformers' top-2 logit gap there: {float(top.values[0] - top.values[1]):.2e}")
+
+
+# --- speculation is lossless on the real model: every drafter, fp32 and int4 -----------------------
+SPEC_PROMPTS = PROMPTS[:3] + [PROMPTS[6]]
+SPEC_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def int4_engine(tmp_path_factory):
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+    from edgedec.runtime import Engine
+
+    out = tmp_path_factory.mktemp("smollm2-int4") / "bundle"
+    compile_model(None, out, CompileOptions(passes=(("int4", {}),)))
+    return Engine.load(out, threads=2)
+
+
+@pytest.fixture(scope="module")
+def head_engine(smollm2_bundle, tmp_path_factory):
+    """The fp32 bundle plus a draft head trained briefly on its own text (enough to draft, not to be good)."""
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+    from edgedec.draft_head import calibrate
+    from edgedec.runtime import Engine
+
+    tmp = tmp_path_factory.mktemp("smollm2-head")
+    calibrate(smollm2_bundle, None, tmp / "head.npz", PROMPTS, new_tokens=24, epochs=2, min_coverage=0.5, trials=10)
+    compile_model(None, tmp / "bundle", CompileOptions(passes=(("draft-head", {"weights": str(tmp / "head.npz")}),)))
+    return Engine.load(tmp / "bundle", threads=2)
+
+
+def _lossless(eng, drafters):
+    for prompt in SPEC_PROMPTS:
+        base = [t.id for t in eng.generate(prompt, max_new_tokens=SPEC_TOKENS, ignore_eos=True, drafter=None)]
+        for drafter in drafters:
+            spec = [t.id for t in eng.generate(prompt, max_new_tokens=SPEC_TOKENS, ignore_eos=True, drafter=drafter)]
+            assert spec == base, (prompt[:30], drafter)
+
+
+def test_speculation_is_lossless_fp32(engine):
+    _lossless(engine, ["ngram", "recycling", "ngram+recycling"])
+
+
+def test_speculation_is_lossless_int4(int4_engine):
+    _lossless(int4_engine, ["ngram", "recycling", "ngram+recycling"])
+
+
+def test_speculation_with_the_draft_head_is_lossless(head_engine):
+    _lossless(head_engine, ["head", "head+ngram"])
+    assert head_engine.last_stats.drafted_tokens > 0

@@ -108,3 +108,17 @@ def test_pass_refuses_a_missing_weights_file(tiny, tmp_path):
     r = CliRunner().invoke(app, ["compile", str(tiny["dir"]), "-o", str(tmp_path / "b"),
                                  "--pass", f"draft-head:weights={tmp_path / 'nope.npz'}"])
     assert r.exit_code == 2 and "does not exist" in r.output and not (tmp_path / "b").exists()
+
+
+def test_training_with_fewer_kept_tokens_than_the_vocabulary(tiny, tmp_path):
+    from edgedec.draft_head import generate_sequences, train
+    from edgedec.models.source import load
+
+    seqs = generate_sequences(tiny["bundle"], PROMPTS, 24, threads=1)
+    head = train(load(str(tiny["dir"])).model, seqs, special_ids=[0, 1, 2], k_train=64, epochs=1,
+                 min_coverage=0.1, trials=10)
+    assert len(head.id_map) <= 64 and {0, 1, 2} <= set(head.id_map.tolist())
+    assert head.table.shape == (len(head.id_map), head.w2.shape[0])
+    head.save(tmp_path / "h.npz")
+    again = DraftHead.load(tmp_path / "h.npz")
+    np.testing.assert_array_equal(again.id_map, head.id_map)
