@@ -87,6 +87,9 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
     target = get_target(options.target)
     if options.chunk is not None and not getattr(target, "static_shapes", False):
         raise ConfigError(f"chunk applies to static-shape targets (npu); target {target.name} has dynamic shapes")
+    if options.kv_window is not None and not target.kv_window:
+        raise UnsupportedError(f"target {target.name} cannot run a sink + sliding window (--kv-window): its runtime "
+                               "backend keeps a fixed cache" + (" on the device" if target.name == "gpu" else ""))
     user_specs = [(n, dict(o)) for n, o in options.passes]
     named = {n for n, _ in user_specs}  # a required pass the user names runs once, with the user's options
     if options.spec and options.spec.startswith("head") and "draft-head" not in named:

@@ -22,6 +22,7 @@ class Target(ABC):
     backend: str
     description: str
     required_passes: tuple[str, ...] = ()
+    kv_window: bool = False  # the runtime backend can evict a sink + sliding window (--kv-window)
     refused_passes: dict[str, str] = {}  # pass name -> reason
 
     def check_passes(self, passes: list[str]) -> None:

@@ -20,6 +20,7 @@ class CpuTarget(Target):
     description = "ONNX Runtime, CPU execution provider"
     # fewer, larger nodes: decoding is launch-bound on a CPU once the weights are small
     required_passes = ("fuse-projections", "fuse-norms")
+    kv_window = True  # the host-side cache shifts the window in place (runtime/kv_cache.py)
 
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
         file = f"{role}.onnx"

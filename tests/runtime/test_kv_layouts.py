@@ -192,6 +192,8 @@ def test_invalid_layouts_are_refused(cli, one_line_error, tiny, tmp_path):
     one_line_error(result, r"kv_window must be >= 16")
     result = cli("compile", str(tiny["dir"]), "-o", str(tmp_path / "b"), "--kv-window", "60", "--max-context", "32")
     one_line_error(result, r"kv_sinks \+ kv_window = 64 exceeds the bundle's 32 positions")
+    result = cli("compile", str(tiny["dir"]), "-o", str(tmp_path / "b"), "--kv-window", "64", "--target", "gpu")
+    one_line_error(result, r"target gpu cannot run a sink \+ sliding window \(--kv-window\)")
     result = cli("compile", str(tiny["dir"]), "-o", str(tmp_path / "b"), "--kv-window", "300")  # known after loading
     assert result.exit_code == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == ("error: kv_sinks + kv_window = 304 exceeds the bundle's 256 "
