@@ -152,6 +152,14 @@ class TvmTarget(Target):
                            "-> logits float32 (1, m, vocab)",
                 "decode": "(input_ids int32 (1, 1), Shape([total]), caches, params) -> logits float32 (1, 1, vocab)",
             },
+            # the prefill function's signature, in the form the ONNX targets use (decode: sequence = 1, no logits_index)
+            "inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, "sequence"]},
+                       {"name": "logits_index", "dtype": "int32", "shape": ["num_logits"]},
+                       {"name": "total", "dtype": "shape", "shape": [1]},
+                       {"name": "caches", "dtype": "float32", "shape": ["2 * num_layers", 1, "kv_heads", "capacity",
+                                                                        "head_dim"]},
+                       {"name": "params", "dtype": "float32", "shape": [len(pending["table"])]}],
+            "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "num_logits", "vocab"]}],
             "caches": "tuple of 2 * num_layers float32 (1, kv_heads, capacity, head_dim): key.0, value.0, key.1, ...; "
                       "written in place at [total - n, total), attention over [0, total)",
             "params_file": "params.bin",

@@ -184,3 +184,9 @@ def test_tvm_runtime_stays_torch_free(tvm_llama):
     r = subprocess.run([sys.executable, "-c", code, str(tvm_llama)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")
+
+
+def test_inspect_shows_tvm_bundle(tvm_llama, cli):
+    r = cli("inspect", tvm_llama)
+    assert r.exit_code == 0, r.stderr
+    assert "cpu-tvm" in r.stdout and "params.bin" in r.stdout and "bundle valid" in r.stdout
