@@ -76,6 +76,18 @@ def _check_machine(graph: dict) -> None:
     aliases = {"arm64": "aarch64", "amd64": "x86_64"}
     if want and aliases.get(have, have) != aliases.get(want, want):
         raise BundleError(f"this bundle's TVM library is built for {triple} and cannot run on this {have} machine")
+    needed = graph.get("cpu_flags") or []
+    if needed:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+        except OSError:
+            return
+        missing = [x for x in needed if x not in flags]
+        if flags and missing:
+            cpu = (graph.get("llvm_target") or {}).get("mcpu", "?")
+            raise BundleError(f"this bundle's TVM library is built for CPU {cpu} and uses {', '.join(missing)}, which "
+                              "this CPU lacks; compile it with --target cpu-tvm on (a machine like) this one")
 
 
 class TvmDecoderSession:

@@ -60,6 +60,21 @@ def _write_params(weights: dict[str, np.ndarray], names: list[str], path: Path) 
     return table
 
 
+# x86 instruction-set extensions LLVM may use for -mcpu=<this machine>; recorded so that the runtime can
+# refuse, with one line, a library built for a newer CPU than the one it runs on (instead of SIGILL)
+X86_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq",
+             "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi")
+
+
+def host_cpu_flags() -> list[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [x for x in X86_FLAGS if x in flags]
+
+
 def host_llvm_target(num_cores: int | None = None) -> dict:
     """The LLVM target for this machine's CPU (triple and CPU name from LLVM)."""
     import os
@@ -146,6 +161,7 @@ class TvmTarget(Target):
             "format": "tvm-relax-vm",
             "tvm_version": _tvm_version(),
             "llvm_target": pending["target"],
+            **({"cpu_flags": host_cpu_flags()} if self.name == "cpu-tvm" else {}),
             "libraries": files,
             "functions": {
                 "prefill": "(input_ids int32 (1, n), logits_index int32 (m,), Shape([total]), caches, params) "

@@ -190,3 +190,14 @@ def test_inspect_shows_tvm_bundle(tvm_llama, cli):
     r = cli("inspect", tvm_llama)
     assert r.exit_code == 0, r.stderr
     assert "cpu-tvm" in r.stdout and "params.bin" in r.stdout and "bundle valid" in r.stdout
+
+
+def test_library_for_a_cpu_with_other_extensions_is_refused(tvm_llama, tmp_path):
+    """A cpu-tvm library is built for this CPU (-mcpu); a CPU that lacks its extensions gets one line, not SIGILL."""
+    from _tiny import copy_bundle, edit_manifest
+
+    bundle = copy_bundle(tvm_llama, tmp_path / "b")
+    assert json.loads((bundle / "manifest.json").read_text())["graphs"]["decoder"]["cpu_flags"] is not None
+    edit_manifest(bundle, lambda m: m["graphs"]["decoder"].update(cpu_flags=["avx2", "no_such_extension"]))
+    with pytest.raises(BundleError, match="uses no_such_extension, which this CPU lacks"):
+        Engine.load(bundle)
