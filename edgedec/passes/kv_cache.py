@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 KV_DTYPES = ("fp32", "fp16", "int8", "int4")
 SCALE_LAYOUTS = ("per_channel", "per_tensor")
 K_RANGES = ("pair", "observed")
+CLIPS = ("auto", "mse", "none")
+CLIP_RATIOS = np.linspace(1.0, 0.3, 15)  # candidate fractions of the calibrated range (clip=mse)
 # logical dtype -> (storage dtype name, ONNX elem type, elements per head_dim row divisor, bytes per element)
 STORAGE = {
     "fp32": ("float32", onnx.TensorProto.FLOAT, 1, 4),
@@ -93,6 +95,8 @@ class KvCacheConfig(PassConfig):
                                   "or observed (per-channel absmax at the calibrated positions)")
     headroom: float = option(1.0, "multiply calibrated ranges by this before choosing scales (values beyond "
                                   "the range are clipped)")
+    clip: str = option("auto", "shrink each range to the clip that minimises the squared error on the calibration "
+                               "cache: mse, none, or auto (mse for int4, none for int8)")
     calibration_text: str = option("", "UTF-8 text file to calibrate on (default: prose from Python's "
                                        "pydoc_data.topics)")
     samples: int = option(2, "calibration sequences")
@@ -107,6 +111,8 @@ class KvCacheConfig(PassConfig):
                                   f"got {getattr(self, name)!r}")
         if self.k_range not in K_RANGES:
             raise ConfigError(f"kv-cache.k_range must be one of {', '.join(K_RANGES)}, got {self.k_range!r}")
+        if self.clip not in CLIPS:
+            raise ConfigError(f"kv-cache.clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
         if not 0.25 <= self.headroom <= 4.0:
             raise ConfigError(f"kv-cache.headroom must be in [0.25, 4], got {self.headroom}")
         if self.calibration_text and not Path(self.calibration_text).expanduser().is_file():
@@ -248,8 +254,9 @@ class KvCachePass(Pass):
                     np.maximum(k_abs[l], np.abs(k).max(axis=1), out=k_abs[l])
                     np.maximum(k_pair[l], np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1), out=k_pair[l])
                     np.maximum(v_abs[l], np.abs(v).max(axis=1), out=v_abs[l])
-                    if s == 0:
-                        samples[l] = (k.copy(), v.copy())
+                    old = samples.get(l)
+                    samples[l] = (k.copy(), v.copy()) if old is None else \
+                        (np.concatenate([old[0], k], axis=1), np.concatenate([old[1], v], axis=1))
         ranges = {}
         for l in layers:
             kr = np.concatenate([k_pair[l], k_pair[l]], axis=-1) if c.k_range == "pair" else k_abs[l]
@@ -265,6 +272,25 @@ class KvCachePass(Pass):
                 return int(init.dims[0])
         raise PassError(f"kv-cache: the attention's cos_cache {cos!r} is not an initializer")
 
+    def _clip(self, rng: np.ndarray, x: np.ndarray, layout: str, paired: bool) -> tuple[np.ndarray, float]:
+        """The range, per channel (or per tensor), shrunk to the candidate fraction with the least squared
+        error of quantize -> dequantize over the calibration cache ``x`` (kv_heads, tokens, head_dim).
+        Paired channels (rotary pairs) keep one shared fraction. Returns (range, mean fraction)."""
+        lo, hi = (-128, 127) if self.config.dtype == "int8" else (-8, 7)
+        qmax = QMAX[self.config.dtype]
+        errs = []
+        for r in CLIP_RATIOS:
+            scale = np.maximum(rng * r / qmax, 1e-8)[:, None, :]
+            e = ((np.clip(np.rint(x / scale), lo, hi) * scale - x) ** 2).sum(axis=1)  # (kv_heads, head_dim)
+            if layout == "per_tensor":
+                e = np.full_like(e, e.sum())
+            elif paired:
+                half = e.shape[-1] // 2
+                e = np.concatenate([e[:, :half] + e[:, half:]] * 2, axis=-1)
+            errs.append(e)
+        best = CLIP_RATIOS[np.argmin(np.stack(errs), axis=0)]  # (kv_heads, head_dim)
+        return rng * best, float(best.mean())
+
     def _scales(self, rng: np.ndarray, layout: str) -> np.ndarray:
         """(kv_heads, head_dim) ranges -> the scale tensor for GroupQueryAttention."""
         qmax = QMAX[self.config.dtype]
@@ -278,10 +304,15 @@ class KvCachePass(Pass):
         bits = 8 if c.dtype == "int8" else 4
         nodes = _attention_nodes(model)
         errors = {"key": [], "value": []}
+        clip = c.clip if c.clip != "auto" else ("mse" if c.dtype == "int4" else "none")
+        fractions = {"key": [], "value": []}
         for l, node in sorted(nodes.items()):
             kr, vr, (k, v) = ranges[l]
             names = []
             for kind, rng, layout, x in (("key", kr, c.k_scale, k), ("value", vr, c.v_scale, v)):
+                if clip == "mse":
+                    rng, fraction = self._clip(rng, x, layout, paired=kind == "key" and c.k_range == "pair")
+                    fractions[kind].append(fraction)
                 scale = self._scales(rng, layout)
                 name = f"kv_scale.{kind}.{l}"
                 model.graph.initializer.append(numpy_helper.from_array(scale, name))
@@ -313,6 +344,8 @@ class KvCachePass(Pass):
                         "q = clamp(round(x / scale), -8, 7) + 8, two per byte, element 2i in the low nibble; "
                         "x = (q - 8) * scale"),
             "headroom": c.headroom,
+            "clip": clip,
+            **({"mean_clip_fraction": {k: float(np.mean(v)) for k, v in fractions.items()}} if clip == "mse" else {}),
         }
 
     def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
