@@ -151,7 +151,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         with phase(f"building for target {target.name}"):
             graph_entry = target.build(onnx_model, tmp, role="decoder")
         kv_entry = kv_layout.manifest_entry(onnx_model, arch.to_dict(), pass_log, tmp, options.kv_window,
-                                            options.kv_sinks, inv_freq)
+                                            options.kv_sinks, inv_freq,
+                                            target.kv_cache_entry(arch, max_positions).get("kv_dtype", "fp32"))
         shutil.rmtree(work)
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
 

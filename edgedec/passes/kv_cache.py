@@ -396,11 +396,13 @@ def window_chunk(window: int) -> int:
 
 
 def manifest_entry(model: onnx.ModelProto, arch: dict, pass_log: list[dict], bundle_dir: Path,
-                   window: int | None, sinks: int, inv_freq: list[float] | None) -> dict:
-    """The layout keys of the manifest's ``kv_cache`` section; writes the scales file into ``bundle_dir``."""
+                   window: int | None, sinks: int, inv_freq: list[float] | None, built: str = "fp32") -> dict:
+    """The layout keys of the manifest's ``kv_cache`` section; writes the scales file into ``bundle_dir``.
+
+    ``built``: the layout the target's build gives the cache when no kv-cache pass ran (gpu: fp16)."""
     layers, heads, dim = arch["num_layers"], arch["num_kv_heads"], arch["head_dim"]
     report = next((p["report"] for p in pass_log if p["pass"] == "kv-cache" and p["modified"]), None)
-    kv = report["dtype"] if report else "fp32"
+    kv = report["dtype"] if report else built
     row = row_elements(kv, dim)
     entry = {
         "kv_dtype": kv,

@@ -19,7 +19,6 @@ them in range).
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import numpy as np
 
