@@ -98,17 +98,21 @@ def speed(args):
     ctl = skip.decoder.ffn_skip
     res = collections.defaultdict(list)
     ratios = []
-    for _ in range(args.rounds):  # interleaved: load on a shared machine hits all variants alike
-        res["plain"].append(_decode_rate(plain, PROMPTS, args.new_tokens, drafter=None)[0])
-        ctl.enabled = False
-        res["skip bundle, skipping off"].append(_decode_rate(skip, PROMPTS, args.new_tokens, drafter=None)[0])
-        ctl.enabled = True
-        res["skip bundle, skipping on"].append(_decode_rate(skip, PROMPTS, args.new_tokens, drafter=None)[0])
-        ratios.append(ctl.skip_ratio)
+    variants = [("plain", plain, None), ("skip bundle, skipping off", skip, False),
+                ("skip bundle, skipping on", skip, True)]
+    for r in range(args.rounds):  # interleaved, order rotated: load on a shared machine hits all variants alike
+        for name, engine, enabled in variants[r % 3:] + variants[: r % 3]:
+            if enabled is not None:
+                ctl.enabled = enabled
+            res[name].append(_decode_rate(engine, PROMPTS, args.new_tokens, drafter=None)[0])
+            if enabled:
+                ratios.append(ctl.skip_ratio)
     base = statistics.median(res["plain"])
     for k, v in res.items():
         print(f"{k:28s} median {statistics.median(v):7.1f} tok/s  ({statistics.median(v) / base:.3f}x plain)  "
               f"runs {[round(x, 1) for x in v]}")
+    per_round = [round(on / pl, 3) for on, pl in zip(res["skip bundle, skipping on"], res["plain"])]
+    print(f"skipping on / plain, per round (same load within a round): {per_round}")
     print(f"measured skip ratio over decode steps (last prompt): {ratios[-1]:.3f}")
 
 
