@@ -117,7 +117,7 @@ def int4_engine(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("smollm2-int4") / "bundle"
     compile_model(None, out, CompileOptions(passes=(("int4", {}),)))
-    return Engine.load(out, threads=2)
+    return Engine.load(out, threads=2, exact_rows=True)  # int8-activation kernels: see Engine.load
 
 
 @pytest.fixture(scope="module")

@@ -135,6 +135,7 @@ class DecoderSession:
         self.has_draft_head = any(o.name == "draft_tokens" for o in self.session.get_outputs())
         self._draft1 = np.zeros((1, 1), np.int64)  # (batch, rows)
         self.draft_rows: np.ndarray | None = None  # (rows,) int64 after each run
+        self.exact_rows = False  # single tokens run as two rows (see Engine.load)
 
     def _bind_one(self) -> None:
         import onnxruntime as ort
@@ -162,6 +163,12 @@ class DecoderSession:
         n = len(ids)
         if n == 0:
             raise GenerationError("no tokens to run")
+        if self.exact_rows and n == 1 and (self.kv.length + 2 <= self.kv.capacity or self.kv.window is not None):
+            out = self.forward([ids[0], ids[0]], logits_rows=[0])  # a padding row; its cache entry is dropped
+            self.kv.length -= 1
+            if self.draft_rows is not None:
+                self.draft_rows = self.draft_rows[:1]
+            return out
         self.kv.make_room(n)  # a windowed cache evicts; a plain one refuses what does not fit
         start = self.kv.length
         if n == 1 and logits_rows is None:
@@ -200,6 +207,8 @@ class DecoderSession:
 
     def decode_one(self, token: int) -> np.ndarray:
         """The hot path: one token at position ``kv.length``; returns logits (vocab,)."""
+        if self.exact_rows:
+            return self.forward([token], logits_rows=[0])[0]
         if self.kv.length + 1 > self.kv.capacity:
             if self.kv.window is None:
                 raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
@@ -252,12 +261,18 @@ class Engine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
-             verify: bool = True) -> "Engine":
+             verify: bool = True, exact_rows: bool = False) -> "Engine":
         """Load and validate a bundle.
 
         threads: ONNX Runtime intra-op threads (default: physical cores).
         context_length: KV-cache capacity in tokens (default: min(2048, the bundle's maximum)).
         verify: check every file's sha256 (sizes are always checked).
+        exact_rows: run every single-token step as a two-row step (the token plus a padding row whose
+          cache entry is rolled back). ONNX Runtime's MatMulNBits with int8 activations (accuracy_level
+          4, the int4/int8 passes' default) computes a one-row input differently from a multi-row one
+          (SmolLM2 int4: up to ~1 in logits), while every multi-row chunking agrees bit for bit. With
+          this on, decoding with and without speculation gives the same tokens on such bundles too, at
+          ~10% more time per plain step. Float bundles do not need it.
         """
         bundle = Bundle.open(bundle_dir, verify_hashes=verify)
         if bundle.manifest["target"].get("backend") not in ("onnxruntime", "tvm"):
@@ -273,7 +288,12 @@ class Engine:
             threads = physical_cores()
         if threads < 1:
             raise GenerationError(f"threads must be >= 1, got {threads}")
-        return cls(bundle, threads, context_length)
+        engine = cls(bundle, threads, context_length)
+        if exact_rows:
+            if not isinstance(engine.decoder, DecoderSession):
+                raise GenerationError("exact_rows applies to ONNX Runtime bundles with a dynamic-shape decoder")
+            engine.decoder.exact_rows = True
+        return engine
 
     # ------------------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int]) -> list[int]:

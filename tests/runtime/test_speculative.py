@@ -184,3 +184,51 @@ def test_named_drafter_keeps_what_it_learned(engine):
     list(engine.generate(PROMPTS[1], max_new_tokens=16, ignore_eos=True, drafter="recycling"))
     table = engine._drafters["recycling"].table
     assert (table[learned >= 0] >= 0).all()  # the second call started from the first call's table
+
+
+# --- int8-activation kernels: one row differs from several; exact_rows makes every step multi-row ------
+@pytest.fixture(scope="module")
+def int4_bundle(tiny, tmp_path_factory):
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("int4") / "bundle"
+    compile_model(str(tiny["dir"]), out, CompileOptions(passes=(("int4", {}),)))
+    return out
+
+
+def test_multi_row_chunkings_agree_bit_for_bit(int4_bundle):
+    """The property exact_rows relies on: any split of a sequence into runs of >= 2 rows gives the same logits."""
+    dec = Engine.load(int4_bundle, threads=1).decoder
+    ids = list(range(3, 17))
+    dec.kv.length = 0
+    whole = dec.forward(ids, logits_rows=range(len(ids)))
+    dec.kv.length = 0
+    parts = [dec.forward(ids[a:b], logits_rows=range(b - a)) for a, b in ((0, 5), (5, 7), (7, 14))]
+    assert np.array_equal(whole, np.concatenate(parts))
+
+
+@pytest.mark.parametrize("drafter", DRAFTERS)
+def test_exact_rows_makes_int4_speculation_token_exact(int4_bundle, drafter):
+    eng = Engine.load(int4_bundle, threads=1, exact_rows=True)
+    for prompt in PROMPTS:
+        base = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=None)]
+        spec = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=drafter, draft_len=4)]
+        assert spec == base, (prompt, drafter)
+
+
+def test_exact_rows_changes_nothing_on_float_bundles(engine, tiny):
+    exact = Engine.load(tiny["bundle"], threads=1, exact_rows=True)
+    for prompt in PROMPTS:
+        assert [t.id for t in exact.generate(prompt, max_new_tokens=24, ignore_eos=True, drafter=None)] == \
+            [t.id for t in engine.generate(prompt, max_new_tokens=24, ignore_eos=True, drafter=None)]
+
+
+def test_exact_rows_decode_steps_equal_the_multi_row_pass(int4_bundle):
+    dec = Engine.load(int4_bundle, threads=1, exact_rows=True).decoder
+    ids = list(range(3, 17))
+    dec.kv.length = 0
+    whole = dec.forward(ids, logits_rows=range(len(ids)))
+    dec.kv.length = 0
+    steps = [dec.decode_one(t).copy() for t in ids]
+    assert dec.kv.length == len(ids)
+    assert np.array_equal(whole, np.stack(steps))
