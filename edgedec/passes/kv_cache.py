@@ -16,7 +16,10 @@ records, per layer, the range of what the kernel stores. Keys are stored *after*
 a key channel's range depends on the positions seen; with ``k_range=pair`` the range of channels ``i``
 and ``i + head_dim/2`` (the pair rotary rotates together) is the largest norm of the pair, which bounds
 the channel at every position (rotation keeps the norm), at the cost of up to sqrt(2) in resolution.
-``k_range=observed`` takes each channel's absmax at the calibrated positions instead.
+``k_range=observed`` takes each channel's absmax at the calibrated positions instead: finer steps, but
+keys at positions the calibration did not reach may clip. ``auto`` (default) uses pair ranges for int8
+and observed ranges for int4, where resolution dominates (SmolLM2, int4 cache, 2,048 held-out tokens:
+perplexity ratio 1.17 observed vs 1.36 pair).
 
 Per-token scales (KIVI's choice for values) and a float window of recent tokens are not in the kernel;
 per-channel static scales are what it offers. Scale tensors are float32 initializers
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 
 KV_DTYPES = ("fp32", "fp16", "int8", "int4")
 SCALE_LAYOUTS = ("per_channel", "per_tensor")
-K_RANGES = ("pair", "observed")
+K_RANGES = ("auto", "pair", "observed")
 CLIPS = ("auto", "mse", "none")
 CLIP_RATIOS = np.linspace(1.0, 0.3, 15)  # candidate fractions of the calibrated range (clip=mse)
 # logical dtype -> (storage dtype name, ONNX elem type, elements per head_dim row divisor, bytes per element)
@@ -91,8 +94,9 @@ class KvCacheConfig(PassConfig):
     k_scale: str = option("per_channel", "key scales (int8/int4): per_channel (one per kv head and channel) "
                                          "or per_tensor (one per layer)")
     v_scale: str = option("per_channel", "value scales (int8/int4): per_channel or per_tensor")
-    k_range: str = option("pair", "key ranges: pair (norm of each rotary channel pair, valid at any position) "
-                                  "or observed (per-channel absmax at the calibrated positions)")
+    k_range: str = option("auto", "key ranges: pair (norm of each rotary channel pair, valid at any position), "
+                                  "observed (per-channel absmax at the calibrated positions), or auto (pair for "
+                                  "int8, observed for int4)")
     headroom: float = option(1.0, "multiply calibrated ranges by this before choosing scales (values beyond "
                                   "the range are clipped)")
     clip: str = option("auto", "shrink each range to the clip that minimises the squared error on the calibration "
@@ -259,7 +263,7 @@ class KvCachePass(Pass):
                         (np.concatenate([old[0], k], axis=1), np.concatenate([old[1], v], axis=1))
         ranges = {}
         for l in layers:
-            kr = np.concatenate([k_pair[l], k_pair[l]], axis=-1) if c.k_range == "pair" else k_abs[l]
+            kr = np.concatenate([k_pair[l], k_pair[l]], axis=-1) if self.k_range == "pair" else k_abs[l]
             ranges[l] = (kr, v_abs[l], samples[l])
         return ranges, {"text": source, "sequences": count, "tokens": count * n}
 
@@ -271,6 +275,14 @@ class KvCachePass(Pass):
             if init.name == cos:
                 return int(init.dims[0])
         raise PassError(f"kv-cache: the attention's cos_cache {cos!r} is not an initializer")
+
+    @property
+    def k_range(self) -> str:
+        """The key range rule in effect (auto: pair for int8; observed for int4, whose resolution it doubles
+        where it counts: SmolLM2 perplexity ratio 1.17 against 1.36 with pair ranges)."""
+        if self.config.k_range != "auto":
+            return self.config.k_range
+        return "observed" if self.config.dtype == "int4" else "pair"
 
     def _clip(self, rng: np.ndarray, x: np.ndarray, layout: str, paired: bool) -> tuple[np.ndarray, float]:
         """The range, per channel (or per tensor), shrunk to the candidate fraction with the least squared
@@ -311,7 +323,7 @@ class KvCachePass(Pass):
             names = []
             for kind, rng, layout, x in (("key", kr, c.k_scale, k), ("value", vr, c.v_scale, v)):
                 if clip == "mse":
-                    rng, fraction = self._clip(rng, x, layout, paired=kind == "key" and c.k_range == "pair")
+                    rng, fraction = self._clip(rng, x, layout, paired=kind == "key" and self.k_range == "pair")
                     fractions[kind].append(fraction)
                 scale = self._scales(rng, layout)
                 name = f"kv_scale.{kind}.{l}"
@@ -334,7 +346,7 @@ class KvCachePass(Pass):
         shape = {"per_channel": [1, kv_heads, 1, head_dim], "per_tensor": [1]}
         return {
             "bits": bits,
-            "key": {"scheme": c.k_scale, "range": c.k_range, "scale_shape": shape[c.k_scale],
+            "key": {"scheme": c.k_scale, "range": self.k_range, "scale_shape": shape[c.k_scale],
                     "scale_tensor": "kv_scale.key.{layer}",
                     "relative_rms_error": {"max": max(errors["key"]), "mean": float(np.mean(errors["key"]))}},
             "value": {"scheme": c.v_scale, "scale_shape": shape[c.v_scale], "scale_tensor": "kv_scale.value.{layer}",

@@ -12,8 +12,8 @@ the oldest non-sink tokens are evicted ``evict_chunk`` at a time: the rest of th
 over them. GroupQueryAttention rotates keys at the cache slot they are written to (positions come from
 ``seqlens_k``), and stores them rotated, so shifted keys are re-rotated by minus the shift: every token
 keeps the slot's position, as in StreamingLLM. Rotation is exact for float caches; quantized keys are
-dequantized, rotated and requantized with the calibrated scales (per channel pair, the rotation keeps
-them in range).
+dequantized, rotated and requantized with the calibrated scales (with pair ranges, the int8 default,
+the rotation keeps them in range; int4's observed ranges may clip).
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ def test_manifest_describes_layout(tmp_path_factory, tiny, kv, dtype, row, per_t
     assert m["files"][q["scales_file"]]["bytes"] == 2 * 2 * 2 * 16 * 4
     assert q["calibration"]["tokens"] > 0
     assert q["clip"] == ("none" if kv == "int8" else "mse")  # int4 shrinks ranges to the least-error clip
+    assert q["key"]["range"] == ("pair" if kv == "int8" else "observed")
     assert kv == "int8" or 0.3 <= q["mean_clip_fraction"]["value"] <= 1
     assert 0 < q["key"]["relative_rms_error"]["max"] < (0.05 if kv == "int8" else 0.5)
     pass_log = [p for p in m["passes"] if p["pass"] == "kv-cache"]
