@@ -75,7 +75,7 @@ def outside_path(b: Path):
 
 
 def other_backend(b: Path):
-    _edit_manifest(b, lambda m: m["target"].update(backend="tvm"))
+    _edit_manifest(b, lambda m: m["target"].update(backend="coreml"))
 
 
 CORRUPTIONS = [
@@ -91,7 +91,7 @@ CORRUPTIONS = [
     (deleted_graph, r"bundle file decoder\.onnx is missing"),
     (unhashed_graph, r"manifest refers to 'decoder\.onnx', which is not among its hashed files"),
     (outside_path, r"manifest file entry '\.\./escape\.bin' points outside the bundle"),
-    (other_backend, r"this runtime runs onnxruntime bundles; this one is for backend 'tvm'"),
+    (other_backend, r"this runtime runs onnxruntime and tvm bundles; this one is for backend 'coreml'"),
 ]
 IDS = [c[0].__name__ for c in CORRUPTIONS]
 
