@@ -36,7 +36,7 @@ def head_graph(head: DraftHead, table: np.ndarray, id_map: np.ndarray) -> onnx.M
                           [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 1, hidden]),
                            helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 1, hidden])],
                           [helper.make_tensor_value_info("draft", TensorProto.INT64, [1, 1])], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
 def main() -> None:
