@@ -79,7 +79,7 @@ def test_qdq_numerics_against_fp32(npu_bundle, tiny_llama_bundle):
 
 def test_eval_runs_on_npu_bundle(npu_bundle, tiny_llama_bundle):
     from edgedec.evaluate import EvalOptions, evaluate
-    from tests._tiny import sample_text
+    from _tiny import sample_text
 
     r = evaluate(npu_bundle, [("t", sample_text())], EvalOptions(window=64, stride=32, max_tokens=200),
                  reference=tiny_llama_bundle)
