@@ -17,7 +17,7 @@ TARGETS: dict[str, dict] = {
         "module": "edgedec.targets.npu",
         "backend": "onnxruntime",
         "description": "static shapes, standard ONNX ops, QDQ int8 weights / 16-bit activations, for NPU "
-                       "execution providers (QNN, NNAPI, CoreML); checked with `edgedec check --target npu`",
+                       "execution providers (QNN, NNAPI); checked with `edgedec check --target npu`",
         "passes": ["qdq"],  # required
         "requires": ["onnxruntime", "tokenizers"],
     },
