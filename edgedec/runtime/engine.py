@@ -97,7 +97,7 @@ class DecoderSession:
         import onnxruntime as ort
 
         graph = bundle.graph("decoder")
-        arch, kv = bundle.arch, bundle.manifest["kv_cache"]
+        arch = bundle.arch
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

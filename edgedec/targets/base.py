@@ -10,6 +10,22 @@ import onnx
 from ..errors import UnsupportedError
 
 
+def write_onnx_graph(model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
+    """Save ``model`` as ``<role>.onnx`` with its weights in one ``<role>.onnx.data`` beside it; return
+    the manifest's graph entry (file, data files, inputs, outputs) for the target to complete."""
+    file = f"{role}.onnx"
+    data = f"{file}.data"
+    onnx.save_model(model, str(out_dir / file), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data, size_threshold=1024)
+    return {
+        "role": role,
+        "file": file,
+        "data": [data] if (out_dir / data).exists() else [],
+        "inputs": [value_info(v) for v in model.graph.input],
+        "outputs": [value_info(v) for v in model.graph.output],
+    }
+
+
 def value_info(v: onnx.ValueInfoProto) -> dict:
     t = v.type.tensor_type
     dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import onnx
 
-from .base import Target, value_info
+from .base import Target, write_onnx_graph
 
 
 class CpuTarget(Target):
@@ -23,18 +23,7 @@ class CpuTarget(Target):
     kv_window = True  # the host-side cache shifts the window in place (runtime/kv_cache.py)
 
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
-        file = f"{role}.onnx"
-        data = f"{file}.data"
-        onnx.save_model(model, str(out_dir / file), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-        return {
-            "role": role,
-            "file": file,
-            "data": [data] if (out_dir / data).exists() else [],
-            "inputs": [value_info(v) for v in model.graph.input],
-            "outputs": [value_info(v) for v in model.graph.output],
-            "execution_provider": "CPUExecutionProvider",
-        }
+        return {**write_onnx_graph(model, out_dir, role), "execution_provider": "CPUExecutionProvider"}
 
     def manifest_entry(self) -> dict:
         return {"name": self.name, "backend": self.backend, "execution_provider": "CPUExecutionProvider"}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnx
 
-from .base import Target, value_info
+from .base import Target, write_onnx_graph
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,8 @@ class GpuTarget(Target):
                         "the graph writes new entries at [total - new, total) and attends over [0, total)"}
 
     def build(self, model: onnx.ModelProto, out_dir: Path, role: str) -> dict:
-        model = to_float16(model)
-        file = f"{role}.onnx"
-        data = f"{file}.data"
-        onnx.save_model(model, str(out_dir / file), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=data, size_threshold=1024)
-        return {
-            "role": role,
-            "file": file,
-            "data": [data] if (out_dir / data).exists() else [],
-            "inputs": [value_info(v) for v in model.graph.input],
-            "outputs": [value_info(v) for v in model.graph.output],
-            "precision": "float16",
-            "execution_provider": "CUDAExecutionProvider",
-        }
+        return {**write_onnx_graph(to_float16(model), out_dir, role), "precision": "float16",
+                "execution_provider": "CUDAExecutionProvider"}
 
     def manifest_entry(self) -> dict:
         return {"name": self.name, "backend": self.backend, "execution_provider": "CUDAExecutionProvider"}
