@@ -129,12 +129,12 @@ def default_prompts(n_topics: int = 48, chat: bool = False) -> list:
 
 
 def features(model, sequences: list[tuple[list[int], int]]):
-    """(hidden, next token, target) over the generated positions: h_t, x_{t+1}, x_{t+2}."""
+    """(hidden, next token, target, sequence index) over the generated positions: h_t, x_{t+1}, x_{t+2}."""
     import torch
 
-    hs, nxt, tgt = [], [], []
+    hs, nxt, tgt, seq = [], [], [], []
     with torch.no_grad():
-        for ids, n_prompt in sequences:
+        for i, (ids, n_prompt) in enumerate(sequences):
             x = torch.tensor([ids])
             h = model.model(input_ids=x).last_hidden_state[0]  # (len, hidden), after the final norm
             start = max(n_prompt - 1, 0)  # from the last prompt position on, x_{t+1} is the model's own pick
@@ -142,7 +142,8 @@ def features(model, sequences: list[tuple[list[int], int]]):
             hs.append(h[idx])
             nxt.append(x[0, idx + 1])
             tgt.append(x[0, idx + 2])
-    return torch.cat(hs), torch.cat(nxt), torch.cat(tgt)
+            seq.append(torch.full((len(idx),), i))
+    return torch.cat(hs), torch.cat(nxt), torch.cat(tgt), torch.cat(seq)
 
 
 def vocab_order(targets: np.ndarray, vocab_size: int, keep: list[int]) -> np.ndarray:
@@ -203,13 +204,18 @@ def train(model, sequences, special_ids: list[int], k_train: int = 4096, epochs:
     import torch
 
     torch.manual_seed(seed)
-    h, nxt, tgt = features(model, sequences)
+    h, nxt, tgt, seq = features(model, sequences)
     n = len(tgt)
-    if n < 64:
-        raise ConfigError(f"only {n} training positions: generate more text (more prompts or --new-tokens)")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(int(n * heldout), 16)
-    val, tr = perm[:n_val], perm[n_val:]
+    if n < 64 or len(sequences) < 2:
+        raise ConfigError(f"only {n} training positions in {len(sequences)} sequences: generate more text "
+                          "(more prompts or --new-tokens)")
+    # held out by sequence, not by position: neighbouring positions of one text are near-duplicates
+    every = max(round(1 / heldout), 2) if heldout > 0 else len(sequences) + 1
+    is_val = (seq % every) == (every - 1)
+    if not is_val.any():
+        is_val = seq == seq.max()
+    val, tr = torch.nonzero(is_val).flatten(), torch.nonzero(~is_val).flatten()
+    n_val = len(val)
     emb = model.get_input_embeddings().weight.detach()  # (V, hidden)
     head_w = model.get_output_embeddings().weight.detach()  # (V, hidden): tied or not, the verifier's head
     vocab, hidden = head_w.shape
@@ -239,17 +245,15 @@ def train(model, sequences, special_ids: list[int], k_train: int = 4096, epochs:
     before = agreement(val)
     steps = epochs * math.ceil(len(tr) / batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    done = 0
     for epoch in range(epochs):
+        shuffled = tr[torch.randperm(len(tr))]
         for i in range(0, len(tr), batch):
-            rows = tr[torch.randperm(len(tr))[:batch]] if i else tr[i:i + batch]
-            labels = remap[tgt[rows]]
-            loss = torch.nn.functional.cross_entropy(forward(rows), labels, ignore_index=-100)
+            rows = shuffled[i:i + batch]
+            loss = torch.nn.functional.cross_entropy(forward(rows), remap[tgt[rows]], ignore_index=-100)
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
-            done += 1
         if progress:
             progress(epoch + 1, epochs)
     after = agreement(val)
