@@ -103,3 +103,29 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(sample_text("for"))
     return path
+
+
+def exact_two_token_distribution(engine, ids, sampler):
+    """p(t1) and p(t2) = sum over t1 of p(t1) p(t2 | t1), from the model itself (speculation tests)."""
+    import numpy as np
+
+    dec = engine.decoder
+    dec.kv.length = 0
+    p1 = sampler.probs(dec.forward(ids)[-1])
+    p2 = np.zeros_like(p1)
+    for t1 in np.flatnonzero(p1):
+        dec.kv.length = 0
+        p2 += p1[t1] * sampler.probs(dec.forward([*ids, int(t1)])[-1])
+    return p1, p2
+
+
+def chi2_pvalue(samples, p):
+    """Chi-square p-value of integer ``samples`` against the distribution ``p``."""
+    import numpy as np
+    from scipy import stats
+
+    samples = np.asarray(samples)
+    support = np.flatnonzero(p > 0)
+    observed = np.array([np.sum(samples == t) for t in support], float)
+    assert observed.sum() == len(samples), "a sample fell outside the model's support"
+    return stats.chisquare(observed, p[support] * len(samples)).pvalue

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import stats
 
 from edgedec.errors import GenerationError
 from edgedec.runtime import Engine, engine as engine_mod
 from edgedec.runtime.drafters import (CombinedDrafter, DraftLengthPolicy, PromptLookupDrafter,
                                       TokenRecyclingDrafter, make_drafter)
 from edgedec.runtime.sampler import Sampler
+
+from _tiny import chi2_pvalue, exact_two_token_distribution
 
 DRAFTERS = ["ngram", "recycling", "ngram+recycling"]
 PROMPTS = [
@@ -126,25 +127,6 @@ class FixedDrafter:
         pass
 
 
-def _exact_two_token_distribution(engine, ids, sampler):
-    """p(t1) and p(t2) = sum over t1 of p(t1) p(t2 | t1), from the model itself."""
-    dec = engine.decoder
-    dec.kv.length = 0
-    p1 = sampler.probs(dec.forward(ids)[-1])
-    p2 = np.zeros_like(p1)
-    for t1 in np.flatnonzero(p1):
-        dec.kv.length = 0
-        p2 += p1[t1] * sampler.probs(dec.forward([*ids, int(t1)])[-1])
-    return p1, p2
-
-
-def _chi2_pvalue(samples, p):
-    support = np.flatnonzero(p > 0)
-    observed = np.array([np.sum(samples == t) for t in support], float)
-    assert observed.sum() == len(samples), "a sample fell outside the model's support"
-    return stats.chisquare(observed, p[support] * len(samples)).pvalue
-
-
 def _sample_two_tokens(engine, ids, drafter, n, **kw):
     out = np.zeros((n, 2), np.int64)
     for seed in range(n):
@@ -158,15 +140,15 @@ def test_sampling_distribution_is_preserved(engine, monkeypatch):
     rejected and resampled), so the second token's distribution is what speculation could distort."""
     ids = engine.encode("The quick brown")
     kw = dict(temperature=1.0, top_k=6)
-    p1, p2 = _exact_two_token_distribution(engine, ids, Sampler(**kw))
+    p1, p2 = exact_two_token_distribution(engine, ids, Sampler(**kw))
     # the likeliest second token, drafted after whatever the first is: accepted often, not always
     drafter = FixedDrafter([int(np.argmax(p2)), int(np.argmax(p1))])
     n = 1500
     samples = _sample_two_tokens(engine, ids, drafter, n, **kw)
     assert engine.last_stats.verify_steps == 1
     assert 0 < np.mean(samples[:, 1] == drafter.draft[0]) < 1
-    assert _chi2_pvalue(samples[:, 0], p1) > 1e-3
-    assert _chi2_pvalue(samples[:, 1], p2) > 1e-3
+    assert chi2_pvalue(samples[:, 0], p1) > 1e-3
+    assert chi2_pvalue(samples[:, 1], p2) > 1e-3
 
     # the same test catches a verifier that accepts every draft token
     def accept_all(rows, draft, sampler):
@@ -174,7 +156,7 @@ def test_sampling_distribution_is_preserved(engine, monkeypatch):
 
     monkeypatch.setattr(engine_mod, "verify_chain", accept_all)
     wrong = _sample_two_tokens(engine, ids, drafter, 300, **kw)
-    assert _chi2_pvalue(wrong[:, 1], p2) < 1e-6
+    assert chi2_pvalue(wrong[:, 1], p2) < 1e-6
 
 
 def test_named_drafter_keeps_what_it_learned(engine):
