@@ -201,20 +201,10 @@ class KvCachePass(Pass):
 
     # ------------------------------------------------------------------------------------------
     def _token_ids(self) -> tuple[list[int], str]:
-        from tokenizers import Tokenizer
-
-        from .qdq import default_calibration_text
+        from .qdq import calibration_token_ids
 
         c = self.config
-        if c.calibration_text:
-            text, source = Path(c.calibration_text).expanduser().read_text(encoding="utf-8"), c.calibration_text
-        else:
-            text, source = default_calibration_text(), "pydoc_data.topics"
-        ids = Tokenizer.from_str(self.context.tokenizer_json).encode(text).ids
-        if len(ids) < c.sequence_length:
-            raise PassError(f"kv-cache calibration text {source} has {len(ids)} tokens, fewer than one sequence "
-                            f"of {c.sequence_length}")
-        return ids, source
+        return calibration_token_ids(self.name, c.calibration_text, self.context.tokenizer_json, c.sequence_length)
 
     def _calibrate(self, model: onnx.ModelProto, nodes: dict) -> tuple[dict, dict]:
         """Run the float-cache graph on calibration text; return per-layer (key, value) ranges shaped

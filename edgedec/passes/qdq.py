@@ -92,6 +92,23 @@ class QdqConfig(PassConfig):
         return [o.strip() for o in self.op_types.split(",") if o.strip()]
 
 
+def calibration_token_ids(pass_name: str, path: str, tokenizer_json: str, sequence_length: int
+                          ) -> tuple[list[int], str]:
+    """Token ids of the calibration text (``path``, or the default) and where it came from; at least one
+    sequence of ``sequence_length`` tokens, else a PassError naming the pass."""
+    from tokenizers import Tokenizer
+
+    if path:
+        text, source = Path(path).expanduser().read_text(encoding="utf-8"), path
+    else:
+        text, source = default_calibration_text(), "pydoc_data.topics"
+    ids = Tokenizer.from_str(tokenizer_json).encode(text).ids
+    if len(ids) < sequence_length:
+        raise PassError(f"{pass_name} calibration text {source} has {len(ids)} tokens, fewer than one sequence "
+                        f"of {sequence_length}")
+    return ids, source
+
+
 def default_calibration_text() -> str:
     """Prose (with some code) from the Python documentation shipped with the interpreter."""
     from pydoc_data import topics
@@ -198,18 +215,8 @@ class QdqPass(Pass):
             raise PassError("qdq needs the model's tokenizer (PassContext.tokenizer_json) to make calibration inputs")
 
     def _token_ids(self) -> tuple[list[int], str]:
-        from tokenizers import Tokenizer
-
         c = self.config
-        if c.calibration_text:
-            text, source = Path(c.calibration_text).expanduser().read_text(encoding="utf-8"), c.calibration_text
-        else:
-            text, source = default_calibration_text(), "pydoc_data.topics"
-        ids = Tokenizer.from_str(self.context.tokenizer_json).encode(text).ids
-        if len(ids) < c.sequence_length:
-            raise PassError(f"qdq calibration text {source} has {len(ids)} tokens, fewer than one sequence "
-                            f"of {c.sequence_length}")
-        return ids, source
+        return calibration_token_ids(self.name, c.calibration_text, self.context.tokenizer_json, c.sequence_length)
 
     def apply(self, model: onnx.ModelProto) -> PassResult:
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
