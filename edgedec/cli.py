@@ -226,6 +226,11 @@ def inspect_cmd(
         kv = m["kv_cache"]
         out.print(f"kv cache: {kv['layout']} {kv['dtype']} {kv['shape']}, up to {kv['max_capacity']} tokens",
                   highlight=False)
+        if kv.get("layers"):
+            kinds = [e["kv_dtype"] for e in kv["layers"]]
+            out.print("kv cache layers: " + ", ".join(
+                f"{d} {[l for l, k in enumerate(kinds) if k == d]}" for d in sorted(set(kinds))) +
+                f"; {kv['bytes_per_token']:,} bytes per token", highlight=False)
         if v := m.get("verification"):
             out.print(f"verified: max |logit diff| {v['max_abs_logit_diff']:.2e} vs {v['reference']} "
                       f"over {v['tokens']} tokens", highlight=False)

@@ -22,7 +22,14 @@ and observed ranges for int4, where resolution dominates (SmolLM2, int4 cache, 2
 perplexity ratio 1.17 observed vs 1.36 pair).
 
 Per-token scales (KIVI's choice for values) and a float window of recent tokens are not in the kernel;
-per-channel static scales are what it offers. Scale tensors are float32 initializers
+per-channel static scales are what it offers. An all-int4 cache costs SmolLM2 13% perplexity (8,191
+held-out tokens), and the loss is spread over the layers (0.0-1.5% each), so ``int4`` mixes precision
+per layer: the ``int8_layers`` layers whose int4 cache costs the most stay int8 (the kernel's bit width is
+an attribute of each attention node). The pass measures each layer's cost on the calibration text: the
+mean KL divergence of the next-token distribution when only that layer's cache is int4. The default, a
+third of the layers, keeps the cache at 1/6 of fp32's bytes (SmolLM2: 10 of 30 layers, 16.7%,
+perplexity ratio 1.056). Scaling the int4 scales by a factor chosen on the same KL did not carry over
+to held-out text (key scales x1.15: 1.069), so the pass does not. Scale tensors are float32 initializers
 ``kv_scale.key.{layer}`` / ``kv_scale.value.{layer}`` shaped ``(1, kv_heads, 1, head_dim)`` (per channel)
 or ``(1,)`` (per tensor).
 """
@@ -104,6 +111,11 @@ class KvCacheConfig(PassConfig):
     calibration_text: str = option("", "UTF-8 text file to calibrate on (default: prose from Python's "
                                        "pydoc_data.topics)")
     samples: int = option(2, "calibration sequences")
+    int8_layers: int = option(-1, "int4 only: layers whose cache stays int8, those whose int4 cache costs the most "
+                                  "(measured on the calibration text); -1: a third of the layers (1/6 of fp32's "
+                                  "bytes), 0: every layer int4")
+    sensitivity_tokens: int = option(512, "int4 with int8 layers: tokens of calibration text each layer's "
+                                          "cost is measured on")
     sequence_length: int = option(1024, "tokens per calibration sequence")
 
     def validate(self) -> None:
@@ -123,6 +135,12 @@ class KvCacheConfig(PassConfig):
             raise ConfigError(f"kv-cache.calibration_text: no such file: {self.calibration_text}")
         if self.samples < 1:
             raise ConfigError(f"kv-cache.samples must be >= 1, got {self.samples}")
+        if self.int8_layers < -1:
+            raise ConfigError(f"kv-cache.int8_layers must be -1 (a third of the layers) or >= 0, got {self.int8_layers}")
+        if self.int8_layers > 0 and self.dtype != "int4":
+            raise ConfigError(f"kv-cache.int8_layers mixes int8 layers into an int4 cache; dtype is {self.dtype}")
+        if not 16 <= self.sensitivity_tokens <= 8192:
+            raise ConfigError(f"kv-cache.sensitivity_tokens must be in 16..8192, got {self.sensitivity_tokens}")
         if not 16 <= self.sequence_length <= 8192:
             raise ConfigError(f"kv-cache.sequence_length must be in 16..8192, got {self.sequence_length}")
 
@@ -163,9 +181,20 @@ class KvCachePass(Pass):
             raise PassError("kv-cache needs the model's tokenizer (PassContext.tokenizer_json) to calibrate scales")
 
     # ------------------------------------------------------------------------------------------
+    def int8_count(self, num_layers: int) -> int:
+        """Layers kept int8 in an int4 cache (``int8_layers``; -1: a third of them)."""
+        c = self.config
+        if c.dtype != "int4":
+            return 0
+        n = num_layers // 3 if c.int8_layers == -1 else c.int8_layers
+        if n > num_layers:
+            raise PassError(f"kv-cache.int8_layers is {n}, but the graph has {num_layers} layers")
+        return n
+
     def apply(self, model: onnx.ModelProto) -> PassResult:
         c = self.config
         nodes = _attention_nodes(model)
+        layers = sorted(nodes)
         kv_heads, head_dim = self._kv_shape(model)
         report = {"dtype": c.dtype, "storage_dtype": STORAGE[c.dtype][0],
                   "row_elements": row_elements(c.dtype, head_dim),
@@ -174,13 +203,38 @@ class KvCachePass(Pass):
             return PassResult(model, False, report)
         if c.dtype == "int4" and head_dim % 2:
             raise PassError(f"kv-cache int4 packs two values per byte and needs an even head_dim, got {head_dim}")
+        n8 = self.int8_count(len(layers))
         out = onnx.ModelProto()
         out.CopyFrom(model)
+        dtypes = {l: c.dtype for l in layers}
         if c.dtype in QMAX:
-            ranges, calib = self._calibrate(model, nodes)
+            ids, source = self._token_ids()
+            scratch = Path(self.context.work_dir) if self.context.work_dir else None
+            with tempfile.TemporaryDirectory(dir=scratch) as tmp:
+                path = Path(tmp) / "calibrate.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location="calibrate.onnx.data", size_threshold=1024)
+                ranges, calib = self._calibrate(path, model, nodes, ids)
+                calib = {"text": source, **calib}
+                scales = {l: self._layer_scales(c.dtype, ranges[l]) for l in layers}
+                if n8:
+                    n = min(c.sensitivity_tokens, len(ids), self._positions(model, nodes))
+                    cost = self._sensitivity(self._kl_meter(path, ids[:n], head_dim), scales)
+                    for l in sorted(layers, key=lambda l: -cost[l])[:n8]:
+                        dtypes[l] = "int8"
+                        scales[l] = self._layer_scales("int8", ranges[l])
+                    report["sensitivity"] = {
+                        "metric": "mean KL divergence (nats) of the next-token distribution from the float cache's "
+                                  "when only this layer's cache is int4, on the calibration text",
+                        "tokens": n,
+                        "kl": [round(cost[l], 6) for l in layers],
+                    }
             report["calibration"] = calib
-            report["quantization"] = self._quantize_attention(out, ranges, report)
-        self._retype(out, c.dtype, head_dim)
+            report["quantization"] = self._quantize_attention(out, scales, dtypes)
+        if len(set(dtypes.values())) > 1:
+            report["layer_dtypes"] = [dtypes[l] for l in layers]
+            report["bytes_per_token"] = sum(bytes_per_token(dtypes[l], 1, kv_heads, head_dim) for l in layers)
+        self._retype(out, dtypes, head_dim)
         return PassResult(out, True, report)
 
     @staticmethod
@@ -192,12 +246,15 @@ class KvCachePass(Pass):
                     return dims[1].dim_value, dims[3].dim_value
         raise PassError("kv-cache: graph input past_key.0 has no static (1, kv_heads, capacity, head_dim) shape")
 
-    def _retype(self, model: onnx.ModelProto, dtype: str, head_dim: int) -> None:
-        elem, row = STORAGE[dtype][1], row_elements(dtype, head_dim)
+    @staticmethod
+    def _retype(model: onnx.ModelProto, dtypes: dict[int, str], head_dim: int) -> None:
+        """Set each layer's past/present tensors to its layout's storage type and row width."""
         for v in list(model.graph.input) + list(model.graph.output):
-            if v.name.startswith(("past_key.", "past_value.", "present_key.", "present_value.")):
-                v.type.tensor_type.elem_type = elem
-                v.type.tensor_type.shape.dim[3].dim_value = row
+            kind, _, layer = v.name.partition(".")
+            if kind in ("past_key", "past_value", "present_key", "present_value") and int(layer) in dtypes:
+                dtype = dtypes[int(layer)]
+                v.type.tensor_type.elem_type = STORAGE[dtype][1]
+                v.type.tensor_type.shape.dim[3].dim_value = row_elements(dtype, head_dim)
 
     # ------------------------------------------------------------------------------------------
     def _token_ids(self) -> tuple[list[int], str]:
@@ -206,13 +263,39 @@ class KvCachePass(Pass):
         c = self.config
         return calibration_token_ids(self.name, c.calibration_text, self.context.tokenizer_json, c.sequence_length)
 
-    def _calibrate(self, model: onnx.ModelProto, nodes: dict) -> tuple[dict, dict]:
-        """Run the float-cache graph on calibration text; return per-layer (key, value) ranges shaped
-        (kv_heads, head_dim) and a report."""
+    @staticmethod
+    def _session(path: Path):
         import onnxruntime as ort
 
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _prefill_feed(sess, ids: list[int], all_logits: bool) -> dict:
+        """A prefill of ``ids`` over an empty cache: zero past tensors of each input's type and width, every
+        boolean input (ffn-skip flags) false."""
+        n = len(ids)
+        feed = {
+            "input_ids": np.asarray(ids, np.int64)[None],
+            "seqlens_k": np.array([n - 1], np.int32),
+            "total_sequence_length": np.array(n, np.int32),
+            "logits_index": np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], np.int64),
+        }
+        types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
+                 "tensor(uint8)": np.uint8}
+        for i in sess.get_inputs():
+            if i.name.startswith(("past_key.", "past_value.")):
+                feed[i.name] = np.zeros((1, i.shape[1], n, i.shape[3]), types[i.type])
+            elif i.type == "tensor(bool)" and i.name not in feed:
+                feed[i.name] = np.zeros([d if isinstance(d, int) else 1 for d in i.shape], bool)
+        return feed
+
+    def _calibrate(self, path: Path, model: onnx.ModelProto, nodes: dict, ids: list[int]) -> tuple[dict, dict]:
+        """Run the float-cache graph saved at ``path`` on calibration text; return per layer the key ranges
+        (observed absmax, rotary-pair norm), the value range, each (kv_heads, head_dim), and a slice of the
+        cache (keys, values) to fit clips and report errors on; plus a report."""
         c = self.config
-        ids, source = self._token_ids()
         n = min(c.sequence_length, self._positions(model, nodes))
         count = min(c.samples, len(ids) // n)
         kv_heads, head_dim = self._kv_shape(model)
@@ -221,41 +304,57 @@ class KvCachePass(Pass):
         k_abs = {l: np.zeros((kv_heads, head_dim), np.float32) for l in layers}
         k_pair = {l: np.zeros((kv_heads, half), np.float32) for l in layers}
         v_abs = {l: np.zeros((kv_heads, head_dim), np.float32) for l in layers}
-        samples = {}  # a slice of each layer's cache, to report the quantization error
-        scratch = Path(self.context.work_dir) if self.context.work_dir else None
-        with tempfile.TemporaryDirectory(dir=scratch) as tmp:
-            path = Path(tmp) / "calibrate.onnx"
-            onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location="calibrate.onnx.data", size_threshold=1024)
-            opts = ort.SessionOptions()
-            opts.log_severity_level = 3
-            sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-            names = [o.name for o in sess.get_outputs()]
-            for s in range(count):
-                feed = {
-                    "input_ids": np.asarray(ids[s * n:(s + 1) * n], np.int64)[None],
-                    "seqlens_k": np.array([n - 1], np.int32),
-                    "total_sequence_length": np.array(n, np.int32),
-                    "logits_index": np.array([n - 1], np.int64),
-                }
-                for l in layers:
-                    for kind in ("key", "value"):
-                        feed[f"past_{kind}.{l}"] = np.zeros((1, kv_heads, n, head_dim), np.float32)
-                result = dict(zip(names, sess.run(None, feed)))
-                for l in layers:
-                    k = result[f"present_key.{l}"][0, :, :n]  # (kv_heads, n, head_dim), post-rotary
-                    v = result[f"present_value.{l}"][0, :, :n]
-                    np.maximum(k_abs[l], np.abs(k).max(axis=1), out=k_abs[l])
-                    np.maximum(k_pair[l], np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1), out=k_pair[l])
-                    np.maximum(v_abs[l], np.abs(v).max(axis=1), out=v_abs[l])
-                    old = samples.get(l)
-                    samples[l] = (k.copy(), v.copy()) if old is None else \
-                        (np.concatenate([old[0], k], axis=1), np.concatenate([old[1], v], axis=1))
-        ranges = {}
-        for l in layers:
-            kr = np.concatenate([k_pair[l], k_pair[l]], axis=-1) if self.k_range == "pair" else k_abs[l]
-            ranges[l] = (kr, v_abs[l], samples[l])
-        return ranges, {"text": source, "sequences": count, "tokens": count * n}
+        samples = {}
+        sess = self._session(path)
+        names = [o.name for o in sess.get_outputs()]
+        for s in range(count):
+            result = dict(zip(names, sess.run(None, self._prefill_feed(sess, ids[s * n:(s + 1) * n], False))))
+            for l in layers:
+                k = result[f"present_key.{l}"][0, :, :n]  # (kv_heads, n, head_dim), post-rotary
+                v = result[f"present_value.{l}"][0, :, :n]
+                np.maximum(k_abs[l], np.abs(k).max(axis=1), out=k_abs[l])
+                np.maximum(k_pair[l], np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1), out=k_pair[l])
+                np.maximum(v_abs[l], np.abs(v).max(axis=1), out=v_abs[l])
+                old = samples.get(l)
+                samples[l] = (k.copy(), v.copy()) if old is None else \
+                    (np.concatenate([old[0], k], axis=1), np.concatenate([old[1], v], axis=1))
+        ranges = {l: (k_abs[l], np.concatenate([k_pair[l], k_pair[l]], axis=-1), v_abs[l], samples[l])
+                  for l in layers}
+        return ranges, {"sequences": count, "tokens": count * n}
+
+    def _kl_meter(self, path: Path, ids: list[int], head_dim: int):
+        """A function of (scales, dtypes) for some layers -> mean KL divergence (nats) of the next-token
+        distribution of the graph at ``path`` with those layers' caches quantized, from its float-cache one,
+        over the tokens ``ids`` (one prefill)."""
+        light = onnx.load(str(path), load_external_data=False)  # the weights stay in calibrate.onnx.data
+
+        def log_probs(m: onnx.ModelProto) -> np.ndarray:
+            variant = path.with_name("variant.onnx")
+            onnx.save_model(m, str(variant))
+            sess = self._session(variant)
+            logits = sess.run(["logits"], self._prefill_feed(sess, ids, True))[0][0].astype(np.float64)
+            logits -= logits.max(axis=-1, keepdims=True)
+            return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+        ref = log_probs(light)
+        p = np.exp(ref)
+
+        def kl(scales: dict, dtypes: dict) -> float:
+            m = onnx.ModelProto()
+            m.CopyFrom(light)
+            self._quantize_attention(m, scales, dtypes)
+            self._retype(m, dtypes, head_dim)
+            return float((p * (ref - log_probs(m))).sum(axis=-1).mean())
+
+        return kl
+
+    def _sensitivity(self, kl, scales: dict) -> dict[int, float]:
+        """Per layer, the KL divergence when only that layer's cache is int4."""
+        cost = {}
+        for i, (l, layer_scales) in enumerate(sorted(scales.items())):
+            cost[l] = kl({l: layer_scales}, {l: "int4"})
+            log.info("kv-cache: layer %d int4 costs KL %.5f (%d/%d)", l, cost[l], i + 1, len(scales))
+        return cost
 
     @staticmethod
     def _positions(model: onnx.ModelProto, nodes: dict) -> int:
@@ -266,24 +365,27 @@ class KvCachePass(Pass):
                 return int(init.dims[0])
         raise PassError(f"kv-cache: the attention's cos_cache {cos!r} is not an initializer")
 
-    @property
-    def k_range(self) -> str:
-        """The key range rule in effect (auto: pair for int8; observed for int4, whose resolution it doubles
-        where it counts: SmolLM2 perplexity ratio 1.17 against 1.36 with pair ranges)."""
+    def key_range(self, dtype: str) -> str:
+        """The key range rule for a layer in ``dtype`` (auto: pair for int8; observed for int4, whose
+        resolution it doubles where it counts: SmolLM2 perplexity ratio 1.17 against 1.36 with pair ranges)."""
         if self.config.k_range != "auto":
             return self.config.k_range
-        return "observed" if self.config.dtype == "int4" else "pair"
+        return "observed" if dtype == "int4" else "pair"
 
-    def _clip(self, rng: np.ndarray, x: np.ndarray, layout: str, paired: bool) -> tuple[np.ndarray, float]:
+    def clip_rule(self, dtype: str) -> str:
+        """mse for int4, none for int8 unless ``clip`` says otherwise."""
+        return self.config.clip if self.config.clip != "auto" else ("mse" if dtype == "int4" else "none")
+
+    @staticmethod
+    def _clip(rng: np.ndarray, x: np.ndarray, layout: str, paired: bool, dtype: str) -> tuple[np.ndarray, float]:
         """The range, per channel (or per tensor), shrunk to the candidate fraction with the least squared
         error of quantize -> dequantize over the calibration cache ``x`` (kv_heads, tokens, head_dim).
         Paired channels (rotary pairs) keep one shared fraction. Returns (range, mean fraction)."""
-        lo, hi = (-128, 127) if self.config.dtype == "int8" else (-8, 7)
-        qmax = QMAX[self.config.dtype]
+        qmax = QMAX[dtype]
         errs = []
         for r in CLIP_RATIOS:
             scale = np.maximum(rng * r / qmax, 1e-8)[:, None, :]
-            e = ((np.clip(np.rint(x / scale), lo, hi) * scale - x) ** 2).sum(axis=1)  # (kv_heads, head_dim)
+            e = ((np.clip(np.rint(x / scale), -qmax - 1, qmax) * scale - x) ** 2).sum(axis=1)  # (kv_heads, head_dim)
             if layout == "per_tensor":
                 e = np.full_like(e, e.sum())
             elif paired:
@@ -293,71 +395,96 @@ class KvCachePass(Pass):
         best = CLIP_RATIOS[np.argmin(np.stack(errs), axis=0)]  # (kv_heads, head_dim)
         return rng * best, float(best.mean())
 
-    def _scales(self, rng: np.ndarray, layout: str) -> np.ndarray:
+    def _scales(self, rng: np.ndarray, layout: str, dtype: str) -> np.ndarray:
         """(kv_heads, head_dim) ranges -> the scale tensor for GroupQueryAttention."""
-        qmax = QMAX[self.config.dtype]
+        qmax = QMAX[dtype]
         if layout == "per_tensor":
             return np.array([max(float(rng.max()) * self.config.headroom / qmax, 1e-8)], np.float32)
         s = np.maximum(rng * self.config.headroom / qmax, 1e-8).astype(np.float32)
         return s[None, :, None, :]  # (1, kv_heads, 1, head_dim)
 
-    def _quantize_attention(self, model: onnx.ModelProto, ranges: dict, report: dict) -> dict:
+    def _layer_scales(self, dtype: str, ranges: tuple) -> dict:
+        """One layer's key and value scale tensors in ``dtype``: kind -> (scale, relative RMS error on the
+        calibration cache, mean clip fraction or None)."""
         c = self.config
-        bits = 8 if c.dtype == "int8" else 4
+        k_abs, k_pair, v_abs, (k, v) = ranges
+        pair = self.key_range(dtype) == "pair"
+        out = {}
+        for kind, rng, layout, x in (("key", k_pair if pair else k_abs, c.k_scale, k), ("value", v_abs, c.v_scale, v)):
+            fraction = None
+            if self.clip_rule(dtype) == "mse":
+                rng, fraction = self._clip(rng, x, layout, kind == "key" and pair, dtype)
+            scale = self._scales(rng, layout, dtype)
+            s = scale[0] if scale.ndim == 4 else scale  # (kv_heads, 1, head_dim) against (kv_heads, n, head_dim)
+            err = dequantize(quantize(x, s, dtype), s, dtype) - x
+            out[kind] = (scale, float(np.sqrt((err ** 2).mean() / max((x ** 2).mean(), 1e-20))), fraction)
+        return out
+
+    def _quantize_attention(self, model: onnx.ModelProto, scales: dict, dtypes: dict) -> dict:
+        """Give each layer in ``scales`` its quantized cache (scale initializers, GroupQueryAttention inputs
+        and attributes); return the manifest's description of the layout."""
+        c = self.config
         nodes = _attention_nodes(model)
-        errors = {"key": [], "value": []}
-        clip = c.clip if c.clip != "auto" else ("mse" if c.dtype == "int4" else "none")
-        fractions = {"key": [], "value": []}
-        for l, node in sorted(nodes.items()):
-            kr, vr, (k, v) = ranges[l]
+        for l, layer in sorted(scales.items()):
             names = []
-            for kind, rng, layout, x in (("key", kr, c.k_scale, k), ("value", vr, c.v_scale, v)):
-                if clip == "mse":
-                    rng, fraction = self._clip(rng, x, layout, paired=kind == "key" and self.k_range == "pair")
-                    fractions[kind].append(fraction)
-                scale = self._scales(rng, layout)
+            for kind in ("key", "value"):
                 name = f"kv_scale.{kind}.{l}"
-                model.graph.initializer.append(numpy_helper.from_array(scale, name))
+                model.graph.initializer.append(numpy_helper.from_array(layer[kind][0], name))
                 names.append(name)
-                s = scale[0] if scale.ndim == 4 else scale  # (kv_heads, 1, head_dim) against (kv_heads, n, head_dim)
-                err = dequantize(quantize(x, s, c.dtype), s, c.dtype) - x
-                errors[kind].append(float(np.sqrt((err ** 2).mean() / max((x ** 2).mean(), 1e-20))))
+            node = nodes[l]
             inputs = list(node.input) + [""] * (SCALE_INPUTS[1] + 1 - len(node.input))
             inputs[SCALE_INPUTS[0]], inputs[SCALE_INPUTS[1]] = names
             del node.input[:]
             node.input.extend(inputs)
-            quant = "PER_CHANNEL"
             node.attribute.extend([
-                helper.make_attribute("k_quant_type", "PER_TENSOR" if c.k_scale == "per_tensor" else quant),
-                helper.make_attribute("v_quant_type", "PER_TENSOR" if c.v_scale == "per_tensor" else quant),
-                helper.make_attribute("kv_cache_bit_width", bits),
+                helper.make_attribute("k_quant_type", "PER_TENSOR" if c.k_scale == "per_tensor" else "PER_CHANNEL"),
+                helper.make_attribute("v_quant_type", "PER_TENSOR" if c.v_scale == "per_tensor" else "PER_CHANNEL"),
+                helper.make_attribute("kv_cache_bit_width", 8 if dtypes[l] == "int8" else 4),
             ])
         kv_heads, head_dim = self._kv_shape(model)
         shape = {"per_channel": [1, kv_heads, 1, head_dim], "per_tensor": [1]}
-        return {
+        bits = 8 if c.dtype == "int8" else 4
+        main = [l for l in scales if dtypes[l] == c.dtype]
+        mixed = sorted(l for l in scales if dtypes[l] != c.dtype)
+
+        def errors(kind: str, ls: list[int]) -> dict:
+            e = [scales[l][kind][1] for l in ls]
+            return {"max": max(e), "mean": float(np.mean(e))}
+
+        report = {
             "bits": bits,
-            "key": {"scheme": c.k_scale, "range": self.k_range, "scale_shape": shape[c.k_scale],
-                    "scale_tensor": "kv_scale.key.{layer}",
-                    "relative_rms_error": {"max": max(errors["key"]), "mean": float(np.mean(errors["key"]))}},
+            "key": {"scheme": c.k_scale, "range": self.key_range(c.dtype), "scale_shape": shape[c.k_scale],
+                    "scale_tensor": "kv_scale.key.{layer}", "relative_rms_error": errors("key", main)},
             "value": {"scheme": c.v_scale, "scale_shape": shape[c.v_scale], "scale_tensor": "kv_scale.value.{layer}",
-                      "relative_rms_error": {"max": max(errors["value"]), "mean": float(np.mean(errors["value"]))}},
+                      "relative_rms_error": errors("value", main)},
             "zero_point": 0 if bits == 8 else 8,
             "formula": ("q = clamp(round(x / scale), -128, 127); x = q * scale" if bits == 8 else
                         "q = clamp(round(x / scale), -8, 7) + 8, two per byte, element 2i in the low nibble; "
                         "x = (q - 8) * scale"),
             "headroom": c.headroom,
-            "clip": clip,
-            **({"mean_clip_fraction": {k: float(np.mean(v)) for k, v in fractions.items()}} if clip == "mse" else {}),
+            "clip": self.clip_rule(c.dtype),
         }
+        if report["clip"] == "mse":
+            report["mean_clip_fraction"] = {k: float(np.mean([scales[l][k][2] for l in main])) for k in ("key", "value")}
+        if mixed:  # int8 layers of an int4 cache
+            report["int8_layers"] = {
+                "layers": mixed, "bits": 8, "zero_point": 0, "key_range": self.key_range("int8"),
+                "clip": self.clip_rule("int8"), "formula": "q = clamp(round(x / scale), -128, 127); x = q * scale",
+                "relative_rms_error": {k: errors(k, mixed) for k in ("key", "value")},
+            }
+        return report
 
     def ensures(self, before: onnx.ModelProto, result: PassResult) -> None:
         if not result.modified:
             return
         dtype = self.config.dtype
-        elem = STORAGE[dtype][1]
+        layer_dtypes = result.report.get("layer_dtypes")
         for v in list(result.model.graph.input) + list(result.model.graph.output):
-            if v.name.startswith(("past_", "present_")) and v.type.tensor_type.elem_type != elem:
-                raise PassError(f"kv-cache left {v.name} as {onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}")
+            if v.name.startswith(("past_", "present_")):
+                want = STORAGE[layer_dtypes[int(v.name.partition(".")[2])] if layer_dtypes else dtype][1]
+                if v.type.tensor_type.elem_type != want:
+                    raise PassError(f"kv-cache left {v.name} as "
+                                    f"{onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}")
         if dtype in QMAX:
             inits = {i.name for i in result.model.graph.initializer}
             for l, node in _attention_nodes(result.model).items():
@@ -414,7 +541,12 @@ def manifest_entry(model: onnx.ModelProto, arch: dict, pass_log: list[dict], bun
         "bytes_per_token": bytes_per_token(kv, layers, heads, dim),
         "quantization": None,
         "window": None,
+        "layers": None,
     }
+    if report and report.get("layer_dtypes"):  # mixed precision: each layer's own storage and row
+        entry["layers"] = [{"kv_dtype": d, "dtype": STORAGE[d][0], "row_elements": row_elements(d, dim)}
+                           for d in report["layer_dtypes"]]
+        entry["bytes_per_token"] = report["bytes_per_token"]
     quant = (report or {}).get("quantization")
     if quant:
         scales = read_scales(model, layers, heads, dim)

@@ -114,9 +114,8 @@ class DecoderSession:
         self.num_layers = arch["num_layers"]
         self.kv = KVCache.from_manifest(bundle, capacity)
         if self.provider == "CUDAExecutionProvider":  # gpu target: the cache lives on the device, never copied
-            self.kv.values = [[ort.OrtValue.ortvalue_from_shape_and_type(self.kv.buffer[l, j].shape, self.kv.buffer.dtype,
-                                                                         "cuda", 0) for j in (0, 1)]
-                              for l in range(self.num_layers)]
+            self.kv.values = [[ort.OrtValue.ortvalue_from_shape_and_type(layer[j].shape, layer.dtype, "cuda", 0)
+                               for j in (0, 1)] for layer in self.kv.layers]
         self.binding = self.session.io_binding()
         for l in range(self.num_layers):
             for j, kind in enumerate(("key", "value")):

@@ -7,6 +7,10 @@ GroupQueryAttention writes new entries in place. ``row`` and the element type co
 ``head_dim / 2`` (int4, two per byte, element 2i in the low nibble, stored as ``q + 8``). ``length`` is
 the number of valid positions; shrinking it rolls entries back without touching memory.
 
+Mixed precision (an int4 cache whose most sensitive layers stay int8): the manifest's ``layers`` lists each
+layer's layout; the buffer is then one flat byte array and layer l's ``(2, 1, kv_heads, capacity, row_l)``
+block a view of its own type into it (``layers[l]``, which is ``buffer[l]`` for uniform layouts).
+
 Sink + window: with ``window`` set the capacity is ``sinks + window``. When a step would overflow it,
 the oldest non-sink tokens are evicted ``evict_chunk`` at a time: the rest of the window shifts left
 over them. GroupQueryAttention rotates keys at the cache slot they are written to (positions come from
@@ -35,15 +39,27 @@ class KVCache:
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32,
                  kv_dtype: str = "fp32", scales: np.ndarray | None = None, sinks: int = 0,
-                 window: int | None = None, evict_chunk: int = 1, inv_freq: np.ndarray | None = None):
+                 window: int | None = None, evict_chunk: int = 1, inv_freq: np.ndarray | None = None,
+                 layer_dtypes: list[str] | None = None):
         import onnxruntime as ort
 
-        row = head_dim // 2 if kv_dtype == "int4" else head_dim
         self.kv_dtype = kv_dtype
+        self.layer_dtypes = list(layer_dtypes) if layer_dtypes else [kv_dtype] * num_layers
         self.head_dim = head_dim
         self.capacity = capacity
-        self.buffer = np.zeros((num_layers, 2, 1, kv_heads, capacity, row), dtype=dtype)
-        self.values = [[ort.OrtValue.ortvalue_from_numpy(self.buffer[l, j]) for j in (0, 1)] for l in range(num_layers)]
+        if len(set(self.layer_dtypes)) == 1:
+            row = head_dim // 2 if kv_dtype == "int4" else head_dim
+            self.buffer = np.zeros((num_layers, 2, 1, kv_heads, capacity, row), dtype=dtype)
+            self.layers = [self.buffer[l] for l in range(num_layers)]
+        else:  # one flat byte buffer, a typed view per layer
+            shapes = [(2, 1, kv_heads, capacity, head_dim // 2 if d == "int4" else head_dim) for d in self.layer_dtypes]
+            types = [np.dtype(STORAGE_DTYPES[KV_DTYPES[d]]) for d in self.layer_dtypes]
+            sizes = [int(np.prod(sh)) * t.itemsize for sh, t in zip(shapes, types)]
+            self.buffer = np.zeros(sum(sizes), np.uint8)
+            offsets = np.cumsum([0] + sizes)
+            self.layers = [self.buffer[offsets[l]:offsets[l + 1]].view(types[l]).reshape(shapes[l])
+                           for l in range(num_layers)]
+        self.values = [[ort.OrtValue.ortvalue_from_numpy(self.layers[l][j]) for j in (0, 1)] for l in range(num_layers)]
         self.length = 0
         self.scales = scales  # (layer, 2, kv_heads, head_dim) float32, quantized layouts only
         self.sinks, self.window, self.evict_chunk = sinks, window, evict_chunk
@@ -55,10 +71,16 @@ class KVCache:
         kv, arch = bundle.manifest["kv_cache"], bundle.arch
         storage = kv.get("dtype", "float32")
         kv_dtype = kv.get("kv_dtype", "fp32")
-        if storage not in STORAGE_DTYPES or KV_DTYPES.get(kv_dtype) != storage:
-            raise BundleError(f"manifest kv_cache layout {kv_dtype!r} with dtype {storage!r} is not one this runtime "
-                              f"knows ({', '.join(f'{k}/{v}' for k, v in KV_DTYPES.items())})")
         layers, heads, dim = arch["num_layers"], arch["num_kv_heads"], arch["head_dim"]
+        per_layer = kv.get("layers") or [{"kv_dtype": kv_dtype, "dtype": storage}]
+        if kv.get("layers") is not None and len(per_layer) != layers:
+            raise BundleError(f"manifest kv_cache.layers has {len(per_layer)} entries for {layers} layers")
+        for entry in per_layer:
+            d, st = entry.get("kv_dtype"), entry.get("dtype")
+            if st not in STORAGE_DTYPES or KV_DTYPES.get(d) != st:
+                raise BundleError(f"manifest kv_cache layout {d!r} with dtype {st!r} is not one this runtime "
+                                  f"knows ({', '.join(f'{k}/{v}' for k, v in KV_DTYPES.items())})")
+        layer_dtypes = [e["kv_dtype"] for e in per_layer] if kv.get("layers") else None
         scales = None
         quant = kv.get("quantization")
         window = kv.get("window")
@@ -76,8 +98,8 @@ class KVCache:
             if inv.shape != (dim // 2,):
                 raise BundleError(f"manifest kv_cache.window.rotary_inv_freq must have {dim // 2} entries")
             return cls(layers, heads, dim, sinks + size, STORAGE_DTYPES[storage], kv_dtype, scales, sinks, size,
-                       int(window.get("evict_chunk", 1)), inv)
-        return cls(layers, heads, dim, capacity, STORAGE_DTYPES[storage], kv_dtype)
+                       int(window.get("evict_chunk", 1)), inv, layer_dtypes)
+        return cls(layers, heads, dim, capacity, STORAGE_DTYPES[storage], kv_dtype, layer_dtypes=layer_dtypes)
 
     @property
     def nbytes(self) -> int:
@@ -106,10 +128,10 @@ class KVCache:
         angle = e * self.inv_freq  # (head_dim / 2,)
         cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
         half = self.head_dim // 2
-        for l in range(self.buffer.shape[0]):
-            v = self.buffer[l, 1, 0]  # (kv_heads, capacity, row)
+        for l, layer in enumerate(self.layers):
+            v = layer[1, 0]  # (kv_heads, capacity, row)
             v[:, s:n - e] = v[:, s + e:n]  # numpy copies through a temporary when the ranges overlap
-            k = self.buffer[l, 0, 0]
+            k = layer[0, 0]
             x = self._load_keys(k[:, s + e:n], l)  # (kv_heads, n - s - e, head_dim) float32
             x1, x2 = x[..., :half], x[..., half:]
             rotated = np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)  # R(-e)
@@ -118,10 +140,11 @@ class KVCache:
         self.evicted += e
 
     def _load_keys(self, q: np.ndarray, layer: int) -> np.ndarray:
-        if self.kv_dtype in ("fp32", "fp16"):
+        kv_dtype = self.layer_dtypes[layer]
+        if kv_dtype in ("fp32", "fp16"):
             return q.astype(np.float32)
         scale = self.scales[layer, 0][:, None, :]  # (kv_heads, 1, head_dim)
-        if self.kv_dtype == "int8":
+        if kv_dtype == "int8":
             return q.astype(np.float32) * scale
         x = np.empty(q.shape[:-1] + (self.head_dim,), np.float32)
         x[..., 0::2] = (q & 15).astype(np.float32) - 8
@@ -129,10 +152,11 @@ class KVCache:
         return x * scale
 
     def _store_keys(self, x: np.ndarray, layer: int) -> np.ndarray:
-        if self.kv_dtype in ("fp32", "fp16"):
-            return x.astype(self.buffer.dtype)
+        kv_dtype = self.layer_dtypes[layer]
+        if kv_dtype in ("fp32", "fp16"):
+            return x.astype(self.layers[layer].dtype)
         q = np.rint(x / self.scales[layer, 0][:, None, :])
-        if self.kv_dtype == "int8":
+        if kv_dtype == "int8":
             return np.clip(q, -128, 127).astype(np.int8)
         q = (np.clip(q, -8, 7) + 8).astype(np.uint8)
         return q[..., 0::2] | (q[..., 1::2] << 4)

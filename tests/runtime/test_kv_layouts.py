@@ -32,11 +32,19 @@ def prompt(tiny) -> list[int]:
     return ids[:60]
 
 
+MIXED = "int4+int8"  # an int4 cache with one of the two layers kept int8 (the one int4 costs most)
+
+
 def _bundle(tmp_path_factory, tiny: dict, kv: str, window: int | None = None, sinks: int = 4) -> Path:
     key = (tiny["name"], kv, window, sinks)
     if key not in _built:
         out = tmp_path_factory.mktemp(f"kv-{tiny['name']}-{kv}-{window}") / "bundle"
-        compile_model(str(tiny["dir"]), out, CompileOptions(kv=kv, kv_window=window, kv_sinks=sinks))
+        if kv == MIXED:
+            options = CompileOptions(passes=(("kv-cache", (("dtype", "int4"), ("int8_layers", 1))),),
+                                     kv_window=window, kv_sinks=sinks)
+        else:
+            options = CompileOptions(kv=kv, kv_window=window, kv_sinks=sinks)
+        compile_model(str(tiny["dir"]), out, options)
         _built[key] = out
     return _built[key]
 
@@ -137,8 +145,57 @@ def test_quantized_close_to_fp32(tmp_path_factory, tiny, prompt, reference, kv, 
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= min_agree
 
 
+def test_mixed_int4_keeps_the_costliest_layer_int8(tmp_path_factory, tiny, prompt, reference):
+    """int4 with int8_layers=1: the layer whose int4 cache moves the logits most (measured KL) stays int8,
+    the manifest describes each layer's layout, and each layer's buffer holds what the formula says."""
+    bundle = _bundle(tmp_path_factory, tiny, MIXED)
+    m = _manifest(bundle)
+    c = m["kv_cache"]
+    report = next(p["report"] for p in m["passes"] if p["pass"] == "kv-cache")
+    kl = report["sensitivity"]["kl"]
+    assert len(kl) == 2 and min(kl) >= 0 and max(kl) > 0
+    int8_layer = int(np.argmax(kl))
+    kinds = ["int8" if l == int8_layer else "int4" for l in range(2)]
+    assert [e["kv_dtype"] for e in c["layers"]] == kinds == report["layer_dtypes"]
+    assert [e["row_elements"] for e in c["layers"]] == [16 if k == "int8" else 8 for k in kinds]
+    assert c["bytes_per_token"] == 128 // 2 + 64 // 2  # one int8 layer, one int4 layer (of 2)
+    assert c["quantization"]["int8_layers"]["layers"] == [int8_layer]
+    inputs = {v["name"]: v for v in m["graphs"]["decoder"]["inputs"]}
+    for l, kind in enumerate(kinds):
+        assert inputs[f"past_value.{l}"]["dtype"] == ("int8" if kind == "int8" else "uint8")
+    # layer 0 depends on the tokens alone: its buffer is quantize(fp32 cache, scales) in its own layout
+    ref = Engine.load(tiny["bundle"], threads=1).decoder
+    ref.forward(prompt)
+    dec = Engine.load(bundle, threads=1).decoder
+    dec.forward(prompt)
+    scales = np.fromfile(bundle / c["quantization"]["scales_file"], "<f4").reshape(2, 2, 2, 16)
+    n = len(prompt)
+    assert dec.kv.nbytes == c["bytes_per_token"] * dec.kv.capacity
+    for j in (0, 1):
+        x = ref.kv.layers[0][j, 0, :, :n]
+        stored = dec.kv.layers[0][j, 0, :, :n]
+        assert (quantize(x, scales[0, j][:, None, :], kinds[0]) == stored).mean() > 0.999
+    # and the whole model stays close to the float cache
+    tokens, logits = reference
+    got = _teacher_forced(bundle, prompt, tokens)
+    assert (got.argmax(-1) == logits.argmax(-1)).mean() >= 0.2
+    assert np.abs(got - logits).max() / np.abs(logits).max() < 0.8
+
+
+def test_int8_layers_option_is_checked(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="int8_layers mixes int8 layers into an int4 cache; dtype is int8"):
+        compile_model(str(tiny["dir"]), tmp_path / "c",
+                      CompileOptions(passes=(("kv-cache", (("dtype", "int8"), ("int8_layers", 1))),)))
+    from edgedec.passes.base import PassError
+
+    with pytest.raises(PassError, match="int8_layers is 3, but the graph has 2 layers"):
+        compile_model(str(tiny["dir"]), tmp_path / "c",
+                      CompileOptions(passes=(("kv-cache", (("dtype", "int4"), ("int8_layers", 3))),)))
+    assert not (tmp_path / "c").exists()
+
+
 # --- sink + sliding window -----------------------------------------------------------------------
-@pytest.mark.parametrize("kv", ["fp32", "int8"])
+@pytest.mark.parametrize("kv", ["fp32", "int8", MIXED])
 def test_window_generates_far_past_the_window_in_constant_memory(tmp_path_factory, tiny, prompt, kv):
     bundle = _bundle(tmp_path_factory, tiny, kv, window=32, sinks=4)
     w = _manifest(bundle)["kv_cache"]["window"]
