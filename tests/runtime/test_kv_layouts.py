@@ -275,3 +275,26 @@ def test_bench_reports_kv_bytes_and_context(tmp_path_factory, tiny):
     assert b.kv_bytes_per_token == 128
     assert b.prompt_tokens == 100 and b.new_tokens == 4
     assert b.kv_cache_bytes == 2 * 2 * 2 * 105 * 16  # capacity = context + new tokens + 1
+
+
+def test_runtime_refuses_a_bad_per_layer_layout(tmp_path_factory, tiny):
+    """The manifest's kv_cache.layers must name one known layout per layer."""
+    import copy
+    from types import SimpleNamespace
+
+    from edgedec.errors import BundleError
+    from edgedec.runtime.kv_cache import KVCache
+
+    m = _manifest(_bundle(tmp_path_factory, tiny, MIXED))
+    good = SimpleNamespace(manifest=m, arch=m["architecture"])
+    kv = KVCache.from_manifest(good, 64)
+    assert [layer.dtype for layer in kv.layers] == [np.int8 if e["kv_dtype"] == "int8" else np.uint8
+                                                     for e in m["kv_cache"]["layers"]]
+    short = copy.deepcopy(m)
+    short["kv_cache"]["layers"] = short["kv_cache"]["layers"][:1]
+    with pytest.raises(BundleError, match="kv_cache.layers has 1 entries for 2 layers"):
+        KVCache.from_manifest(SimpleNamespace(manifest=short, arch=good.arch), 64)
+    wrong = copy.deepcopy(m)
+    wrong["kv_cache"]["layers"][0]["dtype"] = "float32"
+    with pytest.raises(BundleError, match="is not one this runtime knows"):
+        KVCache.from_manifest(SimpleNamespace(manifest=wrong, arch=good.arch), 64)
