@@ -116,8 +116,10 @@ def int4_engine(tmp_path_factory):
     from edgedec.runtime import Engine
 
     out = tmp_path_factory.mktemp("smollm2-int4") / "bundle"
-    compile_model(None, out, CompileOptions(passes=(("int4", {}),)))
-    return Engine.load(out, threads=2, exact_rows=True)  # int8-activation kernels: see Engine.load
+    compile_model(None, out, CompileOptions(passes=(("int4", {}),), spec="ngram+recycling"))
+    engine = Engine.load(out, threads=2)
+    assert engine.decoder.exact_rows  # on by default: it speculates, with int8-activation kernels (Engine.load)
+    return engine
 
 
 @pytest.fixture(scope="module")

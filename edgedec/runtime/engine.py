@@ -135,15 +135,21 @@ class DecoderSession:
         self._draft1 = np.zeros((1, 1), np.int64)  # (batch, rows)
         self.draft_rows: np.ndarray | None = None  # (rows,) int64 after each run
         self.exact_rows = False  # single tokens run as two rows (see Engine.load)
+        self._ids2 = np.zeros((1, 2), np.int64)  # exact_rows: the token and its padding copy
+        self._bound = None  # which pre-bound decode buffers the binding holds: "one", "two" or None
 
-    def _bind_one(self) -> None:
+    def _bind_one(self, rows: int = 1) -> None:
+        """Bind the pre-allocated decode buffers: one token (``rows=1``), or the token and its padding
+        copy (``rows=2``, exact_rows); logits and draft of the first row only."""
         import onnxruntime as ort
 
-        if self._one_bound:
+        kind = "one" if rows == 1 else "two"
+        if self._one_bound and self._bound == kind:
             return
         b = self.binding
         self._ov = [ort.OrtValue.ortvalue_from_numpy(a) for a in
-                    (self._ids1, self._seqlens1, self._total1, self._index1, self._logits1)]
+                    (self._ids1 if rows == 1 else self._ids2, self._seqlens1, self._total1, self._index1,
+                     self._logits1)]
         b.bind_ortvalue_input("input_ids", self._ov[0])
         b.bind_ortvalue_input("seqlens_k", self._ov[1])
         b.bind_ortvalue_input("total_sequence_length", self._ov[2])
@@ -152,7 +158,7 @@ class DecoderSession:
         if self.has_draft_head:
             self._ov.append(ort.OrtValue.ortvalue_from_numpy(self._draft1))
             b.bind_ortvalue_output("draft_tokens", self._ov[-1])
-        self._one_bound = True
+        self._one_bound, self._bound = True, kind
 
     def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:
         """Run ``ids`` at positions ``[kv.length, kv.length + len(ids))``; return logits (rows, vocab).
@@ -205,16 +211,23 @@ class DecoderSession:
         return out[0]
 
     def decode_one(self, token: int) -> np.ndarray:
-        """The hot path: one token at position ``kv.length``; returns logits (vocab,)."""
-        if self.exact_rows:
+        """The hot path: one token at position ``kv.length``; returns logits (vocab,).
+
+        With ``exact_rows`` the token runs as two rows (itself and a padding copy whose cache entry is
+        dropped) through the same pre-bound buffers, so it costs what a one-row step costs."""
+        rows = 2 if self.exact_rows and (self.kv.length + 2 <= self.kv.capacity or self.kv.window is not None) else 1
+        if self.exact_rows and self.ffn_skip is not None:
             return self.forward([token], logits_rows=[0])[0]
-        if self.kv.length + 1 > self.kv.capacity:
+        if self.kv.length + rows > self.kv.capacity:
             if self.kv.window is None:
                 raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
-            self.kv.make_room(1)
-        total = self.kv.length + 1
-        self._bind_one()
-        self._ids1[0, 0] = token
+            self.kv.make_room(rows)
+        total = self.kv.length + rows
+        self._bind_one(rows)
+        if rows == 1:
+            self._ids1[0, 0] = token
+        else:
+            self._ids2[0, :] = token
         self._seqlens1[0] = total - 1
         self._total1[()] = total
         if ffn := self.ffn_skip:  # which FFN blocks this token skips
@@ -226,10 +239,21 @@ class DecoderSession:
         self.run_s += time.perf_counter() - t
         if ffn:
             ffn.after_run()
-        self.kv.length = total
+        self.kv.length = total - (rows - 1)  # the padding row's cache entry is dropped
         if self.has_draft_head:
             self.draft_rows = self._draft1[0]
         return self._logits1[0, 0]
+
+
+def batch_variant(manifest: dict) -> bool:
+    """Whether the bundle's quantized MatMuls compute one row differently from several: ONNX Runtime's
+    MatMulNBits with int8 activations (accuracy_level 4), which the int4 (by default) and int8 passes use."""
+    for p in manifest.get("passes", []):
+        if p.get("pass") == "int8" and p.get("modified", True):
+            return True
+        if p.get("pass") == "int4" and p.get("modified", True) and p.get("config", {}).get("accuracy_level", 4) == 4:
+            return True
+    return False
 
 
 class Engine:
@@ -260,7 +284,7 @@ class Engine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
-             verify: bool = True, exact_rows: bool = False) -> "Engine":
+             verify: bool = True, exact_rows: bool | None = None) -> "Engine":
         """Load and validate a bundle.
 
         threads: ONNX Runtime intra-op threads (default: physical cores).
@@ -270,8 +294,12 @@ class Engine:
           cache entry is rolled back). ONNX Runtime's MatMulNBits with int8 activations (accuracy_level
           4, the int4/int8 passes' default) computes a one-row input differently from a multi-row one
           (SmolLM2 int4: up to ~1 in logits), while every multi-row chunking agrees bit for bit. With
-          this on, decoding with and without speculation gives the same tokens on such bundles too, at
-          ~10% more time per plain step. Float bundles do not need it.
+          this on, decoding with and without speculation gives the same tokens on such bundles too
+          (without it, SmolLM2 int4's greedy output already differs between one-row and two-row decoding
+          within 64 tokens). It costs ~10% of plain decode speed (the one-row kernel is faster). Default
+          (None): on for bundles that speculate by default (``compile --spec``) and whose int4/int8 pass
+          uses accuracy_level 4, so that ``--no-spec`` reproduces their output exactly; off otherwise.
+          Float bundles do not need it. At the last free slot of a full plain cache a step runs one row.
         """
         bundle = Bundle.open(bundle_dir, verify_hashes=verify)
         if bundle.manifest["target"].get("backend") not in ("onnxruntime", "tvm"):
@@ -288,6 +316,9 @@ class Engine:
         if threads < 1:
             raise GenerationError(f"threads must be >= 1, got {threads}")
         engine = cls(bundle, threads, context_length)
+        if exact_rows is None:
+            exact_rows = (isinstance(engine.decoder, DecoderSession) and bool(bundle.manifest.get("speculation"))
+                          and batch_variant(bundle.manifest))
         if exact_rows:
             if not isinstance(engine.decoder, DecoderSession):
                 raise GenerationError("exact_rows applies to ONNX Runtime bundles with a dynamic-shape decoder")

@@ -189,6 +189,32 @@ def test_multi_row_chunkings_agree_bit_for_bit(int4_bundle):
     assert np.array_equal(whole, np.concatenate(parts))
 
 
+@pytest.fixture(scope="module")
+def int4_spec_bundle(tiny, tmp_path_factory):
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("int4spec") / "bundle"
+    compile_model(str(tiny["dir"]), out, CompileOptions(passes=(("int4", {}),), spec="ngram"))
+    return out
+
+
+def test_exact_rows_is_on_by_default_where_speculation_needs_it(int4_bundle, int4_spec_bundle, tiny):
+    assert Engine.load(int4_spec_bundle, threads=1).decoder.exact_rows  # speculates, accuracy_level 4
+    assert not Engine.load(int4_spec_bundle, threads=1, exact_rows=False).decoder.exact_rows
+    assert not Engine.load(int4_bundle, threads=1).decoder.exact_rows  # no default speculation: the faster row
+    assert not Engine.load(tiny["bundle"], threads=1).decoder.exact_rows  # float: one row is exact anyway
+
+
+def test_int4_spec_bundle_equals_its_no_spec_run(int4_spec_bundle):
+    """A bundle compiled with --spec: generate() speculates by default, drafter=None is --no-spec."""
+    eng = Engine.load(int4_spec_bundle, threads=1)
+    for prompt in PROMPTS:
+        spec = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True)]
+        assert eng.last_stats.drafter == "ngram"
+        base = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=None)]
+        assert spec == base, prompt
+
+
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_exact_rows_makes_int4_speculation_token_exact(int4_bundle, drafter):
     eng = Engine.load(int4_bundle, threads=1, exact_rows=True)
