@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -49,6 +50,10 @@ def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not verbose:
         warnings.filterwarnings("ignore")
+        # torch resets its loggers' levels when imported (TORCH_LOGS is what it reads), and transformers'
+        # GGUF loader draws a plain tqdm bar: quiet both unless the user asked for them
+        os.environ.setdefault("TORCH_LOGS", "-all")
+        os.environ.setdefault("TQDM_DISABLE", "1")
         for name in ("torch", "onnxscript", "onnx_ir", "transformers", "accelerate"):
             logging.getLogger(name).setLevel(logging.ERROR)
         with contextlib.suppress(Exception):
