@@ -102,10 +102,10 @@ class BenchOptions:
         if self.context_tokens is not None and self.context_tokens < 1:
             raise ConfigError(f"context_tokens must be >= 1, got {self.context_tokens}")
         if self.spec is not None:
-            from .runtime.drafters import DRAFTER_NAMES
+            from .runtime.drafters import DRAFTER_NAMES, is_drafter_name
 
-            if self.spec not in DRAFTER_NAMES:
-                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, got {self.spec!r}")
+            if not is_drafter_name(self.spec):
+                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)} or model:PATH, got {self.spec!r}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,7 +75,8 @@ def run(request: dict) -> dict:
     context = request.get("context")
     if fill:
         context = max(context or 0, int(fill) + int(request["new_tokens"]) + 1)
-    engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=context)
+    model_draft = str(request.get("drafter") or "").startswith("model:")  # two sessions taking turns: no spinning
+    engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=context, spin=not model_draft)
     load_s = time.perf_counter() - t
     prompts = [_filled(engine, p, int(fill)) for p in request["prompts"]] if fill else request["prompts"]
     kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True,

@@ -169,7 +169,9 @@ def run_cmd(
     context: Optional[int] = typer.Option(None, "--context", help="KV-cache capacity in tokens (default: 2048)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings)."),
     spec: Optional[str] = typer.Option(
-        None, "--spec", help="Speculate with this drafter (ngram, recycling, ngram+recycling) (default: the bundle's)."),
+        None, "--spec", help="Speculate with this drafter: ngram, recycling, ngram+recycling, head, head+ngram, "
+                             "ffn-skip, or model:PATH (a draft-model bundle with the same tokenizer) "
+                             "(default: the bundle's)."),
     no_spec: bool = typer.Option(False, "--no-spec", help="Turn speculation off, even if the bundle has it."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
 ):
@@ -177,7 +179,8 @@ def run_cmd(
     with _errors():
         from .runtime import Engine
 
-        engine = Engine.load(bundle, threads=threads, context_length=context)
+        model_draft = not no_spec and (spec or "").startswith("model:")  # two sessions taking turns: no spinning
+        engine = Engine.load(bundle, threads=threads, context_length=context, spin=not model_draft)
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop=stop, drafter=None if no_spec else (spec or "auto"), draft_len=draft_len)
         if chat:
@@ -500,7 +503,8 @@ def bench_cmd(
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a bar chart comparing the bundles (PNG)."),
     spec: Optional[str] = typer.Option(
         None, "--spec", help="Measure each bundle without speculation and with this drafter (ngram, recycling, "
-                             "ngram+recycling) in the same run (default: as each bundle says)."),
+                             "ngram+recycling, head, head+ngram, ffn-skip, model:PATH) in the same run "
+                             "(default: as each bundle says)."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
     context: Optional[int] = typer.Option(
         None, "--context", help="Prefill each prompt, repeated, to N tokens before decoding: decode speed and peak "

@@ -199,11 +199,79 @@ class FfnSkipDrafter:
         pass
 
 
-def make_drafter(name: str, vocab_size: int, decoder=None):
+class DraftModelDrafter:
+    """A separate, smaller draft model that shares the target's tokenizer (classic speculative decoding):
+    another edgedec bundle, run by its own engine with its own KV cache, drafts ``k`` tokens greedily.
+
+    The draft cache follows the history lazily: before drafting, it is rolled back (by length, no copy)
+    to the longest prefix it shares with the history, and the tokens it lacks (the prompt on the first
+    call, then the verified tokens) are fed in one multi-row pass whose last logits give the first draft.
+    Each further draft token costs one decode step of the draft model; ``cost_per_token`` tells the
+    adaptive draft length its price relative to a target step (the ratio of the two bundles' weight bytes).
+    The draft session's threads do not spin between runs; load the target with ``spin=False`` too (the CLI
+    does when ``--spec model:PATH``). A windowed draft cache is not supported (no drafts are proposed).
+    """
+
+    width = 0
+
+    def __init__(self, path: str, target_bundle, threads: int | None = None):
+        from ..errors import GenerationError
+        from .engine import Engine
+
+        # the draft and the target take turns on the same cores: ONNX Runtime threads that spin after a run
+        # would steal the other session's time (SmolLM2 fp32 target, int4 draft: 0.56x spinning, 1.12x not)
+        self.engine = Engine.load(path, threads=threads, spin=False)
+        draft, target = self.engine.bundle, target_bundle
+        tok = lambda b: b.manifest["files"].get(b.manifest["tokenizer"]["file"], {}).get("sha256")
+        if tok(draft) != tok(target):
+            raise GenerationError(f"the draft model {path} does not share the target's tokenizer "
+                                  "(tokenizer files differ)")
+        self.dec = self.engine.decoder
+        self.name = f"model:{path}"
+        weights = lambda b: sum(f.get("bytes", 0) for n, f in b.manifest["files"].items() if not n.endswith(".json"))
+        self.cost_per_token = min(1.0, weights(draft) / max(weights(target), 1)) + 0.02
+        self.held = np.zeros(0, np.int32)  # the tokens in the draft cache, in order
+
+    def reset(self, prompt: np.ndarray) -> None:
+        self.dec.kv.length = 0
+        self.held = np.zeros(0, np.int32)
+
+    def propose(self, history: np.ndarray, k: int) -> list[int]:
+        dec, n = self.dec, len(history)
+        held = self.held[: dec.kv.length]
+        m = min(len(held), n - 1)  # keep at least the last token to feed
+        same = int(np.argmin(np.append(held[:m] == history[:m], False)))  # common prefix length
+        k = min(k, dec.kv.capacity - n)
+        if k < 1 or dec.kv.window is not None:
+            return []
+        dec.kv.length = same
+        feed = [int(t) for t in history[same:n]]
+        logits = dec.decode_one(feed[0]) if len(feed) == 1 else dec.forward(feed)[-1]
+        out = [int(np.argmax(logits))]
+        for _ in range(k - 1):
+            out.append(int(np.argmax(dec.decode_one(out[-1]))))
+        self.held = np.concatenate([history[:n], np.asarray(out[:-1], np.int32)])
+        return out
+
+    def observe(self, inputs: np.ndarray, candidates: np.ndarray) -> None:
+        pass
+
+
+def is_drafter_name(name: str) -> bool:
+    """A built-in drafter, or ``model:PATH`` (a draft-model bundle)."""
+    return name in DRAFTER_NAMES or (name.startswith("model:") and len(name) > len("model:"))
+
+
+def make_drafter(name: str, vocab_size: int, decoder=None, target_bundle=None, threads: int | None = None):
     """A drafter by name: ``ngram``, ``recycling``, ``ngram+recycling``, ``head`` or ``head+ngram``
-    (the last two need ``decoder``, a session over a bundle with the draft-head pass)."""
+    (the last two need ``decoder``, a session over a bundle with the draft-head pass), ``ffn-skip``, or
+    ``model:PATH``, a draft-model bundle sharing the tokenizer of ``target_bundle``."""
     from ..errors import GenerationError
 
+    if name.startswith("model:"):
+        if target_bundle is None:
+            raise GenerationError("a draft model needs the target bundle to check the tokenizer against")
+        return DraftModelDrafter(name[len("model:"):], target_bundle, threads)
     if name == "ffn-skip":
         return FfnSkipDrafter(decoder)
     if name in ("head", "head+ngram"):
@@ -211,7 +279,7 @@ def make_drafter(name: str, vocab_size: int, decoder=None):
     parts = {"ngram": lambda: PromptLookupDrafter(), "recycling": lambda: TokenRecyclingDrafter(vocab_size)}
     names = name.split("+")
     if not names or any(n not in parts for n in names):
-        raise GenerationError(f"unknown drafter {name!r}; valid: {', '.join(DRAFTER_NAMES)}")
+        raise GenerationError(f"unknown drafter {name!r}; valid: {', '.join(DRAFTER_NAMES)}, model:PATH")
     drafters = [parts[n]() for n in names]
     return drafters[0] if len(drafters) == 1 else CombinedDrafter(*drafters)
 

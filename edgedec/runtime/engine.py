@@ -93,7 +93,7 @@ class GenerationStats:
 class DecoderSession:
     """An ONNX Runtime session over the bundle's decoder graph with all state bound through IOBinding."""
 
-    def __init__(self, bundle: Bundle, threads: int, capacity: int):
+    def __init__(self, bundle: Bundle, threads: int, capacity: int, spin: bool = True):
         import onnxruntime as ort
 
         graph = bundle.graph("decoder")
@@ -101,6 +101,8 @@ class DecoderSession:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+        if not spin:  # threads sleep between runs instead of spinning: for sessions that take turns on the cores
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
@@ -259,7 +261,7 @@ def batch_variant(manifest: dict) -> bool:
 class Engine:
     """Run a bundle. ``Engine.load(path)`` validates it first and refuses what it does not understand."""
 
-    def __init__(self, bundle: Bundle, threads: int, context_length: int):
+    def __init__(self, bundle: Bundle, threads: int, context_length: int, spin: bool = True):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.threads = threads
@@ -274,7 +276,7 @@ class Engine:
 
             self.decoder = StaticDecoderSession.from_bundle(bundle, threads, context_length)
         else:
-            self.decoder = DecoderSession(bundle, threads, context_length)
+            self.decoder = DecoderSession(bundle, threads, context_length, spin)
         kv = getattr(self.decoder, "kv", None)
         if getattr(kv, "window", None):  # sink + window: the cache is sinks + window slots, generation unbounded
             context_length = kv.capacity
@@ -284,7 +286,7 @@ class Engine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
-             verify: bool = True, exact_rows: bool | None = None) -> "Engine":
+             verify: bool = True, exact_rows: bool | None = None, spin: bool = True) -> "Engine":
         """Load and validate a bundle.
 
         threads: ONNX Runtime intra-op threads (default: physical cores).
@@ -300,6 +302,8 @@ class Engine:
           (None): on for bundles that speculate by default (``compile --spec``) and whose int4/int8 pass
           uses accuracy_level 4, so that ``--no-spec`` reproduces their output exactly; off otherwise.
           Float bundles do not need it. At the last free slot of a full plain cache a step runs one row.
+        spin: ONNX Runtime's worker threads spin between runs (fastest alone). Off, they sleep: for
+          sessions that take turns on the same cores, such as a draft model's and its target's.
         """
         bundle = Bundle.open(bundle_dir, verify_hashes=verify)
         if bundle.manifest["target"].get("backend") not in ("onnxruntime", "tvm"):
@@ -315,7 +319,7 @@ class Engine:
             threads = physical_cores()
         if threads < 1:
             raise GenerationError(f"threads must be >= 1, got {threads}")
-        engine = cls(bundle, threads, context_length)
+        engine = cls(bundle, threads, context_length, spin)
         if exact_rows is None:
             exact_rows = (isinstance(engine.decoder, DecoderSession) and bool(bundle.manifest.get("speculation"))
                           and batch_variant(bundle.manifest))
@@ -381,7 +385,8 @@ class Engine:
             draft_len = int(spec.get("draft_len", 4))
         if isinstance(drafter, str):  # one drafter per name and engine: what it learned carries over
             if drafter not in self._drafters:
-                self._drafters[drafter] = make_drafter(drafter, self.bundle.arch["vocab_size"], self.decoder)
+                self._drafters[drafter] = make_drafter(drafter, self.bundle.arch["vocab_size"], self.decoder,
+                                                       self.bundle, self.threads)
             drafter = self._drafters[drafter]
         if drafter is not None and not 1 <= draft_len <= 64:
             raise GenerationError(f"draft_len must be in [1, 64], got {draft_len}")
