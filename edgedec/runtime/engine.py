@@ -129,7 +129,6 @@ class DecoderSession:
         self._total1 = np.zeros((), np.int32)  # total tokens after the step
         self._index1 = np.zeros((1,), np.int64)  # logits for position 0 of the new tokens
         self._logits1 = np.zeros((1, 1, self.vocab), np.float32)  # (batch, 1, vocab)
-        self._one_bound = False
         self.run_s = 0.0
         self.ffn_skip = FfnSkipController.bind(bundle.manifest, self.session, self.binding)  # None: no skipping
         # pass draft-head: every run also emits, per logits row, the next round's first draft token
@@ -138,15 +137,14 @@ class DecoderSession:
         self.draft_rows: np.ndarray | None = None  # (rows,) int64 after each run
         self.exact_rows = False  # single tokens run as two rows (see Engine.load)
         self._ids2 = np.zeros((1, 2), np.int64)  # exact_rows: the token and its padding copy
-        self._bound = None  # which pre-bound decode buffers the binding holds: "one", "two" or None
+        self._bound: int | None = None  # rows of the pre-bound decode buffers the binding holds (None: other)
 
     def _bind_one(self, rows: int = 1) -> None:
         """Bind the pre-allocated decode buffers: one token (``rows=1``), or the token and its padding
         copy (``rows=2``, exact_rows); logits and draft of the first row only."""
         import onnxruntime as ort
 
-        kind = "one" if rows == 1 else "two"
-        if self._one_bound and self._bound == kind:
+        if self._bound == rows:
             return
         b = self.binding
         self._ov = [ort.OrtValue.ortvalue_from_numpy(a) for a in
@@ -160,7 +158,7 @@ class DecoderSession:
         if self.has_draft_head:
             self._ov.append(ort.OrtValue.ortvalue_from_numpy(self._draft1))
             b.bind_ortvalue_output("draft_tokens", self._ov[-1])
-        self._one_bound, self._bound = True, kind
+        self._bound = rows
 
     def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:
         """Run ``ids`` at positions ``[kv.length, kv.length + len(ids))``; return logits (rows, vocab).
@@ -199,7 +197,7 @@ class DecoderSession:
             drafts = np.empty((1, len(rows)), np.int64)  # (batch, rows)
             b.bind_ortvalue_output("draft_tokens", ort.OrtValue.ortvalue_from_numpy(drafts))
             self.draft_rows = drafts[0]
-        self._one_bound = False
+        self._bound = None
         if self.ffn_skip is not None:  # several tokens (prompt, verification): the full model
             if start == 0:
                 self.ffn_skip.reset()
@@ -216,10 +214,10 @@ class DecoderSession:
         """The hot path: one token at position ``kv.length``; returns logits (vocab,).
 
         With ``exact_rows`` the token runs as two rows (itself and a padding copy whose cache entry is
-        dropped) through the same pre-bound buffers, so it costs what a one-row step costs."""
-        rows = 2 if self.exact_rows and (self.kv.length + 2 <= self.kv.capacity or self.kv.window is not None) else 1
-        if self.exact_rows and self.ffn_skip is not None:
+        dropped) through pre-bound buffers as well: no re-binding, only the two-row kernel's own cost."""
+        if self.exact_rows and self.ffn_skip is not None:  # a multi-row run: the full model, as forward() does
             return self.forward([token], logits_rows=[0])[0]
+        rows = 2 if self.exact_rows and (self.kv.length + 2 <= self.kv.capacity or self.kv.window is not None) else 1
         if self.kv.length + rows > self.kv.capacity:
             if self.kv.window is None:
                 raise GenerationError(f"the context of {self.kv.capacity} tokens is full")
