@@ -273,23 +273,17 @@ class KvCachePass(Pass):
 
     @staticmethod
     def _prefill_feed(sess, ids: list[int], all_logits: bool) -> dict:
-        """A prefill of ``ids`` over an empty cache: zero past tensors of each input's type and width, every
-        boolean input (ffn-skip flags) false."""
-        n = len(ids)
-        feed = {
-            "input_ids": np.asarray(ids, np.int64)[None],
-            "seqlens_k": np.array([n - 1], np.int32),
-            "total_sequence_length": np.array(n, np.int32),
-            "logits_index": np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], np.int64),
-        }
+        """A prefill of ``ids`` over an empty cache, shaped and typed from the session's inputs (quantized
+        caches are uint8/int8; ffn-skip flags stay false)."""
+        from .qdq import prefill_feed
+
         types = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int8)": np.int8,
                  "tensor(uint8)": np.uint8}
-        for i in sess.get_inputs():
-            if i.name.startswith(("past_key.", "past_value.")):
-                feed[i.name] = np.zeros((1, i.shape[1], n, i.shape[3]), types[i.type])
-            elif i.type == "tensor(bool)" and i.name not in feed:
-                feed[i.name] = np.zeros([d if isinstance(d, int) else 1 for d in i.shape], bool)
-        return feed
+        inputs = sess.get_inputs()
+        past = {i.name: (i.shape[1], i.shape[3], types[i.type]) for i in inputs
+                if i.name.startswith(("past_key.", "past_value."))}
+        flags = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in inputs if i.type == "tensor(bool)"}
+        return prefill_feed(ids, past, all_logits, flags)
 
     def _calibrate(self, path: Path, model: onnx.ModelProto, nodes: dict, ids: list[int]) -> tuple[dict, dict]:
         """Run the float-cache graph saved at ``path`` on calibration text; return per layer the key ranges

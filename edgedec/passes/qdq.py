@@ -116,28 +116,36 @@ def default_calibration_text() -> str:
     return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
 
 
+def prefill_feed(ids: list[int], past: dict[str, tuple[int, int, type]], all_logits: bool,
+                 flags: dict[str, list[int]] | None = None) -> dict:
+    """Feeds for one prefill of ``ids`` over an empty cache: ``past`` maps each past_* input to its
+    (kv_heads, row, numpy dtype), zero-filled; ``flags`` maps boolean inputs (ffn-skip) to their shape,
+    all false. Logits for every position, or only the last."""
+    n = len(ids)
+    feed = {
+        "input_ids": np.asarray(ids, np.int64)[None],
+        "seqlens_k": np.array([n - 1], np.int32),
+        "total_sequence_length": np.array(n, np.int32),
+        "logits_index": np.arange(n, dtype=np.int64) if all_logits else np.array([n - 1], np.int64),
+    }
+    for name, (heads, row, dtype) in past.items():
+        feed[name] = np.zeros((1, heads, n, row), dtype)
+    for name, shape in (flags or {}).items():
+        feed[name] = np.zeros(shape, bool)
+    return feed
+
+
 class DecoderCalibrationReader:
     """Feeds the edgedec decoder graph prefill steps over an empty cache (an ORT CalibrationDataReader)."""
 
     def __init__(self, model: onnx.ModelProto, token_ids: list[int], samples: int, length: int):
-        self.feeds = []
-        kv = {}
+        past = {}
         for v in model.graph.input:
             if v.name.startswith(("past_key.", "past_value.")):
                 dims = [d.dim_value for d in v.type.tensor_type.shape.dim]
-                kv[v.name] = dims
+                past[v.name] = (dims[1], dims[3], np.float32)
         n = min(samples, len(token_ids) // length)
-        for s in range(n):
-            ids = np.asarray(token_ids[s * length:(s + 1) * length], np.int64)[None]
-            feed = {
-                "input_ids": ids,
-                "seqlens_k": np.array([length - 1], np.int32),
-                "total_sequence_length": np.array(length, np.int32),
-                "logits_index": np.arange(length, dtype=np.int64),
-            }
-            for name, (b, heads, _, dim) in kv.items():
-                feed[name] = np.zeros((b or 1, heads, length, dim), np.float32)
-            self.feeds.append(feed)
+        self.feeds = [prefill_feed(token_ids[s * length:(s + 1) * length], past, True) for s in range(n)]
         self._it = iter(self.feeds)
 
     def __len__(self) -> int:
