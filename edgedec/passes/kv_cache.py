@@ -22,16 +22,25 @@ and observed ranges for int4, where resolution dominates (SmolLM2, int4 cache, 2
 perplexity ratio 1.17 observed vs 1.36 pair).
 
 Per-token scales (KIVI's choice for values) and a float window of recent tokens are not in the kernel;
-per-channel static scales are what it offers. An all-int4 cache costs SmolLM2 13% perplexity (8,191
-held-out tokens), and the loss is spread over the layers (0.0-1.5% each), so ``int4`` mixes precision
-per layer: the ``int8_layers`` layers whose int4 cache costs the most stay int8 (the kernel's bit width is
-an attribute of each attention node). The pass measures each layer's cost on the calibration text: the
-mean KL divergence of the next-token distribution when only that layer's cache is int4. The default, a
-third of the layers, keeps the cache at 1/6 of fp32's bytes (SmolLM2: 10 of 30 layers, 16.7%,
-perplexity ratio 1.053 with the cost measured on 1,024 tokens, 1.056 on 512). Scaling the int4 scales by a factor chosen on the same KL did not carry over
-to held-out text (key scales x1.15: 1.069), so the pass does not. Scale tensors are float32 initializers
-``kv_scale.key.{layer}`` / ``kv_scale.value.{layer}`` shaped ``(1, kv_heads, 1, head_dim)`` (per channel)
-or ``(1,)`` (per tensor).
+per-channel static scales are what it offers, and they are symmetric. Keys are not: their channels carry
+offsets. ``k_center`` (on by default for int4) stores keys minus their calibrated mean, the asymmetric
+per-channel key quantization of KIVI expressed with the kernel's symmetric one. It is exact, not an
+approximation: every key of a layer loses the same vector c, which shifts each query's attention logits
+by the same q.c, and softmax ignores that. The kernel rotates the key it is given, so the graph subtracts
+R(-p) c before the attention (one MatMul and one Add per layer; see ``_center_keys``). Centred keys are
+not clipped: the clip that minimises their squared error trims the large keys attention peaks on.
+
+An all-int4 cache still costs SmolLM2 13% perplexity (8,191 held-out tokens, uncentred), spread over the
+layers (0.0-1.5% each), so ``int4`` mixes precision per layer: the ``int8_layers`` layers whose int4 cache
+costs the most stay int8 (the kernel's bit width is an attribute of each attention node). The pass
+measures each layer's cost on the calibration text: the mean KL divergence of the next-token distribution
+when only that layer's cache is int4. The default, a third of the layers, keeps the cache at 1/6 of fp32's
+bytes (SmolLM2: 10 of 30 layers, 16.7%). Perplexity ratio against the float cache on 8,191 held-out
+tokens: 1.053 uncentred, {CENTRED} centred. Scaling the int4 scales by a factor chosen on the calibration
+KL did not carry over to held-out text (key scales x1.15: 1.069), so the pass does not.
+
+Scale tensors are float32 initializers ``kv_scale.key.{layer}`` / ``kv_scale.value.{layer}`` shaped
+``(1, kv_heads, 1, head_dim)`` (per channel) or ``(1,)`` (per tensor).
 """
 
 from __future__ import annotations
@@ -54,6 +63,7 @@ KV_DTYPES = ("fp32", "fp16", "int8", "int4")
 SCALE_LAYOUTS = ("per_channel", "per_tensor")
 K_RANGES = ("auto", "pair", "observed")
 CLIPS = ("auto", "mse", "none")
+CENTERS = ("auto", "on", "off")
 CLIP_RATIOS = np.linspace(1.0, 0.3, 15)  # candidate fractions of the calibrated range (clip=mse)
 # logical dtype -> (storage dtype name, ONNX elem type, elements per head_dim row divisor, bytes per element)
 STORAGE = {
@@ -107,7 +117,9 @@ class KvCacheConfig(PassConfig):
     headroom: float = option(1.0, "multiply calibrated ranges by this before choosing scales (values beyond "
                                   "the range are clipped)")
     clip: str = option("auto", "shrink each range to the clip that minimises the squared error on the calibration "
-                               "cache: mse, none, or auto (mse for int4, none for int8)")
+                               "cache: mse, none, or auto (int4: mse, except centred keys: none; int8: none)")
+    k_center: str = option("auto", "store keys minus their calibrated mean (exact: softmax ignores a shift shared by "
+                                   "every key): on, off, or auto (on for int4 caches, off for int8)")
     calibration_text: str = option("", "UTF-8 text file to calibrate on (default: prose from Python's "
                                        "pydoc_data.topics)")
     samples: int = option(2, "calibration sequences")
@@ -129,6 +141,10 @@ class KvCacheConfig(PassConfig):
             raise ConfigError(f"kv-cache.k_range must be one of {', '.join(K_RANGES)}, got {self.k_range!r}")
         if self.clip not in CLIPS:
             raise ConfigError(f"kv-cache.clip must be one of {', '.join(CLIPS)}, got {self.clip!r}")
+        if self.k_center not in CENTERS:
+            raise ConfigError(f"kv-cache.k_center must be one of {', '.join(CENTERS)}, got {self.k_center!r}")
+        if self.k_center == "on" and self.dtype not in QMAX:
+            raise ConfigError(f"kv-cache.k_center centres quantized keys; dtype is {self.dtype}")
         if not 0.25 <= self.headroom <= 4.0:
             raise ConfigError(f"kv-cache.headroom must be in [0.25, 4], got {self.headroom}")
         if self.calibration_text and not Path(self.calibration_text).expanduser().is_file():
@@ -154,6 +170,130 @@ def _attention_nodes(model: onnx.ModelProto) -> dict[int, onnx.NodeProto]:
             if name.startswith("past_key.") and name[len("past_key."):].isdigit():
                 nodes[int(name[len("past_key."):])] = node
     return nodes
+
+
+CENTER_WEIGHT = "kv_center.rotary"
+
+
+def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def _rotary_halves(node: onnx.NodeProto) -> bool:
+    """Whether the attention node rotates keys itself, channel i with i + head_dim/2 (non-interleaved)."""
+    return _attr(node, "do_rotary") == 1 and _attr(node, "rotary_interleaved") == 0 and len(node.input) > 8
+
+
+def _key_columns(node: onnx.NodeProto, head_dim: int) -> tuple[int, int, int]:
+    """(input index, first key column, width of that input) of an attention node's keys: the packed query
+    input when its key input is empty, else the key input."""
+    heads, kv_heads = _attr(node, "num_heads"), _attr(node, "kv_num_heads")
+    if len(node.input) > 1 and node.input[1]:
+        return 1, 0, kv_heads * head_dim
+    return 0, heads * head_dim, (heads + 2 * kv_heads) * head_dim
+
+
+def _center_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], offsets: dict[int, np.ndarray],
+                 fold: bool = True) -> None:
+    """Make each layer in ``offsets`` store ``rotary(key) - offset`` (offset: (kv_heads, head_dim)).
+
+    The attention rotates the key it is given at position p, so the graph subtracts R(-p) offset first:
+    ``[cos(p), sin(p)] @ W`` with W a (head_dim, width) initializer ``kv_center.rotary.{layer}`` (for kv head
+    h at key column o, channel i < head_dim/2: W[i, o+i] = -a_i, W[h2+i, o+i] = -b_i, W[i, o+h2+i] = -b_i,
+    W[h2+i, o+h2+i] = a_i, where (a, b) are the offset's halves and h2 = head_dim/2). Positions are those
+    the attention uses: total_sequence_length - S + [0, S).
+
+    Where the key comes from a MatMul by a 2-D initializer B (the fused projection, or int4's block-sum
+    offset term added to it), that MatMul takes the shift in: ``Concat(A, rotary) @ Concat(B, W)``, the
+    weight concatenation being a constant ORT folds at load. No (S, width) tensor is added, and none is
+    computed early: ORT runs nodes that read only the step's inputs first, and 30 stand-alone shifts of
+    a 2,000-token prefill held 230 MB at once. Other graphs (or ``fold=False``) get ``key + rotary @ W``."""
+    first = nodes[min(nodes)]
+    total, cos, sin = first.input[6], first.input[7], first.input[8]
+    if "input_ids" not in {v.name for v in model.graph.input}:
+        raise PassError("kv-cache: centring keys needs the graph input input_ids (the step's token count)")
+    p = "kv_center."
+    shared = [
+        helper.make_node("Shape", ["input_ids"], [p + "steps"], start=1, end=2),
+        helper.make_node("Squeeze", [p + "steps"], [p + "steps_scalar"]),
+        helper.make_node("Cast", [total], [p + "total"], to=onnx.TensorProto.INT64),
+        helper.make_node("Sub", [p + "total", p + "steps_scalar"], [p + "start"]),
+        helper.make_node("Range", [p + "start", p + "total", p + "one"], [p + "range"]),
+        # (1, S): the rotary features (1, S, head_dim) concatenate with (1, S, K) activations
+        helper.make_node("Unsqueeze", [p + "range", p + "zero"], [p + "positions"]),
+        helper.make_node("Gather", [cos, p + "positions"], [p + "cos"]),
+        helper.make_node("Gather", [sin, p + "positions"], [p + "sin"]),
+        helper.make_node("Concat", [p + "cos", p + "sin"], [p + "rotary"], axis=-1),
+    ]
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), p + "one"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), p + "zero"))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    uses: dict[str, int] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    weights = {i.name: i for i in model.graph.initializer}
+
+    def matmul_by_weight(tensor: str) -> onnx.NodeProto | None:
+        """The MatMul by a 2-D initializer used once that makes ``tensor``, directly or as a term of an Add."""
+        node = producer.get(tensor)
+        for n in [node] + ([producer.get(i) for i in node.input] if node is not None and node.op_type == "Add" else []):
+            if n is not None and n.op_type == "MatMul" and n.input[1] in weights and uses[n.input[1]] == 1 \
+                    and len(weights[n.input[1]].dims) == 2 and uses[n.output[0]] == 1:
+                return n
+        return None
+
+    steps = {}  # output of the node the new nodes go before -> those nodes
+    for l, offset in sorted(offsets.items()):
+        node = nodes[l]
+        kv_heads, head_dim = offset.shape
+        half = head_dim // 2
+        index, start, width = _key_columns(node, head_dim)
+        w = np.zeros((head_dim, width), np.float32)
+        i = np.arange(half)
+        for h in range(kv_heads):
+            a, b = offset[h, :half], offset[h, half:]
+            o = start + h * head_dim
+            w[i, o + i], w[half + i, o + i], w[i, o + half + i], w[half + i, o + half + i] = -a, -b, -b, a
+        name = f"{CENTER_WEIGHT}.{l}"
+        model.graph.initializer.append(numpy_helper.from_array(w, name))
+        matmul = matmul_by_weight(node.input[index]) if fold else None
+        if matmul is not None:  # fold the shift into it
+            a, b = matmul.input[0], matmul.input[1]
+            steps[matmul.output[0]] = [helper.make_node("Concat", [a, p + "rotary"], [f"{a}.{p}{l}"], axis=-1),
+                                       helper.make_node("Concat", [b, name], [f"{b}.{p}{l}"], axis=0)]
+            matmul.input[0], matmul.input[1] = f"{a}.{p}{l}", f"{b}.{p}{l}"
+        else:
+            shifted = f"{node.input[index]}.centred"
+            steps[node.output[0]] = [helper.make_node("MatMul", [p + "rotary", name], [f"{p}shift.{l}"]),
+                                     helper.make_node("Add", [node.input[index], f"{p}shift.{l}"], [shifted])]
+            node.input[index] = shifted
+    order = list(shared)
+    for node in model.graph.node:
+        order.extend(steps.get(node.output[0], []) if node.output else [])
+        order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+
+
+def read_key_offsets(model: onnx.ModelProto, num_layers: int, kv_heads: int, head_dim: int,
+                     base_dir: str | Path = "") -> np.ndarray | None:
+    """The key offsets (layer, kv_heads, head_dim) float32 read back from the centring weights (external
+    data relative to ``base_dir``), or None."""
+    inits = {i.name: i for i in model.graph.initializer}
+    if f"{CENTER_WEIGHT}.0" not in inits:
+        return None
+    nodes = _attention_nodes(model)
+    half = head_dim // 2
+    i = np.arange(half)
+    out = np.zeros((num_layers, kv_heads, head_dim), np.float32)
+    for l in range(num_layers):
+        w = numpy_helper.to_array(inits[f"{CENTER_WEIGHT}.{l}"], str(base_dir))
+        _, start, _ = _key_columns(nodes[l], head_dim)
+        for h in range(kv_heads):
+            o = start + h * head_dim
+            out[l, h, :half], out[l, h, half:] = -w[i, o + i], -w[half + i, o + i]
+    return out
 
 
 class KvCachePass(Pass):
@@ -204,6 +344,12 @@ class KvCachePass(Pass):
         if c.dtype == "int4" and head_dim % 2:
             raise PassError(f"kv-cache int4 packs two values per byte and needs an even head_dim, got {head_dim}")
         n8 = self.int8_count(len(layers))
+        self._center = self.centered() and c.dtype in QMAX
+        if self._center and not all(_rotary_halves(node) for node in nodes.values()):
+            if c.k_center == "on":
+                raise PassError("kv-cache.k_center needs attention that rotates keys itself in non-interleaved "
+                                "halves (GroupQueryAttention do_rotary=1, rotary_interleaved=0)")
+            self._center = False
         out = onnx.ModelProto()
         out.CopyFrom(model)
         dtypes = {l: c.dtype for l in layers}
@@ -287,33 +433,34 @@ class KvCachePass(Pass):
 
     def _calibrate(self, path: Path, model: onnx.ModelProto, nodes: dict, ids: list[int]) -> tuple[dict, dict]:
         """Run the float-cache graph saved at ``path`` on calibration text; return per layer the key ranges
-        (observed absmax, rotary-pair norm), the value range, each (kv_heads, head_dim), and a slice of the
-        cache (keys, values) to fit clips and report errors on; plus a report."""
+        (observed absmax, rotary-pair norm), the value range, each (kv_heads, head_dim), the slice of the
+        cache (keys, values) to fit clips and report errors on, and the key offset (the keys' mean, which
+        ``k_center`` subtracts from the keys before the ranges are taken; None without centring); plus a
+        report."""
         c = self.config
         n = min(c.sequence_length, self._positions(model, nodes))
         count = min(c.samples, len(ids) // n)
-        kv_heads, head_dim = self._kv_shape(model)
-        half = head_dim // 2
+        half = self._kv_shape(model)[1] // 2
         layers = sorted(nodes)
-        k_abs = {l: np.zeros((kv_heads, head_dim), np.float32) for l in layers}
-        k_pair = {l: np.zeros((kv_heads, half), np.float32) for l in layers}
-        v_abs = {l: np.zeros((kv_heads, head_dim), np.float32) for l in layers}
-        samples = {}
+        keys = {l: [] for l in layers}
+        values = {l: [] for l in layers}
         sess = self._session(path)
         names = [o.name for o in sess.get_outputs()]
         for s in range(count):
             result = dict(zip(names, sess.run(None, self._prefill_feed(sess, ids[s * n:(s + 1) * n], False))))
             for l in layers:
-                k = result[f"present_key.{l}"][0, :, :n]  # (kv_heads, n, head_dim), post-rotary
-                v = result[f"present_value.{l}"][0, :, :n]
-                np.maximum(k_abs[l], np.abs(k).max(axis=1), out=k_abs[l])
-                np.maximum(k_pair[l], np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1), out=k_pair[l])
-                np.maximum(v_abs[l], np.abs(v).max(axis=1), out=v_abs[l])
-                old = samples.get(l)
-                samples[l] = (k.copy(), v.copy()) if old is None else \
-                    (np.concatenate([old[0], k], axis=1), np.concatenate([old[1], v], axis=1))
-        ranges = {l: (k_abs[l], np.concatenate([k_pair[l], k_pair[l]], axis=-1), v_abs[l], samples[l])
-                  for l in layers}
+                keys[l].append(result[f"present_key.{l}"][0, :, :n])  # (kv_heads, n, head_dim), post-rotary
+                values[l].append(result[f"present_value.{l}"][0, :, :n])
+        ranges = {}
+        for l in layers:
+            k, v = np.concatenate(keys[l], axis=1), np.concatenate(values[l], axis=1)
+            offset = None
+            if self.centered():  # the first token of a sequence (the attention sink) is an outlier: left out
+                offset = np.concatenate([x[:, 1:] for x in keys[l]], axis=1).mean(axis=1).astype(np.float32)
+                k = k - offset[:, None]
+            pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1)
+            ranges[l] = (np.abs(k).max(axis=1), np.concatenate([pair, pair], axis=-1), np.abs(v).max(axis=1),
+                         (k, v), offset)
         return ranges, {"sequences": count, "tokens": count * n}
 
     def _kl_meter(self, path: Path, ids: list[int], head_dim: int):
@@ -366,9 +513,22 @@ class KvCachePass(Pass):
             return self.config.k_range
         return "observed" if dtype == "int4" else "pair"
 
-    def clip_rule(self, dtype: str) -> str:
-        """mse for int4, none for int8 unless ``clip`` says otherwise."""
-        return self.config.clip if self.config.clip != "auto" else ("mse" if dtype == "int4" else "none")
+    def centered(self) -> bool:
+        """Whether keys are stored minus their calibrated mean (``k_center``; auto: int4 caches whose
+        attention rotates keys in non-interleaved halves, the layout the centring graph is written for)."""
+        c = self.config
+        return getattr(self, "_center", c.k_center == "on" or (c.k_center == "auto" and c.dtype == "int4"))
+
+    def clip_rule(self, dtype: str, kind: str = "value") -> str:
+        """The clip of ``kind``'s ranges in a ``dtype`` layer (auto: mse for int4 except centred keys, none for
+        int8). Centred keys keep their full range: SmolLM2, int4 cache, 4,096 held-out tokens, perplexity
+        ratio 1.033 unclipped against 1.25 with mse clips (uncentred keys: 1.054 unclipped, 1.050 mse); the
+        clip trims the large keys attention peaks on."""
+        if self.config.clip != "auto":
+            return self.config.clip
+        if dtype != "int4" or (kind == "key" and self.centered()):
+            return "none"
+        return "mse"
 
     @staticmethod
     def _clip(rng: np.ndarray, x: np.ndarray, layout: str, paired: bool, dtype: str) -> tuple[np.ndarray, float]:
@@ -399,14 +559,14 @@ class KvCachePass(Pass):
 
     def _layer_scales(self, dtype: str, ranges: tuple) -> dict:
         """One layer's key and value scale tensors in ``dtype``: kind -> (scale, relative RMS error on the
-        calibration cache, mean clip fraction or None)."""
+        calibration cache, mean clip fraction or None); and ``key_offset``: the key offset or None."""
         c = self.config
-        k_abs, k_pair, v_abs, (k, v) = ranges
+        k_abs, k_pair, v_abs, (k, v), offset = ranges
         pair = self.key_range(dtype) == "pair"
-        out = {}
+        out = {"key_offset": offset}
         for kind, rng, layout, x in (("key", k_pair if pair else k_abs, c.k_scale, k), ("value", v_abs, c.v_scale, v)):
             fraction = None
-            if self.clip_rule(dtype) == "mse":
+            if self.clip_rule(dtype, kind) == "mse":
                 rng, fraction = self._clip(rng, x, layout, kind == "key" and pair, dtype)
             scale = self._scales(rng, layout, dtype)
             s = scale[0] if scale.ndim == 4 else scale  # (kv_heads, 1, head_dim) against (kv_heads, n, head_dim)
@@ -419,6 +579,7 @@ class KvCachePass(Pass):
         and attributes); return the manifest's description of the layout."""
         c = self.config
         nodes = _attention_nodes(model)
+        offsets = {l: layer["key_offset"] for l, layer in scales.items() if layer.get("key_offset") is not None}
         for l, layer in sorted(scales.items()):
             names = []
             for kind in ("key", "value"):
@@ -435,6 +596,8 @@ class KvCachePass(Pass):
                 helper.make_attribute("v_quant_type", "PER_TENSOR" if c.v_scale == "per_tensor" else "PER_CHANNEL"),
                 helper.make_attribute("kv_cache_bit_width", 8 if dtypes[l] == "int8" else 4),
             ])
+        if offsets:
+            _center_keys(model, nodes, offsets)
         kv_heads, head_dim = self._kv_shape(model)
         shape = {"per_channel": [1, kv_heads, 1, head_dim], "per_tensor": [1]}
         bits = 8 if c.dtype == "int8" else 4
@@ -458,12 +621,24 @@ class KvCachePass(Pass):
             "headroom": c.headroom,
             "clip": self.clip_rule(c.dtype),
         }
-        if report["clip"] == "mse":
-            report["mean_clip_fraction"] = {k: float(np.mean([scales[l][k][2] for l in main])) for k in ("key", "value")}
+        report["key"]["clip"] = self.clip_rule(c.dtype, "key")
+        if offsets:
+            report["key"]["offset"] = {
+                "rule": "the mean key of the calibration text per layer, kv head and channel (each sequence's "
+                        "first token left out), subtracted from every key before it is quantized; attention is "
+                        "unchanged, since softmax ignores a shift shared by every key",
+                "stored": "q encodes rotary(key) - offset",
+                "graph": "the rotated offset is subtracted from the key before GroupQueryAttention rotates it: "
+                         f"[cos, sin](position) @ {CENTER_WEIGHT}.{{layer}}",
+            }
+        fractions = {k: float(np.mean([scales[l][k][2] for l in main])) for k in ("key", "value")
+                     if self.clip_rule(c.dtype, k) == "mse"}
+        if fractions:
+            report["mean_clip_fraction"] = fractions
         if mixed:  # int8 layers of an int4 cache
             report["int8_layers"] = {
                 "layers": mixed, "bits": 8, "zero_point": 0, "key_range": self.key_range("int8"),
-                "clip": self.clip_rule("int8"), "formula": "q = clamp(round(x / scale), -128, 127); x = q * scale",
+                "clip": self.clip_rule("int8"), "key_offset": bool(offsets), "formula": "q = clamp(round(x / scale), -128, 127); x = q * scale",
                 "relative_rms_error": {k: errors(k, mixed) for k in ("key", "value")},
             }
         return report
@@ -504,6 +679,7 @@ def read_scales(model: onnx.ModelProto, num_layers: int, kv_heads: int, head_dim
 # The manifest's description of the layout (a C runtime can allocate the cache from it alone)
 # --------------------------------------------------------------------------------------------
 SCALES_FILE = "kv_scales.f32"
+KEY_OFFSETS_FILE = "kv_key_offsets.f32"
 
 
 def rotary_inv_freq(hf_model) -> list[float] | None:
@@ -553,6 +729,14 @@ def manifest_entry(model: onnx.ModelProto, arch: dict, pass_log: list[dict], bun
             "calibration": report.get("calibration"),
         }
         entry["static_bytes"] = int(scales.nbytes)
+        offsets = read_key_offsets(model, layers, heads, dim, bundle_dir)
+        if offsets is not None:  # centred keys: the runtime re-rotating a windowed cache adds them back
+            (Path(bundle_dir) / KEY_OFFSETS_FILE).write_bytes(offsets.astype("<f4").tobytes())
+            entry["quantization"]["key_offsets_file"] = KEY_OFFSETS_FILE
+            entry["quantization"]["key_offsets_layout"] = (
+                "(layer, kv_heads, head_dim) float32 little-endian; a stored key dequantizes to rotary(key) - "
+                "offset, so re-rotating it by R: quantize(R(x + offset) - offset)")
+            entry["static_bytes"] += int(offsets.nbytes)
     if window is not None:
         if inv_freq is None:
             raise PassError("a windowed KV cache re-rotates shifted keys and needs the model's rotary frequencies; "

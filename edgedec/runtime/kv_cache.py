@@ -17,7 +17,9 @@ over them. GroupQueryAttention rotates keys at the cache slot they are written t
 ``seqlens_k``), and stores them rotated, so shifted keys are re-rotated by minus the shift: every token
 keeps the slot's position, as in StreamingLLM. Rotation is exact for float caches; quantized keys are
 dequantized, rotated and requantized with the calibrated scales (with pair ranges, the int8 default,
-the rotation keeps them in range; int4's observed ranges may clip).
+the rotation keeps them in range; int4's observed ranges may clip). A cache whose keys are centred
+(the manifest's ``key_offsets_file``: it stores rotary(key) - offset) adds the offset back before the
+rotation and subtracts it after.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class KVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32,
                  kv_dtype: str = "fp32", scales: np.ndarray | None = None, sinks: int = 0,
                  window: int | None = None, evict_chunk: int = 1, inv_freq: np.ndarray | None = None,
-                 layer_dtypes: list[str] | None = None):
+                 layer_dtypes: list[str] | None = None, key_offsets: np.ndarray | None = None):
         import onnxruntime as ort
 
         self.kv_dtype = kv_dtype
@@ -62,6 +64,7 @@ class KVCache:
         self.values = [[ort.OrtValue.ortvalue_from_numpy(self.layers[l][j]) for j in (0, 1)] for l in range(num_layers)]
         self.length = 0
         self.scales = scales  # (layer, 2, kv_heads, head_dim) float32, quantized layouts only
+        self.key_offsets = key_offsets  # (layer, kv_heads, head_dim) float32, centred keys only
         self.sinks, self.window, self.evict_chunk = sinks, window, evict_chunk
         self.inv_freq = inv_freq  # (head_dim / 2,) float64, windowed caches only
         self.evicted = 0  # tokens evicted so far (windowed caches)
@@ -81,24 +84,20 @@ class KVCache:
                 raise BundleError(f"manifest kv_cache layout {d!r} with dtype {st!r} is not one this runtime "
                                   f"knows ({', '.join(f'{k}/{v}' for k, v in KV_DTYPES.items())})")
         layer_dtypes = [e["kv_dtype"] for e in per_layer] if kv.get("layers") else None
-        scales = None
+        scales = offsets = None
         quant = kv.get("quantization")
         window = kv.get("window")
-        if quant and window:  # only re-rotation needs the scales on the host
-            path = bundle.file(quant["scales_file"])
-            if quant["scales_file"] not in bundle.manifest["files"]:
-                raise BundleError(f"manifest refers to {quant['scales_file']!r}, which is not among its hashed files")
-            scales = np.fromfile(path, dtype="<f4")
-            if scales.size != layers * 2 * heads * dim:
-                raise BundleError(f"{quant['scales_file']} has {scales.size} scales, expected {layers * 2 * heads * dim}")
-            scales = scales.reshape(layers, 2, heads, dim)
+        if quant and window:  # only re-rotation needs the scales (and key offsets) on the host
+            scales = _static_file(bundle, quant["scales_file"], (layers, 2, heads, dim))
+            if quant.get("key_offsets_file"):
+                offsets = _static_file(bundle, quant["key_offsets_file"], (layers, heads, dim))
         if window:
             sinks, size = int(window["sinks"]), int(window["window"])
             inv = np.asarray(window["rotary_inv_freq"], np.float64)
             if inv.shape != (dim // 2,):
                 raise BundleError(f"manifest kv_cache.window.rotary_inv_freq must have {dim // 2} entries")
             return cls(layers, heads, dim, sinks + size, STORAGE_DTYPES[storage], kv_dtype, scales, sinks, size,
-                       int(window.get("evict_chunk", 1)), inv, layer_dtypes)
+                       int(window.get("evict_chunk", 1)), inv, layer_dtypes, offsets)
         return cls(layers, heads, dim, capacity, STORAGE_DTYPES[storage], kv_dtype, layer_dtypes=layer_dtypes)
 
     @property
@@ -145,18 +144,32 @@ class KVCache:
             return q.astype(np.float32)
         scale = self.scales[layer, 0][:, None, :]  # (kv_heads, 1, head_dim)
         if kv_dtype == "int8":
-            return q.astype(np.float32) * scale
-        x = np.empty(q.shape[:-1] + (self.head_dim,), np.float32)
-        x[..., 0::2] = (q & 15).astype(np.float32) - 8
-        x[..., 1::2] = (q >> 4).astype(np.float32) - 8
-        return x * scale
+            x = q.astype(np.float32) * scale
+        else:
+            x = np.empty(q.shape[:-1] + (self.head_dim,), np.float32)
+            x[..., 0::2] = (q & 15).astype(np.float32) - 8
+            x[..., 1::2] = (q >> 4).astype(np.float32) - 8
+            x *= scale
+        return x if self.key_offsets is None else x + self.key_offsets[layer][:, None, :]
 
     def _store_keys(self, x: np.ndarray, layer: int) -> np.ndarray:
         kv_dtype = self.layer_dtypes[layer]
         if kv_dtype in ("fp32", "fp16"):
             return x.astype(self.layers[layer].dtype)
+        if self.key_offsets is not None:
+            x = x - self.key_offsets[layer][:, None, :]
         q = np.rint(x / self.scales[layer, 0][:, None, :])
         if kv_dtype == "int8":
             return np.clip(q, -128, 127).astype(np.int8)
         q = (np.clip(q, -8, 7) + 8).astype(np.uint8)
         return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def _static_file(bundle, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 little-endian file of the bundle that the manifest hashes, checked against ``shape``."""
+    if name not in bundle.manifest["files"]:
+        raise BundleError(f"manifest refers to {name!r}, which is not among its hashed files")
+    data = np.fromfile(bundle.file(name), dtype="<f4")
+    if data.size != int(np.prod(shape)):
+        raise BundleError(f"{name} has {data.size} values, expected {int(np.prod(shape))}")
+    return data.reshape(shape)

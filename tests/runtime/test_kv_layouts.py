@@ -96,8 +96,14 @@ def test_manifest_describes_layout(tmp_path_factory, tiny, kv, dtype, row, per_t
     assert q["key"]["scale_tensor"] == "kv_scale.key.{layer}" and q["key"]["scale_shape"] == [1, 2, 1, 16]
     assert m["files"][q["scales_file"]]["bytes"] == 2 * 2 * 2 * 16 * 4
     assert q["calibration"]["tokens"] > 0
-    assert q["clip"] == ("none" if kv == "int8" else "mse")  # int4 shrinks ranges to the least-error clip
+    assert q["clip"] == ("none" if kv == "int8" else "mse")  # int4 shrinks value ranges to the least-error clip
+    assert q["key"]["clip"] == "none"  # int8 clips nothing; int4 keys are centred and keep their full range
     assert q["key"]["range"] == ("pair" if kv == "int8" else "observed")
+    if kv == "int4":  # centred keys: offsets in the bundle, one per layer, kv head and channel
+        assert "offset" in q["key"] and m["files"][q["key_offsets_file"]]["bytes"] == 2 * 2 * 16 * 4
+        assert c["static_bytes"] == (2 * 2 * 2 * 16 + 2 * 2 * 16) * 4
+    else:
+        assert "offset" not in q["key"] and "key_offsets_file" not in q
     assert kv == "int8" or 0.3 <= q["mean_clip_fraction"]["value"] <= 1
     assert 0 < q["key"]["relative_rms_error"]["max"] < (0.05 if kv == "int8" else 0.5)
     pass_log = [p for p in m["passes"] if p["pass"] == "kv-cache"]
@@ -114,16 +120,74 @@ def test_kernel_stores_the_documented_layout(tmp_path_factory, tiny, prompt, kv)
     ref.forward(prompt)
     dec = Engine.load(bundle, threads=1).decoder
     dec.forward(prompt)
-    scales = np.fromfile(bundle / m["kv_cache"]["quantization"]["scales_file"], "<f4").reshape(2, 2, 2, 16)
+    q = m["kv_cache"]["quantization"]
+    scales = np.fromfile(bundle / q["scales_file"], "<f4").reshape(2, 2, 2, 16)
+    offsets = np.zeros((2, 2, 16), np.float32)  # int4 stores rotary(key) - offset
+    if "key_offsets_file" in q:
+        offsets = np.fromfile(bundle / q["key_offsets_file"], "<f4").reshape(2, 2, 16)
+        assert np.abs(offsets[0]).max() > 0
     n = len(prompt)
     for j in (0, 1):  # keys (post-rotary), values
-        x = ref.kv.buffer[0, j, 0, :, :n]  # (kv_heads, n, head_dim)
+        x = ref.kv.buffer[0, j, 0, :, :n] - (offsets[0][:, None, :] if j == 0 else 0)  # (kv_heads, n, head_dim)
         s = scales[0, j][:, None, :]
         stored = dec.kv.buffer[0, j, 0, :, :n]
         assert stored.dtype == (np.int8 if kv == "int8" else np.uint8)
         assert (quantize(x, s, kv) == stored).mean() > 0.999
         err = np.sqrt(((dequantize(stored, s, kv) - x) ** 2).mean() / (x ** 2).mean())
         assert err < (0.02 if kv == "int8" else 0.2)
+
+
+def _run_two_steps(model, prompt: list[int]) -> list[dict]:
+    """A prefill of prompt[:-3] over an empty cache, then a 3-token step over that cache: each step's outputs."""
+    import onnxruntime as ort
+
+    from edgedec.passes.qdq import prefill_feed
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    past = {i.name: (i.shape[1], i.shape[3], np.float32) for i in sess.get_inputs() if i.name.startswith("past_")}
+    n = len(prompt) - 3
+    first = dict(zip(names, sess.run(None, prefill_feed(prompt[:n], past, True))))
+    feed = {"input_ids": np.asarray(prompt[n:], np.int64)[None], "seqlens_k": np.array([n + 2], np.int32),
+            "total_sequence_length": np.array(n + 3, np.int32), "logits_index": np.arange(3, dtype=np.int64)}
+    for name in past:
+        buf = np.zeros(first["present" + name[4:]].shape[:2] + (n + 3,) + first["present" + name[4:]].shape[3:],
+                       np.float32)
+        buf[:, :, :n] = first["present" + name[4:]][:, :, :n]
+        feed[name] = buf
+    return [first, dict(zip(names, sess.run(None, feed)))]
+
+
+@pytest.mark.parametrize("fold", [True, False])
+def test_centring_keys_leaves_attention_unchanged(tiny, prompt, fold):
+    """Centred keys (int4's default) are exact in float: with any offsets, a float-cache graph stores
+    rotary(key) - offset and its logits do not move, in a prefill and in a step over a filled cache."""
+    import onnx
+
+    from edgedec.passes.kv_cache import _attention_nodes, _center_keys
+
+    model = onnx.load(str(tiny["bundle"] / "decoder.onnx"))
+    centred = onnx.ModelProto()
+    centred.CopyFrom(model)
+    nodes = _attention_nodes(centred)
+    rng = np.random.default_rng(0)
+    offsets = {l: rng.normal(0, 3, (2, 16)).astype(np.float32) for l in nodes}
+    _center_keys(centred, nodes, offsets, fold)
+    ops = [n.op_type for n in centred.graph.node]
+    # folded: the projection's MatMul takes the shift in (two Concats); else a MatMul and an Add per layer
+    added = {"MatMul": 0 if fold else len(nodes), "Concat": 1 + (2 * len(nodes) if fold else 0)}
+    for op, count in added.items():
+        assert ops.count(op) - [n.op_type for n in model.graph.node].count(op) == count
+    for want, got in zip(_run_two_steps(model, prompt[:24]), _run_two_steps(centred, prompt[:24])):
+        scale = np.abs(want["logits"]).max()
+        assert np.abs(got["logits"] - want["logits"]).max() < 1e-4 * scale
+        for l, offset in offsets.items():
+            filled = want["present_key.0"].shape[2]
+            assert np.allclose(got[f"present_key.{l}"][0, :, :filled], want[f"present_key.{l}"][0, :, :filled]
+                               - offset[:, None, :], atol=1e-4)
+            assert np.allclose(got[f"present_value.{l}"], want[f"present_value.{l}"], atol=1e-5)
 
 
 def test_fp16_matches_fp32(tmp_path_factory, tiny, prompt, reference):
@@ -169,10 +233,11 @@ def test_mixed_int4_keeps_the_costliest_layer_int8(tmp_path_factory, tiny, promp
     dec = Engine.load(bundle, threads=1).decoder
     dec.forward(prompt)
     scales = np.fromfile(bundle / c["quantization"]["scales_file"], "<f4").reshape(2, 2, 2, 16)
+    offsets = np.fromfile(bundle / c["quantization"]["key_offsets_file"], "<f4").reshape(2, 2, 16)  # every layer
     n = len(prompt)
     assert dec.kv.nbytes == c["bytes_per_token"] * dec.kv.capacity
     for j in (0, 1):
-        x = ref.kv.layers[0][j, 0, :, :n]
+        x = ref.kv.layers[0][j, 0, :, :n] - (offsets[0][:, None, :] if j == 0 else 0)
         stored = dec.kv.layers[0][j, 0, :, :n]
         assert (quantize(x, scales[0, j][:, None, :], kinds[0]) == stored).mean() > 0.999
     # and the whole model stays close to the float cache
@@ -221,7 +286,7 @@ def test_window_equals_plain_cache_until_full(tmp_path_factory, tiny, prompt, re
     assert np.abs(got - ref).max() < 1e-4
 
 
-@pytest.mark.parametrize("kv,tol", [("fp32", 1e-4), ("int8", None)])
+@pytest.mark.parametrize("kv,tol", [("fp32", 1e-4), ("int8", None), ("int4", None)])
 def test_evicted_cache_holds_keys_at_their_slot_positions(tmp_path_factory, tiny, prompt, kv, tol):
     """After an eviction the kept tokens sit at new slots with keys rotated for those slots: layer 0's
     cache must equal that of a fresh prefill of just the kept tokens (layer 0 depends on tokens only)."""
@@ -235,10 +300,13 @@ def test_evicted_cache_holds_keys_at_their_slot_positions(tmp_path_factory, tiny
     fresh = Engine.load(bundle, threads=1).decoder
     fresh.forward(kept)
     a, b = dec.kv.buffer[0, :, 0, :, :33], fresh.kv.buffer[0, :, 0, :, :33]
+    if kv == "int4":  # compare elements, not the bytes that pack two of them
+        a, b = (np.stack([x & 15, x >> 4], axis=-1) for x in (a, b))
     if tol is not None:
         assert np.abs(a - b).max() < tol
     else:  # requantized after rotation: within one step of the grid, but where the calibrated range
-        # clipped a key, rotation moves the clipped part
+        # clipped a key, rotation moves the clipped part (int4: centred keys, whose offset the runtime
+        # adds back before rotating and subtracts after)
         near = np.abs(a.astype(int) - b.astype(int)) <= 1
         assert near.mean() > 0.995 and (a == b).mean() > 0.9
         assert np.array_equal(a[1], b[1])  # values are shifted, not requantized
