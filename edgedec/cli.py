@@ -239,6 +239,9 @@ def inspect_cmd(
             out.print("kv cache layers: " + ", ".join(
                 f"{d} {[l for l, k in enumerate(kinds) if k == d]}" for d in sorted(set(kinds))) +
                 f"; {kv['bytes_per_token']:,} bytes per token", highlight=False)
+        if (kv.get("quantization") or {}).get("key_offsets_file"):
+            out.print(f"kv cache keys: centred (stored minus their calibrated mean, "
+                      f"{kv['quantization']['key_offsets_file']})", highlight=False)
         if v := m.get("verification"):
             out.print(f"verified: max |logit diff| {v['max_abs_logit_diff']:.2e} vs {v['reference']} "
                       f"over {v['tokens']} tokens", highlight=False)

@@ -247,6 +247,18 @@ def test_mixed_int4_keeps_the_costliest_layer_int8(tmp_path_factory, tiny, promp
     assert np.abs(got - logits).max() / np.abs(logits).max() < 0.8
 
 
+def test_inspect_names_each_layers_layout_and_centred_keys(cli, tmp_path_factory, tiny):
+    bundle = _bundle(tmp_path_factory, tiny, MIXED)
+    int8_layer = _manifest(bundle)["kv_cache"]["quantization"]["int8_layers"]["layers"][0]
+    result = cli("inspect", bundle)
+    assert result.exit_code == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert f"kv cache layers: int4 [{1 - int8_layer}], int8 [{int8_layer}]; 96 bytes per token" in text
+    assert "kv cache keys: centred (stored minus their calibrated mean, kv_key_offsets.f32)" in text
+    plain = " ".join(cli("inspect", _bundle(tmp_path_factory, tiny, "int8")).stdout.split())
+    assert "kv cache keys" not in plain and "kv cache layers" not in plain
+
+
 def test_int8_layers_option_is_checked(tiny, tmp_path):
     with pytest.raises(ConfigError, match="int8_layers mixes int8 layers into an int4 cache; dtype is int8"):
         compile_model(str(tiny["dir"]), tmp_path / "c",
