@@ -215,6 +215,22 @@ def test_int4_spec_bundle_equals_its_no_spec_run(int4_spec_bundle):
         assert spec == base, prompt
 
 
+def test_int4_cache_spec_bundle_equals_its_no_spec_run(tiny, tmp_path_factory):
+    """int4 weights, an int4 cache with centred keys, --spec: rolled-back positions are rewritten in the
+    quantized cache, and the centring shift follows each row's position."""
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+
+    out = tmp_path_factory.mktemp("int4kv4spec") / "bundle"
+    compile_model(str(tiny["dir"]), out, CompileOptions(passes=(("int4", {}),), spec="ngram", kv="int4"))
+    eng = Engine.load(out, threads=1)
+    assert eng.bundle.manifest["kv_cache"]["quantization"]["key_offsets_file"]
+    for prompt in PROMPTS:
+        spec = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True)]
+        assert eng.last_stats.drafter == "ngram" and eng.last_stats.verify_steps > 0  # drafts verified, rejected ones rolled back
+        base = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=None)]
+        assert spec == base, prompt
+
+
 @pytest.mark.parametrize("drafter", DRAFTERS)
 def test_exact_rows_makes_int4_speculation_token_exact(int4_bundle, drafter):
     eng = Engine.load(int4_bundle, threads=1, exact_rows=True)
