@@ -145,6 +145,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         onnx_model = onnx.load(str(graph_path))
         context.arch, context.source = arch.to_dict(), loaded.source.to_dict()
         context.tokenizer_json, context.work_dir = loaded.tokenizer_json, work
+        context.kv_positions = options.kv_sinks + options.kv_window if options.kv_window is not None else None
         with phase("running passes" + (f" ({', '.join(p.name for p in passes)})" if passes else "")):
             onnx_model, pass_log = run_passes(onnx_model, passes)
 

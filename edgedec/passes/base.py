@@ -67,13 +67,15 @@ class PassContext:
 
     arch: ``ArchFacts.to_dict()``; source: ``SourceInfo.to_dict()`` (``weight_format`` lists the GGUF tensor
     types, e.g. "F32,Q4_1,Q8_0"); tokenizer_json: the serialized tokenizer; work_dir: scratch space that
-    is deleted after the compile.
+    is deleted after the compile; kv_positions: the positions a key can be written at when the runtime keeps
+    fewer than the graph's (a sink + sliding window re-rotates keys into sinks + window slots), else None.
     """
 
     arch: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     tokenizer_json: str | None = None
     work_dir: Any = None
+    kv_positions: int | None = None
 
 
 class Pass(ABC):

@@ -17,9 +17,13 @@ a key channel's range depends on the positions seen; with ``k_range=pair`` the r
 and ``i + head_dim/2`` (the pair rotary rotates together) is the largest norm of the pair, which bounds
 the channel at every position (rotation keeps the norm), at the cost of up to sqrt(2) in resolution.
 ``k_range=observed`` takes each channel's absmax at the calibrated positions instead: finer steps, but
-keys at positions the calibration did not reach may clip. ``auto`` (default) uses pair ranges for int8
-and observed ranges for int4, where resolution dominates (SmolLM2, int4 cache, 2,048 held-out tokens:
-perplexity ratio 1.17 observed vs 1.36 pair).
+keys at positions the calibration did not reach clip, and that is most of a long context: SmolLM2,
+int4 cache calibrated on 1,024-token sequences, perplexity ratio 1.044 on 1,024-token windows but 1.81
+streaming 8,184 tokens. ``k_range=positions`` takes the absmax of the calibration keys rotated to
+positions drawn across the bundle's whole context (``_reposition``): as fine as observed ranges for
+each pair's content, valid wherever a key is written. ``auto`` (default) uses pair ranges for int8 and
+position ranges for int4, where resolution dominates (all-int4, 2,048 held-out tokens: perplexity ratio
+1.17 observed vs 1.36 pair). A bundle compiled for a shorter ``--max-context`` gets finer int4 keys.
 
 Per-token scales (KIVI's choice for values) and a float window of recent tokens are not in the kernel;
 per-channel static scales are what it offers, and they are symmetric. Keys are not: their channels carry
@@ -27,8 +31,8 @@ offsets. ``k_center`` (on by default for int4) stores keys minus their calibrate
 per-channel key quantization of KIVI expressed with the kernel's symmetric one. It is exact, not an
 approximation: every key of a layer loses the same vector c, which shifts each query's attention logits
 by the same q.c, and softmax ignores that. The kernel rotates the key it is given, so the graph subtracts
-R(-p) c before the attention (one MatMul and one Add per layer; see ``_center_keys``). Centred keys are
-not clipped: the clip that minimises their squared error trims the large keys attention peaks on.
+R(-p) c before the attention (folded into the projection's MatMul; see ``_center_keys``). Centred keys
+are not clipped: the clip that minimises their squared error trims the large keys attention peaks on.
 
 An all-int4 cache still costs SmolLM2 13% perplexity (8,191 held-out tokens, uncentred), spread over the
 layers (0.0-1.5% each), so ``int4`` mixes precision per layer: the ``int8_layers`` layers whose int4 cache
@@ -62,7 +66,7 @@ log = logging.getLogger(__name__)
 
 KV_DTYPES = ("fp32", "fp16", "int8", "int4")
 SCALE_LAYOUTS = ("per_channel", "per_tensor")
-K_RANGES = ("auto", "pair", "observed")
+K_RANGES = ("auto", "pair", "observed", "positions")
 CLIPS = ("auto", "mse", "none")
 CENTERS = ("auto", "on", "off")
 CLIP_RATIOS = np.linspace(1.0, 0.3, 15)  # candidate fractions of the calibrated range (clip=mse)
@@ -113,8 +117,9 @@ class KvCacheConfig(PassConfig):
                                          "or per_tensor (one per layer)")
     v_scale: str = option("per_channel", "value scales (int8/int4): per_channel or per_tensor")
     k_range: str = option("auto", "key ranges: pair (norm of each rotary channel pair, valid at any position), "
-                                  "observed (per-channel absmax at the calibrated positions), or auto (pair for "
-                                  "int8, observed for int4)")
+                                  "observed (per-channel absmax at the calibrated positions), positions (absmax of "
+                                  "the calibration keys rotated to positions across the whole context), or auto "
+                                  "(pair for int8, positions for int4)")
     headroom: float = option(1.0, "multiply calibrated ranges by this before choosing scales (values beyond "
                                   "the range are clipped)")
     clip: str = option("auto", "shrink each range to the clip that minimises the squared error on the calibration "
@@ -452,6 +457,9 @@ class KvCachePass(Pass):
             for l in layers:
                 keys[l].append(result[f"present_key.{l}"][0, :, :n])  # (kv_heads, n, head_dim), post-rotary
                 values[l].append(result[f"present_value.{l}"][0, :, :n])
+        report = {"sequences": count, "tokens": count * n}
+        if self.key_range(c.dtype) == "positions":
+            keys, report["key_positions"] = self._reposition(path, model, nodes, keys, n)
         ranges = {}
         for l in layers:
             k, v = np.concatenate(keys[l], axis=1), np.concatenate(values[l], axis=1)
@@ -462,7 +470,33 @@ class KvCachePass(Pass):
             pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1)
             ranges[l] = (np.abs(k).max(axis=1), np.concatenate([pair, pair], axis=-1), np.abs(v).max(axis=1),
                          (k, v), offset)
-        return ranges, {"sequences": count, "tokens": count * n}
+        return ranges, report
+
+    def _reposition(self, path: Path, model: onnx.ModelProto, nodes: dict, keys: dict, n: int) -> tuple[dict, int]:
+        """The calibration keys (written at positions 0..n-1) rotated to positions drawn uniformly from the
+        whole context instead (a windowed cache's slots: ``PassContext.kv_positions``), so that ranges and
+        offsets hold wherever a key is written: a channel pair
+        whose rotation over the calibration text is partial sees new angles further on (SmolLM2, int4
+        cache calibrated on 1,024-token sequences: perplexity ratio 1.35 on tokens 1,100-4,096). Returns
+        the keys and the number of positions drawn from."""
+        node = nodes[min(nodes)]
+        inits = {i.name: i for i in model.graph.initializer}
+        cos, sin = (numpy_helper.to_array(inits[node.input[j]], str(path.parent)).astype(np.float32) for j in (7, 8))
+        half = cos.shape[1]
+        positions = min(cos.shape[0], self.context.kv_positions or cos.shape[0])  # a window: its slots
+        rng = np.random.default_rng(0)
+        at_cos, at_sin = cos[:n], sin[:n]  # (n, half): where the graph wrote them
+        out = {}
+        for l, parts in keys.items():
+            moved = []
+            for k in parts:  # (kv_heads, n, head_dim)
+                a, b = k[..., :half], k[..., half:]
+                a, b = a * at_cos + b * at_sin, b * at_cos - a * at_sin  # unrotated
+                to = rng.integers(0, positions, size=k.shape[1])
+                c_, s_ = cos[to], sin[to]
+                moved.append(np.concatenate([a * c_ - b * s_, b * c_ + a * s_], axis=-1))
+            out[l] = moved
+        return out, positions
 
     def _kl_meter(self, path: Path, ids: list[int], head_dim: int):
         """A function of (scales, dtypes) for some layers -> mean KL divergence (nats) of the next-token
@@ -512,7 +546,7 @@ class KvCachePass(Pass):
         resolution it doubles where it counts: SmolLM2 perplexity ratio 1.17 against 1.36 with pair ranges)."""
         if self.config.k_range != "auto":
             return self.config.k_range
-        return "observed" if dtype == "int4" else "pair"
+        return "positions" if dtype == "int4" else "pair"
 
     def centered(self) -> bool:
         """Whether keys are stored minus their calibrated mean (``k_center``; auto: int4 caches whose

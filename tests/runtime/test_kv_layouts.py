@@ -96,9 +96,10 @@ def test_manifest_describes_layout(tmp_path_factory, tiny, kv, dtype, row, per_t
     assert q["key"]["scale_tensor"] == "kv_scale.key.{layer}" and q["key"]["scale_shape"] == [1, 2, 1, 16]
     assert m["files"][q["scales_file"]]["bytes"] == 2 * 2 * 2 * 16 * 4
     assert q["calibration"]["tokens"] > 0
+    assert q["calibration"].get("key_positions") == (None if kv == "int8" else m["kv_cache"]["max_capacity"])
     assert q["clip"] == ("none" if kv == "int8" else "mse")  # int4 shrinks value ranges to the least-error clip
     assert q["key"]["clip"] == "none"  # int8 clips nothing; int4 keys are centred and keep their full range
-    assert q["key"]["range"] == ("pair" if kv == "int8" else "observed")
+    assert q["key"]["range"] == ("pair" if kv == "int8" else "positions")
     if kv == "int4":  # centred keys: offsets in the bundle, one per layer, kv head and channel
         assert "offset" in q["key"] and m["files"][q["key_offsets_file"]]["bytes"] == 2 * 2 * 16 * 4
         assert c["static_bytes"] == (2 * 2 * 2 * 16 + 2 * 2 * 16) * 4
@@ -190,6 +191,41 @@ def test_centring_keys_leaves_attention_unchanged(tiny, prompt, fold):
             assert np.allclose(got[f"present_value.{l}"], want[f"present_value.{l}"], atol=1e-5)
 
 
+def test_repositioned_keys_keep_their_content_at_new_positions(tiny, prompt, tmp_path):
+    """int4 key ranges come from the calibration keys rotated to positions across the whole context:
+    each rotary pair keeps its norm, and rotating back by the new position gives the unrotated key."""
+    import onnx
+    from onnx import numpy_helper
+
+    from edgedec.passes.kv_cache import KvCacheConfig, KvCachePass, _attention_nodes
+
+    model = onnx.load(str(tiny["bundle"] / "decoder.onnx"))
+    nodes = _attention_nodes(model)
+    path = tmp_path / "g.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    inits = {i.name: numpy_helper.to_array(i, str(tmp_path)) for i in model.graph.initializer}
+    cos, sin = inits[nodes[0].input[7]], inits[nodes[0].input[8]]
+    n, half = 20, 8
+    rng = np.random.default_rng(1)
+    pre = rng.normal(size=(2, n, 16)).astype(np.float32)  # (kv_heads, n, head_dim) before rotary
+
+    def rotate(x, c, s):
+        a, b = x[..., :half], x[..., half:]
+        return np.concatenate([a * c - b * s, b * c + a * s], axis=-1)
+
+    written = rotate(pre, cos[:n], sin[:n])  # what the graph stores at positions 0..n-1
+    moved, positions = KvCachePass(KvCacheConfig(dtype="int4"))._reposition(path, model, nodes, {0: [written]}, n)
+    moved = moved[0][0]
+    assert positions == cos.shape[0]  # the graph's whole context
+    norm = lambda x: np.sqrt(x[..., :half] ** 2 + x[..., half:] ** 2)
+    assert np.allclose(norm(moved), norm(pre), atol=1e-4)
+    assert np.abs(moved - written).max() > 0.1  # they did move
+    # each moved key is the unrotated one at some position of the context
+    for t in range(n):
+        errs = [np.abs(rotate(pre[:, t], cos[p], sin[p]) - moved[:, t]).max() for p in range(cos.shape[0])]
+        assert min(errs) < 1e-4
+
+
 def test_fp16_matches_fp32(tmp_path_factory, tiny, prompt, reference):
     tokens, ref = reference
     got = _teacher_forced(_bundle(tmp_path_factory, tiny, "fp16"), prompt, tokens)
@@ -278,6 +314,9 @@ def test_window_generates_far_past_the_window_in_constant_memory(tmp_path_factor
     w = _manifest(bundle)["kv_cache"]["window"]
     assert (w["sinks"], w["window"], w["capacity"], w["evict_chunk"]) == (4, 32, 36, 4)
     assert len(w["rotary_inv_freq"]) == 8
+    q = _manifest(bundle)["kv_cache"]["quantization"]
+    if kv == MIXED:  # int4 key ranges for the slots keys are ever written at, not the whole context
+        assert q["calibration"]["key_positions"] == 36
     engine = Engine.load(bundle, threads=1)
     kv_cache = engine.decoder.kv
     buffer, nbytes = kv_cache.buffer, kv_cache.nbytes
