@@ -484,19 +484,16 @@ class KvCachePass(Pass):
         node = nodes[min(nodes)]
         inits = {i.name: i for i in model.graph.initializer}
         cos, sin = (numpy_helper.to_array(inits[node.input[j]], str(path.parent)).astype(np.float32) for j in (7, 8))
-        half = cos.shape[1]
+        from ..runtime.kv_cache import rotate_halves
+
         positions = min(cos.shape[0], self.context.kv_positions or cos.shape[0])  # a window: its slots
         rng = np.random.default_rng(0)
-        at_cos, at_sin = cos[:n], sin[:n]  # (n, half): where the graph wrote them
         out = {}
         for l, parts in keys.items():
             moved = []
-            for k in parts:  # (kv_heads, n, head_dim)
-                a, b = k[..., :half], k[..., half:]
-                a, b = a * at_cos + b * at_sin, b * at_cos - a * at_sin  # unrotated
+            for k in parts:  # (kv_heads, n, head_dim), written at positions 0..n-1
                 to = rng.integers(0, positions, size=k.shape[1])
-                c_, s_ = cos[to], sin[to]
-                moved.append(np.concatenate([a * c_ - b * s_, b * c_ + a * s_], axis=-1))
+                moved.append(rotate_halves(rotate_halves(k, cos[:n], -sin[:n]), cos[to], sin[to]))
             out[l] = moved
         return out, positions
 

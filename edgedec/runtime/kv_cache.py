@@ -17,7 +17,7 @@ over them. GroupQueryAttention rotates keys at the cache slot they are written t
 ``seqlens_k``), and stores them rotated, so shifted keys are re-rotated by minus the shift: every token
 keeps the slot's position, as in StreamingLLM. Rotation is exact for float caches; quantized keys are
 dequantized, rotated and requantized with the calibrated scales (with pair ranges, the int8 default,
-the rotation keeps them in range; int4's observed ranges may clip). A cache whose keys are centred
+the rotation keeps them in range; int4's ranges are taken over the window's slots). A cache whose keys are centred
 (the manifest's ``key_offsets_file``: it stores rotary(key) - offset) adds the offset back before the
 rotation and subtracts it after.
 """
@@ -126,15 +126,12 @@ class KVCache:
             return
         angle = e * self.inv_freq  # (head_dim / 2,)
         cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-        half = self.head_dim // 2
         for l, layer in enumerate(self.layers):
             v = layer[1, 0]  # (kv_heads, capacity, row)
             v[:, s:n - e] = v[:, s + e:n]  # numpy copies through a temporary when the ranges overlap
             k = layer[0, 0]
             x = self._load_keys(k[:, s + e:n], l)  # (kv_heads, n - s - e, head_dim) float32
-            x1, x2 = x[..., :half], x[..., half:]
-            rotated = np.concatenate([x1 * cos + x2 * sin, x2 * cos - x1 * sin], axis=-1)  # R(-e)
-            k[:, s:n - e] = self._store_keys(rotated, l)
+            k[:, s:n - e] = self._store_keys(rotate_halves(x, cos, -sin), l)  # R(-e)
         self.length = n - e
         self.evicted += e
 
@@ -163,6 +160,14 @@ class KVCache:
             return np.clip(q, -128, 127).astype(np.int8)
         q = (np.clip(q, -8, 7) + 8).astype(np.uint8)
         return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def rotate_halves(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotary rotation as GroupQueryAttention does it (channel i pairs with i + head_dim/2) by the angles
+    whose cosines and sines are given (broadcast against x's halves); negate ``sin`` to rotate back."""
+    half = x.shape[-1] // 2
+    a, b = x[..., :half], x[..., half:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
 
 
 def _static_file(bundle, name: str, shape: tuple[int, ...]) -> np.ndarray:
