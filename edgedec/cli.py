@@ -239,9 +239,13 @@ def inspect_cmd(
             out.print("kv cache layers: " + ", ".join(
                 f"{d} {[l for l, k in enumerate(kinds) if k == d]}" for d in sorted(set(kinds))) +
                 f"; {kv['bytes_per_token']:,} bytes per token", highlight=False)
-        if (kv.get("quantization") or {}).get("key_offsets_file"):
-            out.print(f"kv cache keys: centred (stored minus their calibrated mean, "
-                      f"{kv['quantization']['key_offsets_file']})", highlight=False)
+        quant = kv.get("quantization") or {}
+        keys = ([f"centred (stored minus their calibrated mean, {quant['key_offsets_file']})"]
+                if quant.get("key_offsets_file") else [])
+        if rotation := quant.get("key_rotation"):
+            keys.append(f"rotated by a {rotation['kind']} matrix of order {rotation['order']}")
+        if keys:
+            out.print("kv cache keys: " + ", ".join(keys), highlight=False)
         if v := m.get("verification"):
             out.print(f"verified: max |logit diff| {v['max_abs_logit_diff']:.2e} vs {v['reference']} "
                       f"over {v['tokens']} tokens", highlight=False)

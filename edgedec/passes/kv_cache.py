@@ -34,14 +34,28 @@ by the same q.c, and softmax ignores that. The kernel rotates the key it is give
 R(-p) c before the attention (folded into the projection's MatMul; see ``_center_keys``). Centred keys
 are not clipped: the clip that minimises their squared error trims the large keys attention peaks on.
 
+Rotated keys (``k_rotate``, on by default for int4). A key channel's static scale must cover its largest
+value at every token and position, and rare large keys set it (clipping them, unrotated, cost 1.16), so
+typical keys get few of the 16 levels. After a Hadamard rotation every stored channel mixes all of the
+head's channels, and no channel's range rests on a few values. Fake-quantizing SmolLM2's
+cache in torch with the kernel's formula (8,192 held-out tokens, perplexity ratio to the float cache)
+located the int4 loss: keys alone 1.065, values alone 1.005. On the keys, a normalised Hadamard
+rotation H after rotary gave 1.053 unclipped and 1.038 with the least-error clip (on rotated keys
+clipping pays); query-aware smoothing before H (s_j^2 = sqrt(E q_j^2 / E k_j^2)) did
+not add to it (1.047), and on the values H was worse (1.084) and per-token scales no better (1.070). So
+the pass multiplies queries and keys by H (exact: (q H).(k H) = q.k). The kernel would rotate what it
+is given, so rotary moves into the graph (do_rotary=0): one MatMul per layer does both,
+``[x * cos2, x * sin2] @ [H; P H]`` (see ``_rotate_keys``), and centring becomes a plain subtraction
+of offset @ H.
+
 An all-int4 cache still costs SmolLM2 13% perplexity (8,191 held-out tokens, uncentred), spread over the
 layers (0.0-1.5% each), so ``int4`` mixes precision per layer: the ``int8_layers`` layers whose int4 cache
 costs the most stay int8 (the kernel's bit width is an attribute of each attention node). The pass
 measures each layer's cost on the calibration text: the mean KL divergence of the next-token distribution
 when only that layer's cache is int4. The default, a third of the layers, keeps the cache at 1/6 of fp32's
 bytes (SmolLM2: 10 of 30 layers, 16.7%). Perplexity ratio against the float cache, held-out text in
-1,024-token windows / streamed 8,184 tokens: 1.060 / 1.070 with the defaults (1.041 on windows with
-``--max-context 1024``); with observed key ranges 1.044 / 1.81 centred and 1.053 / 1.70 (4,096 tokens)
+1,024-token windows / streamed 8,184 tokens: 1.043 / 1.041 with the defaults; 1.060 / 1.070 with keys
+centred but not rotated (1.041 on windows with ``--max-context 1024``); with observed key ranges 1.044 / 1.81 centred and 1.053 / 1.70 (4,096 tokens)
 uncentred. Scaling the int4 scales by a factor chosen on the calibration KL did not carry over to
 held-out text (key scales x1.15: 1.069), so the pass does not.
 
@@ -124,9 +138,13 @@ class KvCacheConfig(PassConfig):
     headroom: float = option(1.0, "multiply calibrated ranges by this before choosing scales (values beyond "
                                   "the range are clipped)")
     clip: str = option("auto", "shrink each range to the clip that minimises the squared error on the calibration "
-                               "cache: mse, none, or auto (int4: mse, except centred keys: none; int8: none)")
+                               "cache: mse, none, or auto (int4: mse, except centred keys that are not rotated: "
+                               "none; int8: none)")
     k_center: str = option("auto", "store keys minus their calibrated mean (exact: softmax ignores a shift shared by "
                                    "every key): on, off, or auto (on for int4 caches, off for int8)")
+    k_rotate: str = option("auto", "rotate queries and keys by a Hadamard matrix after rotary (exact: q.k is "
+                                   "unchanged), so that each stored key channel mixes all of the key's: on, off, or "
+                                   "auto (on for int4 caches)")
     calibration_text: str = option("", "UTF-8 text file to calibrate on (default: prose from Python's "
                                        "pydoc_data.topics)")
     samples: int = option(2, "calibration sequences")
@@ -152,6 +170,13 @@ class KvCacheConfig(PassConfig):
             raise ConfigError(f"kv-cache.k_center must be one of {', '.join(CENTERS)}, got {self.k_center!r}")
         if self.k_center == "on" and self.dtype not in QMAX:
             raise ConfigError(f"kv-cache.k_center centres quantized keys; dtype is {self.dtype}")
+        if self.k_rotate not in CENTERS:
+            raise ConfigError(f"kv-cache.k_rotate must be one of {', '.join(CENTERS)}, got {self.k_rotate!r}")
+        if self.k_rotate == "on" and self.dtype not in QMAX:
+            raise ConfigError(f"kv-cache.k_rotate rotates quantized keys; dtype is {self.dtype}")
+        if self.k_rotate == "on" and self.k_range == "pair":
+            raise ConfigError("kv-cache.k_range=pair bounds rotary channel pairs, which rotated keys no longer "
+                              "have; use k_range=positions or observed with k_rotate=on")
         if not 0.25 <= self.headroom <= 4.0:
             raise ConfigError(f"kv-cache.headroom must be in [0.25, 4], got {self.headroom}")
         if self.calibration_text and not Path(self.calibration_text).expanduser().is_file():
@@ -180,6 +205,8 @@ def _attention_nodes(model: onnx.ModelProto) -> dict[int, onnx.NodeProto]:
 
 
 CENTER_WEIGHT = "kv_center.rotary"
+ROTATION_WEIGHT = "kv_rotate.weight"
+ROTATION_OFFSET = "kv_rotate.offset"
 
 
 def _attr(node: onnx.NodeProto, name: str, default: int = 0) -> int:
@@ -200,6 +227,113 @@ def _key_columns(node: onnx.NodeProto, head_dim: int) -> tuple[int, int, int]:
     return 0, heads * head_dim, (heads + 2 * kv_heads) * head_dim
 
 
+def _rotary_angles(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], p: str, what: str) -> list:
+    """Nodes giving ``{p}cos`` and ``{p}sin`` (1, S, head_dim/2): the attention's rotary cos/sin rows at the
+    positions of the step's S tokens, total_sequence_length - S + [0, S)."""
+    first = nodes[min(nodes)]
+    total, cos, sin = first.input[6], first.input[7], first.input[8]
+    if "input_ids" not in {v.name for v in model.graph.input}:
+        raise PassError(f"kv-cache: {what} needs the graph input input_ids (the step's token count)")
+    model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), p + "one"))
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), p + "zero"))
+    return [
+        helper.make_node("Shape", ["input_ids"], [p + "steps"], start=1, end=2),
+        helper.make_node("Squeeze", [p + "steps"], [p + "steps_scalar"]),
+        helper.make_node("Cast", [total], [p + "total"], to=onnx.TensorProto.INT64),
+        helper.make_node("Sub", [p + "total", p + "steps_scalar"], [p + "start"]),
+        helper.make_node("Range", [p + "start", p + "total", p + "one"], [p + "range"]),
+        helper.make_node("Unsqueeze", [p + "range", p + "zero"], [p + "positions"]),  # (1, S)
+        helper.make_node("Gather", [cos, p + "positions"], [p + "cos"]),
+        helper.make_node("Gather", [sin, p + "positions"], [p + "sin"]),
+    ]
+
+
+def _packed(node: onnx.NodeProto) -> bool:
+    """Whether the attention node takes [q | k | v] packed in its query input (fuse-projections' form)."""
+    return not (len(node.input) > 1 and node.input[1])
+
+
+def _rotate_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto]) -> None:
+    """Move rotary out of each attention node and rotate its queries and keys by H after it.
+
+    H is the normalised Hadamard matrix of order head_dim (symmetric, orthonormal): (q H).(k H) = q.k,
+    so attention is unchanged, while the cache stores k H, each channel of which mixes all of the key's.
+    Rotary and H are one MatMul per layer: ``R(p) x H = [x * cos2, x * sin2] @ [H; P H]`` with cos2/sin2
+    the step's cos/sin rows repeated over both halves and P the rotate-half matrix (x P = [-x2, x1]), as
+    the attention's non-interleaved rotary does it. The node's packed [q | k | v] input is split, q and k
+    are rotated together (B, S, heads + kv_heads, head_dim) and lose ``{ROTATION_OFFSET}.{layer}`` (the
+    query rows zero, the key rows zero until calibration fills them: offset @ H), and the three are packed
+    again. The attention then runs with do_rotary=0."""
+    kv_heads, head_dim = KvCachePass._kv_shape(model)
+    from ..runtime.kv_cache import hadamard
+
+    h = hadamard(head_dim)
+    half = head_dim // 2
+    rotate_half = np.zeros((head_dim, head_dim), np.float32)
+    i = np.arange(half)
+    rotate_half[half + i, i], rotate_half[i, half + i] = -1.0, 1.0
+    p = "kv_rotate."
+    shared = _rotary_angles(model, nodes, p, "rotating keys")
+    shared += [
+        helper.make_node("Concat", [p + "cos", p + "cos", p + "sin", p + "sin"], [p + "angles"], axis=-1),
+        helper.make_node("Unsqueeze", [p + "angles", p + "two"], [p + "features"]),  # (1, S, 1, 2 head_dim)
+    ]
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([2], np.int64), p + "two"),
+        numpy_helper.from_array(np.array([0, 0, -1, head_dim], np.int64), p + "heads"),
+        numpy_helper.from_array(np.array([0, 0, -1], np.int64), p + "flat"),
+        numpy_helper.from_array(np.concatenate([h, rotate_half @ h]), ROTATION_WEIGHT),
+    ])
+    steps = {}
+    for l, node in sorted(nodes.items()):
+        if not (_rotary_halves(node) and _packed(node)):
+            raise PassError(f"kv-cache: rotating keys needs attention that rotates keys in non-interleaved halves "
+                            f"and takes q, k and v packed in one input (layer {l} does not)")
+        rows = _attr(node, "num_heads") + kv_heads
+        t = f"{p}{l}."
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.zeros((rows, head_dim), np.float32), f"{ROTATION_OFFSET}.{l}"),
+            numpy_helper.from_array(np.array([rows * head_dim, kv_heads * head_dim], np.int64), t + "split"),
+        ])
+        steps[node.output[0]] = [
+            helper.make_node("Split", [node.input[0], t + "split"], [t + "qk", t + "v"], axis=-1),
+            helper.make_node("Reshape", [t + "qk", p + "heads"], [t + "heads"]),  # (B, S, rows, head_dim)
+            helper.make_node("Concat", [t + "heads", t + "heads"], [t + "twice"], axis=-1),
+            helper.make_node("Mul", [t + "twice", p + "features"], [t + "angled"]),
+            helper.make_node("MatMul", [t + "angled", ROTATION_WEIGHT], [t + "rotated"]),
+            helper.make_node("Sub", [t + "rotated", f"{ROTATION_OFFSET}.{l}"], [t + "shifted"]),
+            helper.make_node("Reshape", [t + "shifted", p + "flat"], [t + "qk_rotated"]),
+            helper.make_node("Concat", [t + "qk_rotated", t + "v"], [t + "packed"], axis=-1),
+        ]
+        node.input[0] = t + "packed"
+        node.input[7], node.input[8] = "", ""
+        for a in node.attribute:
+            if a.name == "do_rotary":
+                a.i = 0
+    order = list(shared)
+    for node in model.graph.node:
+        order.extend(steps.get(node.output[0], []) if node.output else [])
+        order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+
+
+def _rotated_graph(model: onnx.ModelProto) -> bool:
+    return any(i.name == ROTATION_WEIGHT for i in model.graph.initializer)
+
+
+def _shift_rotated_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], offsets: dict[int, np.ndarray]) -> None:
+    """Set the key rows of each layer's ``{ROTATION_OFFSET}.{layer}`` to ``offsets[layer]`` (kv_heads,
+    head_dim), an offset of the rotated keys (rotary(key) @ H)."""
+    inits = {i.name: k for k, i in enumerate(model.graph.initializer)}
+    for l, offset in sorted(offsets.items()):
+        name = f"{ROTATION_OFFSET}.{l}"
+        old = model.graph.initializer[inits[name]]
+        shift = np.zeros(tuple(old.dims), np.float32)
+        shift[-offset.shape[0]:] = offset  # the key heads come last in the rotated [q | k] rows
+        model.graph.initializer[inits[name]].CopyFrom(numpy_helper.from_array(shift, name))
+
+
 def _center_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], offsets: dict[int, np.ndarray],
                  fold: bool = True) -> None:
     """Make each layer in ``offsets`` store ``rotary(key) - offset`` (offset: (kv_heads, head_dim)).
@@ -216,25 +350,9 @@ def _center_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], offse
     stand-alone shift per layer, a 2,000-token prefill of SmolLM2 peaked 250 MB higher (688 against 451 MB
     folded), as if ORT kept the 30 shifts alive together. Other graphs (or ``fold=False``) get
     ``key + rotary @ W``."""
-    first = nodes[min(nodes)]
-    total, cos, sin = first.input[6], first.input[7], first.input[8]
-    if "input_ids" not in {v.name for v in model.graph.input}:
-        raise PassError("kv-cache: centring keys needs the graph input input_ids (the step's token count)")
     p = "kv_center."
-    shared = [
-        helper.make_node("Shape", ["input_ids"], [p + "steps"], start=1, end=2),
-        helper.make_node("Squeeze", [p + "steps"], [p + "steps_scalar"]),
-        helper.make_node("Cast", [total], [p + "total"], to=onnx.TensorProto.INT64),
-        helper.make_node("Sub", [p + "total", p + "steps_scalar"], [p + "start"]),
-        helper.make_node("Range", [p + "start", p + "total", p + "one"], [p + "range"]),
-        # (1, S): the rotary features (1, S, head_dim) concatenate with (1, S, K) activations
-        helper.make_node("Unsqueeze", [p + "range", p + "zero"], [p + "positions"]),
-        helper.make_node("Gather", [cos, p + "positions"], [p + "cos"]),
-        helper.make_node("Gather", [sin, p + "positions"], [p + "sin"]),
-        helper.make_node("Concat", [p + "cos", p + "sin"], [p + "rotary"], axis=-1),
-    ]
-    model.graph.initializer.append(numpy_helper.from_array(np.array(1, np.int64), p + "one"))
-    model.graph.initializer.append(numpy_helper.from_array(np.array([0], np.int64), p + "zero"))
+    shared = _rotary_angles(model, nodes, p, "centring keys")
+    shared.append(helper.make_node("Concat", [p + "cos", p + "sin"], [p + "rotary"], axis=-1))
     producer = {o: n for n in model.graph.node for o in n.output}
     uses: dict[str, int] = {}
     for n in model.graph.node:
@@ -289,6 +407,13 @@ def read_key_offsets(model: onnx.ModelProto, num_layers: int, kv_heads: int, hea
     """The key offsets (layer, kv_heads, head_dim) float32 read back from the centring weights (external
     data relative to ``base_dir``), or None."""
     inits = {i.name: i for i in model.graph.initializer}
+    if f"{ROTATION_OFFSET}.0" in inits:  # rotated keys: the graph subtracts offset @ H; H is its own inverse
+        from ..runtime.kv_cache import hadamard
+
+        h = hadamard(head_dim)
+        shifts = [numpy_helper.to_array(inits[f"{ROTATION_OFFSET}.{l}"], str(base_dir))[-kv_heads:] @ h
+                  for l in range(num_layers)]
+        return np.stack(shifts).astype(np.float32) if np.any(shifts) else None
     if f"{CENTER_WEIGHT}.0" not in inits:
         return None
     nodes = _attention_nodes(model)
@@ -358,15 +483,28 @@ class KvCachePass(Pass):
                 raise PassError("kv-cache.k_center needs attention that rotates keys itself in non-interleaved "
                                 "halves (GroupQueryAttention do_rotary=1, rotary_interleaved=0)")
             self._center = False
+        self._rotate = self.rotated() and c.dtype in QMAX
+        if self._rotate and not all(_rotary_halves(node) and _packed(node) for node in nodes.values()):
+            if c.k_rotate == "on":
+                raise PassError("kv-cache.k_rotate needs attention that rotates keys itself in non-interleaved "
+                                "halves (GroupQueryAttention do_rotary=1, rotary_interleaved=0) and takes q, k "
+                                "and v packed (fuse-projections)")
+            self._rotate = False
+        if self._rotate and c.k_range == "pair":
+            self._rotate = False  # auto rotation gives way to explicitly asked pair ranges
         out = onnx.ModelProto()
         out.CopyFrom(model)
+        if self._rotate:
+            _rotate_keys(out, _attention_nodes(out))
         dtypes = {l: c.dtype for l in layers}
         if c.dtype in QMAX:
             ids, source = self._token_ids()
             scratch = Path(self.context.work_dir) if self.context.work_dir else None
             with tempfile.TemporaryDirectory(dir=scratch) as tmp:
                 path = Path(tmp) / "calibrate.onnx"
-                onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                work = onnx.ModelProto()  # saving with external data rewrites the proto it is given
+                work.CopyFrom(out)
+                onnx.save_model(work, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location="calibrate.onnx.data", size_threshold=1024)
                 ranges, calib = self._calibrate(path, model, nodes, ids)
                 calib = {"text": source, **calib}
@@ -460,7 +598,7 @@ class KvCachePass(Pass):
                 keys[l].append(result[f"present_key.{l}"][0, :, :n])  # (kv_heads, n, head_dim), post-rotary
                 values[l].append(result[f"present_value.{l}"][0, :, :n])
         report = {"sequences": count, "tokens": count * n}
-        if self.key_range(c.dtype) == "positions":
+        if self.key_range(c.dtype) == "positions" or self.rotated():
             keys, report["key_positions"] = self._reposition(path, model, nodes, keys, n)
         ranges = {}
         for l in layers:
@@ -484,16 +622,18 @@ class KvCachePass(Pass):
         node = nodes[min(nodes)]
         inits = {i.name: i for i in model.graph.initializer}
         cos, sin = (numpy_helper.to_array(inits[node.input[j]], str(path.parent)).astype(np.float32) for j in (7, 8))
-        from ..runtime.kv_cache import rotate_halves
+        from ..runtime.kv_cache import hadamard, rotate_halves
 
         positions = min(cos.shape[0], self.context.kv_positions or cos.shape[0])  # a window: its slots
         rng = np.random.default_rng(0)
+        h = hadamard(next(iter(keys.values()))[0].shape[-1]) if self.rotated() else None
         out = {}
         for l, parts in keys.items():
             moved = []
-            for k in parts:  # (kv_heads, n, head_dim), written at positions 0..n-1
+            for k in parts:  # (kv_heads, n, head_dim), written at positions 0..n-1 (rotated keys: times H)
                 to = rng.integers(0, positions, size=k.shape[1])
-                moved.append(rotate_halves(rotate_halves(k, cos[:n], -sin[:n]), cos[to], sin[to]))
+                x = rotate_halves(rotate_halves(k if h is None else k @ h, cos[:n], -sin[:n]), cos[to], sin[to])
+                moved.append(x if h is None else x @ h)
             out[l] = moved
         return out, positions
 
@@ -546,7 +686,7 @@ class KvCachePass(Pass):
         over every position a key can be written at)."""
         if self.config.k_range != "auto":
             return self.config.k_range
-        return "positions" if dtype == "int4" else "pair"
+        return "positions" if dtype == "int4" or self.rotated() else "pair"
 
     def centered(self) -> bool:
         """Whether keys are stored minus their calibrated mean (``k_center``; auto: int4 caches whose
@@ -554,14 +694,21 @@ class KvCachePass(Pass):
         c = self.config
         return getattr(self, "_center", c.k_center == "on" or (c.k_center == "auto" and c.dtype == "int4"))
 
+    def rotated(self) -> bool:
+        """Whether queries and keys are rotated by a Hadamard matrix after rotary (``k_rotate``; auto: int4
+        caches whose attention rotates keys in non-interleaved halves)."""
+        c = self.config
+        return getattr(self, "_rotate", c.k_rotate == "on" or (c.k_rotate == "auto" and c.dtype == "int4"))
+
     def clip_rule(self, dtype: str, kind: str = "value") -> str:
-        """The clip of ``kind``'s ranges in a ``dtype`` layer (auto: mse for int4 except centred keys, none for
-        int8). Centred keys keep their full range: SmolLM2, int4 cache, 4,096 held-out tokens, perplexity
+        """The clip of ``kind``'s ranges in a ``dtype`` layer (auto: mse for int4 except centred keys that are not
+        rotated, none for int8). Rotated keys take the clip (torch simulation, 8,192 tokens: 1.038 clipped,
+        1.053 not). Unrotated centred keys keep their full range: SmolLM2, int4 cache, 4,096 held-out tokens, perplexity
         ratio 1.033 unclipped against 1.25 with mse clips (uncentred keys: 1.054 unclipped, 1.050 mse); the
         clip trims the large keys attention peaks on."""
         if self.config.clip != "auto":
             return self.config.clip
-        if dtype != "int4" or (kind == "key" and self.centered()):
+        if dtype != "int4" or (kind == "key" and self.centered() and not self.rotated()):
             return "none"
         return "mse"
 
@@ -631,7 +778,9 @@ class KvCachePass(Pass):
                 helper.make_attribute("v_quant_type", "PER_TENSOR" if c.v_scale == "per_tensor" else "PER_CHANNEL"),
                 helper.make_attribute("kv_cache_bit_width", 8 if dtypes[l] == "int8" else 4),
             ])
-        if offsets:
+        if offsets and _rotated_graph(model):
+            _shift_rotated_keys(model, nodes, offsets)
+        elif offsets:
             _center_keys(model, nodes, offsets)
         kv_heads, head_dim = self._kv_shape(model)
         shape = {"per_channel": [1, kv_heads, 1, head_dim], "per_tensor": [1]}
@@ -657,13 +806,21 @@ class KvCachePass(Pass):
             "clip": self.clip_rule(c.dtype),
         }
         report["key"]["clip"] = self.clip_rule(c.dtype, "key")
+        rotated = _rotated_graph(model)
+        if rotated:
+            report["key"]["rotation"] = {
+                "kind": "hadamard",
+                "graph": "rotary moves out of GroupQueryAttention (do_rotary=0): [x * cos2, x * sin2] @ "
+                         f"{ROTATION_WEIGHT} rotates each query and key head and multiplies it by H in one MatMul",
+            }
         if offsets:
             report["key"]["offset"] = {
                 "rule": "the mean key of the calibration text per layer, kv head and channel (each sequence's "
                         "first token left out), subtracted from every key before it is quantized; attention is "
                         "unchanged, since softmax ignores a shift shared by every key",
-                "stored": "q encodes rotary(key) - offset",
-                "graph": "the rotated offset is subtracted from the key before GroupQueryAttention rotates it: "
+                "stored": "q encodes (rotary(key) - offset) @ H" if rotated else "q encodes rotary(key) - offset",
+                "graph": f"offset @ H is subtracted from the rotated key: {ROTATION_OFFSET}.{{layer}}" if rotated else
+                         "the rotated offset is subtracted from the key before GroupQueryAttention rotates it: "
                          f"[cos, sin](position) @ {CENTER_WEIGHT}.{{layer}}",
             }
         fractions = {k: float(np.mean([scales[l][k][2] for l in main])) for k in ("key", "value")
@@ -765,12 +922,24 @@ def manifest_entry(model: onnx.ModelProto, arch: dict, pass_log: list[dict], bun
         }
         entry["static_bytes"] = int(scales.nbytes)
         offsets = read_key_offsets(model, layers, heads, dim, bundle_dir)
+        rotated = _rotated_graph(model)
+        if rotated:
+            entry["quantization"]["key_rotation"] = {
+                "kind": "hadamard",
+                "order": dim,
+                "matrix": "H = Sylvester's Hadamard matrix of order head_dim divided by sqrt(head_dim) (H[i, j] = "
+                          "(-1)^popcount(i & j) / sqrt(head_dim)); symmetric and orthonormal, its own inverse",
+                "stored": "a stored key dequantizes to (rotary(key) - offset) @ H; queries are rotated by H too, "
+                          "so attention logits are unchanged",
+            }
         if offsets is not None:  # centred keys: the runtime re-rotating a windowed cache adds them back
             (Path(bundle_dir) / KEY_OFFSETS_FILE).write_bytes(offsets.astype("<f4").tobytes())
             entry["quantization"]["key_offsets_file"] = KEY_OFFSETS_FILE
             entry["quantization"]["key_offsets_layout"] = (
                 "(layer, kv_heads, head_dim) float32 little-endian; a stored key dequantizes to rotary(key) - "
-                "offset, so re-rotating it by R: quantize(R(x + offset) - offset)")
+                "offset, so re-rotating it by R: quantize(R(x + offset) - offset)" if not rotated else
+                "(layer, kv_heads, head_dim) float32 little-endian; a stored key dequantizes to (rotary(key) - "
+                "offset) @ H, so re-rotating it by R: quantize((R(x @ H + offset) - offset) @ H)")
             entry["static_bytes"] += int(offsets.nbytes)
     if window is not None:
         if inv_freq is None:

@@ -19,7 +19,8 @@ keeps the slot's position, as in StreamingLLM. Rotation is exact for float cache
 dequantized, rotated and requantized with the calibrated scales (with pair ranges, the int8 default,
 the rotation keeps them in range; int4's ranges are taken over the window's slots). A cache whose keys are centred
 (the manifest's ``key_offsets_file``: it stores rotary(key) - offset) adds the offset back before the
-rotation and subtracts it after.
+rotation and subtracts it after; rotated keys (``key_rotation``: it stores (rotary(key) - offset) @ H, H a
+normalised Hadamard matrix, its own inverse) are multiplied by H on the way out and on the way back.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class KVCache:
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype=np.float32,
                  kv_dtype: str = "fp32", scales: np.ndarray | None = None, sinks: int = 0,
                  window: int | None = None, evict_chunk: int = 1, inv_freq: np.ndarray | None = None,
-                 layer_dtypes: list[str] | None = None, key_offsets: np.ndarray | None = None):
+                 layer_dtypes: list[str] | None = None, key_offsets: np.ndarray | None = None,
+                 key_rotation: np.ndarray | None = None):
         import onnxruntime as ort
 
         self.kv_dtype = kv_dtype
@@ -65,6 +67,7 @@ class KVCache:
         self.length = 0
         self.scales = scales  # (layer, 2, kv_heads, head_dim) float32, quantized layouts only
         self.key_offsets = key_offsets  # (layer, kv_heads, head_dim) float32, centred keys only
+        self.key_rotation = key_rotation  # (head_dim, head_dim) symmetric orthonormal, rotated keys only
         self.sinks, self.window, self.evict_chunk = sinks, window, evict_chunk
         self.inv_freq = inv_freq  # (head_dim / 2,) float64, windowed caches only
         self.evicted = 0  # tokens evicted so far (windowed caches)
@@ -84,20 +87,21 @@ class KVCache:
                 raise BundleError(f"manifest kv_cache layout {d!r} with dtype {st!r} is not one this runtime "
                                   f"knows ({', '.join(f'{k}/{v}' for k, v in KV_DTYPES.items())})")
         layer_dtypes = [e["kv_dtype"] for e in per_layer] if kv.get("layers") else None
-        scales = offsets = None
+        scales = offsets = rotation = None
         quant = kv.get("quantization")
         window = kv.get("window")
         if quant and window:  # only re-rotation needs the scales (and key offsets) on the host
             scales = _static_file(bundle, quant["scales_file"], (layers, 2, heads, dim))
             if quant.get("key_offsets_file"):
                 offsets = _static_file(bundle, quant["key_offsets_file"], (layers, heads, dim))
+            rotation = _key_rotation(quant.get("key_rotation"), dim)
         if window:
             sinks, size = int(window["sinks"]), int(window["window"])
             inv = np.asarray(window["rotary_inv_freq"], np.float64)
             if inv.shape != (dim // 2,):
                 raise BundleError(f"manifest kv_cache.window.rotary_inv_freq must have {dim // 2} entries")
             return cls(layers, heads, dim, sinks + size, STORAGE_DTYPES[storage], kv_dtype, scales, sinks, size,
-                       int(window.get("evict_chunk", 1)), inv, layer_dtypes, offsets)
+                       int(window.get("evict_chunk", 1)), inv, layer_dtypes, offsets, rotation)
         return cls(layers, heads, dim, capacity, STORAGE_DTYPES[storage], kv_dtype, layer_dtypes=layer_dtypes)
 
     @property
@@ -147,6 +151,8 @@ class KVCache:
             x[..., 0::2] = (q & 15).astype(np.float32) - 8
             x[..., 1::2] = (q >> 4).astype(np.float32) - 8
             x *= scale
+        if self.key_rotation is not None:
+            x = x @ self.key_rotation
         return x if self.key_offsets is None else x + self.key_offsets[layer][:, None, :]
 
     def _store_keys(self, x: np.ndarray, layer: int) -> np.ndarray:
@@ -155,11 +161,24 @@ class KVCache:
             return x.astype(self.layers[layer].dtype)
         if self.key_offsets is not None:
             x = x - self.key_offsets[layer][:, None, :]
+        if self.key_rotation is not None:
+            x = x @ self.key_rotation
         q = np.rint(x / self.scales[layer, 0][:, None, :])
         if kv_dtype == "int8":
             return np.clip(q, -128, 127).astype(np.int8)
         q = (np.clip(q, -8, 7) + 8).astype(np.uint8)
         return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def hadamard(n: int) -> np.ndarray:
+    """Sylvester's Hadamard matrix of order ``n`` (a power of two) divided by sqrt(n): orthonormal and
+    symmetric, hence its own inverse."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"a Hadamard rotation needs a power-of-two order, got {n}")
+    h = np.ones((1, 1))
+    while h.shape[0] < n:
+        h = np.block([[h, h], [h, -h]])
+    return (h / np.sqrt(n)).astype(np.float32)
 
 
 def rotate_halves(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -168,6 +187,16 @@ def rotate_halves(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray
     half = x.shape[-1] // 2
     a, b = x[..., :half], x[..., half:]
     return np.concatenate([a * cos - b * sin, b * cos + a * sin], axis=-1)
+
+
+def _key_rotation(entry: dict | None, head_dim: int) -> np.ndarray | None:
+    """The matrix the manifest's ``quantization.key_rotation`` names (stored keys are rotated by it), or None."""
+    if entry is None:
+        return None
+    if entry.get("kind") != "hadamard" or entry.get("order") != head_dim:
+        raise BundleError(f"manifest kv_cache.quantization.key_rotation {entry!r} is not one this runtime knows "
+                          f"(kind 'hadamard' of order {head_dim})")
+    return hadamard(head_dim)
 
 
 def _static_file(bundle, name: str, shape: tuple[int, ...]) -> np.ndarray:
