@@ -227,6 +227,17 @@ def _key_columns(node: onnx.NodeProto, head_dim: int) -> tuple[int, int, int]:
     return 0, heads * head_dim, (heads + 2 * kv_heads) * head_dim
 
 
+def _insert_nodes(model: onnx.ModelProto, first: list, before: dict[str, list]) -> None:
+    """Put the nodes ``first`` at the head of the graph and each list ``before[output]`` just before the node
+    whose first output is ``output`` (keeps the graph topologically sorted)."""
+    order = list(first)
+    for node in model.graph.node:
+        order.extend(before.get(node.output[0], []) if node.output else [])
+        order.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(order)
+
+
 def _rotary_angles(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], p: str, what: str) -> list:
     """Nodes giving ``{p}cos`` and ``{p}sin`` (1, S, head_dim/2): the attention's rotary cos/sin rows at the
     positions of the step's S tokens, total_sequence_length - S + [0, S)."""
@@ -310,19 +321,14 @@ def _rotate_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto]) -> No
         for a in node.attribute:
             if a.name == "do_rotary":
                 a.i = 0
-    order = list(shared)
-    for node in model.graph.node:
-        order.extend(steps.get(node.output[0], []) if node.output else [])
-        order.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(order)
+    _insert_nodes(model, shared, steps)
 
 
 def _rotated_graph(model: onnx.ModelProto) -> bool:
     return any(i.name == ROTATION_WEIGHT for i in model.graph.initializer)
 
 
-def _shift_rotated_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], offsets: dict[int, np.ndarray]) -> None:
+def _shift_rotated_keys(model: onnx.ModelProto, offsets: dict[int, np.ndarray]) -> None:
     """Set the key rows of each layer's ``{ROTATION_OFFSET}.{layer}`` to ``offsets[layer]`` (kv_heads,
     head_dim), an offset of the rotated keys (rotary(key) @ H)."""
     inits = {i.name: k for k, i in enumerate(model.graph.initializer)}
@@ -394,12 +400,7 @@ def _center_keys(model: onnx.ModelProto, nodes: dict[int, onnx.NodeProto], offse
             steps[node.output[0]] = [helper.make_node("MatMul", [p + "rotary", name], [f"{p}shift.{l}"]),
                                      helper.make_node("Add", [node.input[index], f"{p}shift.{l}"], [shifted])]
             node.input[index] = shifted
-    order = list(shared)
-    for node in model.graph.node:
-        order.extend(steps.get(node.output[0], []) if node.output else [])
-        order.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(order)
+    _insert_nodes(model, shared, steps)
 
 
 def read_key_offsets(model: onnx.ModelProto, num_layers: int, kv_heads: int, head_dim: int,
@@ -779,7 +780,7 @@ class KvCachePass(Pass):
                 helper.make_attribute("kv_cache_bit_width", 8 if dtypes[l] == "int8" else 4),
             ])
         if offsets and _rotated_graph(model):
-            _shift_rotated_keys(model, nodes, offsets)
+            _shift_rotated_keys(model, offsets)
         elif offsets:
             _center_keys(model, nodes, offsets)
         kv_heads, head_dim = self._kv_shape(model)

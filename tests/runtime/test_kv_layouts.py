@@ -217,7 +217,7 @@ def test_rotating_keys_leaves_attention_unchanged(tiny, prompt):
     _rotate_keys(rotated, nodes)
     rng = np.random.default_rng(0)
     offsets = {l: rng.normal(0, 3, (2, 16)).astype(np.float32) for l in nodes}
-    _shift_rotated_keys(rotated, nodes, offsets)
+    _shift_rotated_keys(rotated, offsets)
     assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == 0 for n in nodes.values())
     h = hadamard(16)
     for want, got in zip(_run_two_steps(model, prompt[:24]), _run_two_steps(rotated, prompt[:24])):
