@@ -55,9 +55,10 @@ measures each layer's cost on the calibration text: the mean KL divergence of th
 when only that layer's cache is int4. The default, a third of the layers, keeps the cache at 1/6 of fp32's
 bytes (SmolLM2: 10 of 30 layers, 16.7%). Perplexity ratio against the float cache, held-out text in
 1,024-token windows / streamed 8,184 tokens: 1.043 / 1.041 with the defaults; 1.060 / 1.070 with keys
-centred but not rotated (1.041 on windows with ``--max-context 1024``); with observed key ranges 1.044 / 1.81 centred and 1.053 / 1.70 (4,096 tokens)
-uncentred. Scaling the int4 scales by a factor chosen on the calibration KL did not carry over to
-held-out text (key scales x1.15: 1.069), so the pass does not.
+centred but not rotated (1.041 on windows with ``--max-context 1024``); with observed key ranges, not
+rotated, 1.044 / 1.81 centred and 1.053 / 1.70 (4,096 tokens) uncentred. Scaling the int4 scales by a
+factor chosen on the calibration KL did not carry over to held-out text (key scales x1.15: 1.069), so the
+pass does not.
 
 Scale tensors are float32 initializers ``kv_scale.key.{layer}`` / ``kv_scale.value.{layer}`` shaped
 ``(1, kv_heads, 1, head_dim)`` (per channel) or ``(1,)`` (per tensor).
@@ -702,11 +703,11 @@ class KvCachePass(Pass):
         return getattr(self, "_rotate", c.k_rotate == "on" or (c.k_rotate == "auto" and c.dtype == "int4"))
 
     def clip_rule(self, dtype: str, kind: str = "value") -> str:
-        """The clip of ``kind``'s ranges in a ``dtype`` layer (auto: mse for int4 except centred keys that are not
-        rotated, none for int8). Rotated keys take the clip (torch simulation, 8,192 tokens: 1.038 clipped,
-        1.053 not). Unrotated centred keys keep their full range: SmolLM2, int4 cache, 4,096 held-out tokens, perplexity
-        ratio 1.033 unclipped against 1.25 with mse clips (uncentred keys: 1.054 unclipped, 1.050 mse); the
-        clip trims the large keys attention peaks on."""
+        """The clip of ``kind``'s ranges in a ``dtype`` layer (auto: mse for int4 except centred keys that are
+        not rotated, none for int8). Rotated keys take the clip (torch simulation, 8,192 tokens: 1.038
+        clipped, 1.053 not). Unrotated centred keys keep their full range: SmolLM2, int4 cache, 4,096 held-out
+        tokens, perplexity ratio 1.033 unclipped against 1.25 with mse clips (uncentred keys: 1.054
+        unclipped, 1.050 mse); the clip trims the large keys attention peaks on."""
         if self.config.clip != "auto":
             return self.config.clip
         if dtype != "int4" or (kind == "key" and self.centered() and not self.rotated()):
