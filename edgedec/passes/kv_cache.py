@@ -39,10 +39,11 @@ value at every token and position, and rare large keys set it (clipping them, un
 typical keys get few of the 16 levels. After a Hadamard rotation every stored channel mixes all of the
 head's channels, and no channel's range rests on a few values. Fake-quantizing SmolLM2's
 cache in torch with the kernel's formula (8,192 held-out tokens, perplexity ratio to the float cache)
-located the int4 loss: keys alone 1.065, values alone 1.005. On the keys, a normalised Hadamard
-rotation H after rotary gave 1.053 unclipped and 1.038 with the least-error clip (on rotated keys
-clipping pays); query-aware smoothing before H (s_j^2 = sqrt(E q_j^2 / E k_j^2)) did
-not add to it (1.047), and on the values H was worse (1.084) and per-token scales no better (1.070). So
+located the int4 loss (``benchmarks/kv_quant_sim.py``): keys alone 1.067, values alone 1.008, both
+1.069. On the keys, a normalised Hadamard rotation H after rotary gave 1.052 unclipped and 1.039 with
+the least-error clip (on rotated keys clipping pays); query-aware smoothing before H (s_j^2 =
+sqrt(E q_j^2 / E k_j^2), a trial: 1.047) did not add to it; on the values H was worse (1.080) and
+per-token scales no better (1.073). So
 the pass multiplies queries and keys by H (exact: (q H).(k H) = q.k). The kernel would rotate what it
 is given, so rotary moves into the graph (do_rotary=0): one MatMul per layer does both,
 ``[x * cos2, x * sin2] @ [H; P H]`` (see ``_rotate_keys``), and centring becomes a plain subtraction
@@ -704,8 +705,8 @@ class KvCachePass(Pass):
 
     def clip_rule(self, dtype: str, kind: str = "value") -> str:
         """The clip of ``kind``'s ranges in a ``dtype`` layer (auto: mse for int4 except centred keys that are
-        not rotated, none for int8). Rotated keys take the clip (torch simulation, 8,192 tokens: 1.038
-        clipped, 1.053 not). Unrotated centred keys keep their full range: SmolLM2, int4 cache, 4,096 held-out
+        not rotated, none for int8). Rotated keys take the clip (torch simulation, 8,192 tokens: 1.039
+        clipped, 1.052 not). Unrotated centred keys keep their full range: SmolLM2, int4 cache, 4,096 held-out
         tokens, perplexity ratio 1.033 unclipped against 1.25 with mse clips (uncentred keys: 1.054
         unclipped, 1.050 mse); the clip trims the large keys attention peaks on."""
         if self.config.clip != "auto":
