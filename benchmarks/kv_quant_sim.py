@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from edgedec.models.source import load
-from edgedec.passes.kv_cache import KvCacheConfig, KvCachePass, dequantize, quantize
+from edgedec.passes.kv_cache import KvCacheConfig, KvCachePass, dequantize, layer_ranges, quantize
 from edgedec.passes.qdq import default_calibration_text
 from edgedec.runtime.kv_cache import hadamard, rotate_halves
 
@@ -117,12 +117,9 @@ def main() -> None:
             vt = h if variant == "rotated-values" else np.eye(head_dim, dtype=np.float32)
             k = (np.concatenate(keys, 1) - offset[:, None]) @ kt
             v = np.concatenate(values, 1) @ vt
-            half = head_dim // 2
-            pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(1)
             dtype = "int8" if l in int8 else "int4"
             rule = clipped if variant == "rotated" else plain
-            r = rule._layer_scales(dtype, (np.abs(k).max(1), np.concatenate([pair, pair], -1), np.abs(v).max(1),
-                                           (k, v), offset))
+            r = rule._layer_scales(dtype, layer_ranges(k, v, offset))
             scales[(variant, l)] = (offset, kt, r["key"][0][0, :, 0, :], vt, r["value"][0][0, :, 0, :], dtype)
         return scales[(variant, l)]
 

@@ -589,7 +589,6 @@ class KvCachePass(Pass):
         c = self.config
         n = min(c.sequence_length, self._positions(model, nodes))
         count = min(c.samples, len(ids) // n)
-        half = self._kv_shape(model)[1] // 2
         layers = sorted(nodes)
         keys = {l: [] for l in layers}
         values = {l: [] for l in layers}
@@ -610,9 +609,7 @@ class KvCachePass(Pass):
             if self.centered():  # the first token of a sequence (the attention sink) is an outlier: left out
                 offset = np.concatenate([x[:, 1:] for x in keys[l]], axis=1).mean(axis=1).astype(np.float32)
                 k = k - offset[:, None]
-            pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1)
-            ranges[l] = (np.abs(k).max(axis=1), np.concatenate([pair, pair], axis=-1), np.abs(v).max(axis=1),
-                         (k, v), offset)
+            ranges[l] = layer_ranges(k, v, offset)
         return ranges, report
 
     def _reposition(self, path: Path, model: onnx.ModelProto, nodes: dict, keys: dict, n: int) -> tuple[dict, int]:
@@ -855,6 +852,15 @@ class KvCachePass(Pass):
                 missing = [n for n in (f"kv_scale.key.{l}", f"kv_scale.value.{l}") if n not in inits or n not in node.input]
                 if missing:
                     raise PassError(f"kv-cache: layer {l}'s attention lacks scale inputs {', '.join(missing)}")
+
+
+def layer_ranges(k: np.ndarray, v: np.ndarray, offset: np.ndarray | None) -> tuple:
+    """One layer's calibration ranges from its cache as stored, keys ``k`` and values ``v`` (kv_heads, tokens,
+    head_dim): (key absmax, key rotary-pair norm, value absmax) each (kv_heads, head_dim), the cache (to fit
+    clips on), and the key offset already taken off ``k`` (or None); what ``_layer_scales`` reads."""
+    half = k.shape[-1] // 2
+    pair = np.sqrt(k[..., :half] ** 2 + k[..., half:] ** 2).max(axis=1)
+    return np.abs(k).max(axis=1), np.concatenate([pair, pair], axis=-1), np.abs(v).max(axis=1), (k, v), offset
 
 
 def read_scales(model: onnx.ModelProto, num_layers: int, kv_heads: int, head_dim: int) -> np.ndarray | None:
