@@ -1,10 +1,17 @@
 """Benchmark bundles: decode speed, time to first token, prefill speed, peak memory, size on disk.
 
-Each bundle is measured in a fresh process (:mod:`edgedec.bench_worker`) that imports only the
+Each bundle is measured in its own process (:mod:`edgedec.bench_worker`) that imports only the
 torch-free runtime, so its peak resident memory is that of an app embedding the runtime, and bundles
-measured one after another do not share caches or allocations. The worker runs ``warmup`` untimed
-passes and then ``runs`` timed passes over the prompts; each pass generates ``new_tokens`` tokens
-per prompt, greedy, ignoring end-of-sequence (so every bundle does the same work).
+do not share caches or allocations. A worker runs ``warmup`` untimed passes and then ``runs`` timed
+passes over the prompts; each pass generates ``new_tokens`` tokens per prompt, greedy, ignoring
+end-of-sequence (so every bundle does the same work).
+
+Several bundles are measured in **interleaved rounds** by default: every worker loads its bundle and
+waits, then each round runs one pass of every bundle in turn (the first bundle of a round rotates).
+Shared machines drift: on this project's 2-core CI machines the same bundle measured 57 to 88 tokens/s
+from one minute to the next, so bundles measured one after another compare the machine's moods as much
+as the bundles. In rounds, every bundle sees the same moods, and the ratios hold. ``interleave=False``
+(``edgedec bench --sequential``) measures one bundle at a time, with one loaded at a time.
 
 One pass gives one figure per metric, aggregated over its prompts:
 
@@ -43,10 +50,12 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import queue
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -86,6 +95,7 @@ class BenchOptions:
     context_tokens: int | None = None  # prefill each prompt, repeated, to this many tokens, then decode
     spec: str | None = None  # measure each bundle without speculation and with this drafter
     draft_len: int | None = None  # tokens drafted per verification (default: the bundle's, else 4)
+    interleave: bool = True  # several bundles: one pass of each per round (False: one bundle after another)
 
     def __post_init__(self):
         if self.warmup < 0:
@@ -236,26 +246,74 @@ def worker_command() -> list[str]:
     return [sys.executable, "-c", code]
 
 
-def run_worker(request: dict, timeout_s: float = WORKER_TIMEOUT_S) -> dict:
-    """Run one benchmark worker process on ``request`` and return its result."""
-    with tempfile.TemporaryDirectory(prefix="edgedec-bench-") as tmp:
-        req, res = Path(tmp) / "request.json", Path(tmp) / "result.json"
+class Worker:
+    """A benchmark worker process (``bench_worker --serve``): loads one bundle, then runs passes on request."""
+
+    def __init__(self, request: dict, timeout_s: float = WORKER_TIMEOUT_S):
+        self.label, self.timeout_s = request["bundle"], timeout_s
+        self._tmp = tempfile.TemporaryDirectory(prefix="edgedec-bench-")
+        req = Path(self._tmp.name) / "request.json"
         req.write_text(json.dumps(request))
+        self._stderr = open(Path(self._tmp.name) / "stderr.txt", "w+")
+        self.proc = subprocess.Popen(worker_command() + ["--serve", str(req)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True)
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._reply("ready")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _reply(self, key: str):
         try:
-            proc = subprocess.run(worker_command() + [str(req), str(res)], capture_output=True, text=True,
-                                  timeout=timeout_s)
-        except subprocess.TimeoutExpired as exc:
-            raise MeasurementError(f"the benchmark worker for {request['bundle']} ran past {timeout_s:.0f}s") from exc
-        result = json.loads(res.read_text()) if res.is_file() and res.stat().st_size else None
-    if result is not None and "error" in result:
-        cls = getattr(errors, result.get("error_type", ""), None)
-        cls = cls if isinstance(cls, type) and issubclass(cls, errors.EdgedecError) else MeasurementError
-        raise cls(result["error"])
-    if proc.returncode != 0 or result is None:
-        tail = " ".join(proc.stderr.strip().splitlines()[-3:]) or "no output"
-        raise MeasurementError(f"the benchmark worker for {request['bundle']} exited with code {proc.returncode}: "
-                               f"{tail}")
-    return result
+            line = self._lines.get(timeout=self.timeout_s)
+        except queue.Empty:
+            self.close()
+            raise MeasurementError(f"the benchmark worker for {self.label} ran past {self.timeout_s:.0f}s") from None
+        if line is None:
+            code = self.proc.wait()
+            self._stderr.seek(0)
+            tail = " ".join(self._stderr.read().strip().splitlines()[-3:]) or "no output"
+            self.close()
+            raise MeasurementError(f"the benchmark worker for {self.label} exited with code {code}: {tail}")
+        msg = json.loads(line)
+        if "error" in msg:
+            self.close()
+            cls = getattr(errors, msg.get("error_type", ""), None)
+            cls = cls if isinstance(cls, type) and issubclass(cls, errors.EdgedecError) else MeasurementError
+            raise cls(msg["error"])
+        return msg[key]
+
+    def _send(self, cmd: dict) -> None:
+        try:
+            self.proc.stdin.write(json.dumps(cmd) + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # the worker is gone: _reply reports why
+
+    def one_pass(self, measured: bool) -> list[dict]:
+        self._send({"cmd": "pass", "measured": measured})
+        return self._reply("pass")
+
+    def finish(self) -> dict:
+        self._send({"cmd": "finish"})
+        result = self._reply("result")
+        self.close()
+        return result
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._stderr.close()
+        self._tmp.cleanup()
 
 
 def bundle_size_bytes(path: str | Path, verify: bool = True) -> int:
@@ -271,20 +329,58 @@ def measure(bundle: str | Path, prompts: Sequence[Prompt], options: BenchOptions
 
     ``drafter``: ``"auto"`` speculates as the bundle says, ``None`` turns speculation off, or a drafter name.
     """
-    size = bundle_size_bytes(bundle, verify=False)  # structure and sizes now; the worker checks the hashes
+    return measure_many([(bundle, name, drafter)], prompts, options)[0]
+
+
+def measure_many(entries: Sequence[tuple[str | Path, str | None, str | None]], prompts: Sequence[Prompt],
+                 options: BenchOptions = BenchOptions(),
+                 phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
+                 ) -> list[BundleBench]:
+    """Measure ``(bundle, name, drafter)`` entries, each in its own worker, in interleaved rounds
+    (``options.interleave``) or one after another."""
     if not prompts:
         raise ConfigError("no prompts to benchmark with")
-    request = {"bundle": str(bundle), "prompts": list(prompts), "warmup": options.warmup, "runs": options.runs,
-               "new_tokens": options.new_tokens, "threads": options.threads, "context": options.context,
-               "context_tokens": options.context_tokens,
-               "drafter": drafter, "draft_len": options.draft_len}
-    log.info("benchmarking %s (%d prompts, %d warm-up + %d timed passes)", bundle, len(prompts), options.warmup,
-             options.runs)
-    result = run_worker(request)
+    sizes = [bundle_size_bytes(b, verify=False) for b, _, _ in entries]  # structure and sizes; workers check hashes
+    names = [n or Path(b).resolve().name for b, n, _ in entries]
+    requests = [{"bundle": str(b), "prompts": list(prompts), "warmup": options.warmup, "runs": options.runs,
+                 "new_tokens": options.new_tokens, "threads": options.threads, "context": options.context,
+                 "context_tokens": options.context_tokens, "drafter": drafter, "draft_len": options.draft_len}
+                for b, _, drafter in entries]
+    passes = options.warmup + options.runs
+    workers: list[Worker] = []
+    try:
+        if options.interleave and len(entries) > 1:
+            for name, request in zip(names, requests):
+                with phase(f"loading {name}"):
+                    workers.append(Worker(request))
+            for i in range(passes):
+                label = "warm-up" if i < options.warmup else "timed"
+                with phase(f"round {i + 1}/{passes} ({label}): one pass of each bundle"):
+                    for k in range(len(workers)):  # the first bundle of a round rotates
+                        workers[(i + k) % len(workers)].one_pass(measured=i >= options.warmup)
+            results = [w.finish() for w in workers]
+        else:
+            results = []
+            for name, request in zip(names, requests):
+                with phase(f"benchmarking {name}"):
+                    log.info("benchmarking %s (%d prompts, %d warm-up + %d timed passes)", request["bundle"],
+                             len(prompts), options.warmup, options.runs)
+                    workers = [Worker(request)]
+                    for i in range(passes):
+                        workers[0].one_pass(measured=i >= options.warmup)
+                    results.append(workers[0].finish())
+    finally:
+        for w in workers:
+            w.close()
+    return [_bundle_bench(b, name, size, result)
+            for (b, _, _), name, size, result in zip(entries, names, sizes, results)]
+
+
+def _bundle_bench(bundle: str | Path, name: str, size: int, result: dict) -> BundleBench:
     passes = [_pass_figures(p) for p in result["runs"]]
     first = result["runs"][0]
     return BundleBench(
-        bundle=str(bundle), name=name or Path(bundle).resolve().name, size_bytes=size,
+        bundle=str(bundle), name=name, size_bytes=size,
         peak_rss_bytes=int(result["peak_rss_bytes"]), threads=int(result["threads"]), load_s=float(result["load_s"]),
         passes=passes, prompt_tokens=sum(p["prompt_tokens"] for p in first),
         new_tokens=sum(p["new_tokens"] for p in first), speculation=result.get("speculation"),
@@ -301,9 +397,10 @@ def bench(bundles: Sequence[str | Path], prompts_file: str | Path | None = None,
           options: BenchOptions = BenchOptions(),
           phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
           ) -> BenchReport:
-    """Benchmark ``bundles`` one after another on the same prompts (``prompts_file`` or the built-in set).
+    """Benchmark ``bundles`` on the same prompts (``prompts_file`` or the built-in set), in interleaved
+    rounds unless ``options.interleave`` is off.
 
-    ``phase(name)`` wraps the measurement of each bundle (the CLI passes a progress display).
+    ``phase(name)`` wraps each long step (the CLI passes a progress display).
     """
     if not bundles:
         raise ConfigError("no bundle to benchmark")
@@ -311,16 +408,13 @@ def bench(bundles: Sequence[str | Path], prompts_file: str | Path | None = None,
     for b in bundles:  # refuse a bad bundle before spending minutes on the good ones
         bundle_size_bytes(b, verify=False)
     report = BenchReport(options, str(prompts_file) if prompts_file else "built-in", len(prompts))
+    entries = []
     for path, name in zip(bundles, _names(bundles)):
         if options.spec is None:
-            with phase(f"benchmarking {name}"):
-                report.bundles.append(measure(path, prompts, options, name=name))
-            continue
-        with phase(f"benchmarking {name} without speculation"):
-            report.bundles.append(measure(path, prompts, options, name=f"{name} (no spec)", drafter=None))
-        with phase(f"benchmarking {name} with {options.spec}"):
-            report.bundles.append(measure(path, prompts, options, name=f"{name} ({options.spec})",
-                                          drafter=options.spec))
+            entries.append((path, name, "auto"))
+        else:  # the same bundle without and with the drafter, in the same rounds
+            entries += [(path, f"{name} (no spec)", None), (path, f"{name} ({options.spec})", options.spec)]
+    report.bundles = measure_many(entries, prompts, options, phase)
     return report
 
 

@@ -1,6 +1,7 @@
 """The benchmark worker: one fresh process that loads one bundle with the runtime alone and times it.
 
-    python -m edgedec.bench_worker REQUEST.json RESULT.json
+    python -m edgedec.bench_worker REQUEST.json RESULT.json     # warm-up and timed passes, then exit
+    python -m edgedec.bench_worker --serve REQUEST.json          # load, then one pass per command
 
 It imports nothing but the standard library and :mod:`edgedec.runtime` (numpy, onnxruntime,
 tokenizers, jinja2) — never torch or transformers — so its peak resident memory is what an app that
@@ -30,6 +31,7 @@ Generation is greedy and ignores end-of-sequence so every run of a prompt makes 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -67,44 +69,94 @@ def _speculation(stats_list) -> dict | None:
             "model_share": sum(s.run_s for s in stats_list) / decode_s}
 
 
-def run(request: dict) -> dict:
-    from .runtime import Engine
+class Session:
+    """One loaded bundle and its workload: the unit both modes run passes on."""
 
-    t = time.perf_counter()
-    fill = request.get("context_tokens")
-    context = request.get("context")
-    if fill:
-        context = max(context or 0, int(fill) + int(request["new_tokens"]) + 1)
-    model_draft = str(request.get("drafter") or "").startswith("model:")  # two sessions taking turns: no spinning
-    engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=context, spin=not model_draft)
-    load_s = time.perf_counter() - t
-    prompts = [_filled(engine, p, int(fill)) for p in request["prompts"]] if fill else request["prompts"]
-    kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True,
-                  drafter=request.get("drafter", "auto"), draft_len=request.get("draft_len"))
-    runs, all_stats = [], []
-    for i in range(int(request["warmup"]) + int(request["runs"])):
-        measured = i >= int(request["warmup"])
-        per_prompt = []
-        for prompt in prompts:
+    def __init__(self, request: dict):
+        from .runtime import Engine
+
+        t = time.perf_counter()
+        fill = request.get("context_tokens")
+        context = request.get("context")
+        if fill:
+            context = max(context or 0, int(fill) + int(request["new_tokens"]) + 1)
+        model_draft = str(request.get("drafter") or "").startswith("model:")  # two sessions taking turns: no spinning
+        self.engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=context,
+                                  spin=not model_draft)
+        self.load_s = time.perf_counter() - t
+        self.prompts = [_filled(self.engine, p, int(fill)) for p in request["prompts"]] if fill else request["prompts"]
+        self.kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True,
+                           drafter=request.get("drafter", "auto"), draft_len=request.get("draft_len"))
+        self.runs: list[list[dict]] = []
+        self.stats: list = []  # the measured passes' GenerationStats
+
+    def one_pass(self, measured: bool) -> list[dict]:
+        """Generate for every prompt once; return the per-prompt figures (kept when ``measured``)."""
+        engine, per_prompt = self.engine, []
+        for prompt in self.prompts:
             if isinstance(prompt, dict):
-                stream = engine.chat(prompt["messages"], **kwargs)
+                stream = engine.chat(prompt["messages"], **self.kwargs)
             else:
-                stream = engine.generate(prompt, **kwargs)
+                stream = engine.generate(prompt, **self.kwargs)
             for _ in stream:
                 pass
             s = engine.last_stats
             per_prompt.append({"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "prefill_s": s.prefill_s,
                                "ttft_s": s.ttft_s, "decode_s": s.decode_s, "stop_reason": s.stop_reason})
             if measured:
-                all_stats.append(s)
+                self.stats.append(s)
         if measured:
-            runs.append(per_prompt)
-    kv = engine.bundle.manifest["kv_cache"]
-    arch = engine.bundle.arch
-    per_token = kv.get("bytes_per_token", arch["num_layers"] * 2 * arch["num_kv_heads"] * arch["head_dim"] * 4)
-    return {"threads": engine.threads, "load_s": load_s, "runs": runs, "peak_rss_bytes": peak_rss_bytes(),
-            "speculation": _speculation(all_stats), "kv_bytes_per_token": int(per_token),
-            "kv_cache_bytes": int(getattr(getattr(engine.decoder, "kv", None), "nbytes", 0))}
+            self.runs.append(per_prompt)
+        return per_prompt
+
+    def result(self) -> dict:
+        engine = self.engine
+        kv = engine.bundle.manifest["kv_cache"]
+        arch = engine.bundle.arch
+        per_token = kv.get("bytes_per_token", arch["num_layers"] * 2 * arch["num_kv_heads"] * arch["head_dim"] * 4)
+        return {"threads": engine.threads, "load_s": self.load_s, "runs": self.runs,
+                "peak_rss_bytes": peak_rss_bytes(), "speculation": _speculation(self.stats),
+                "kv_bytes_per_token": int(per_token),
+                "kv_cache_bytes": int(getattr(getattr(engine.decoder, "kv", None), "nbytes", 0))}
+
+
+def run(request: dict) -> dict:
+    """Load, run ``warmup`` untimed and ``runs`` timed passes, report."""
+    session = Session(request)
+    for i in range(int(request["warmup"]) + int(request["runs"])):
+        session.one_pass(measured=i >= int(request["warmup"]))
+    return session.result()
+
+
+def serve(request: dict, commands, replies) -> int:
+    """Load, then answer commands (one JSON object per line) until ``finish``.
+
+    ``{"cmd": "pass", "measured": bool}`` runs one pass and replies ``{"pass": [...per prompt]}``;
+    ``{"cmd": "finish"}`` replies ``{"result": ...}`` (as RESULT.json) and returns. After loading the
+    worker replies ``{"ready": true}``; an edgedec error replies ``{"error", "error_type"}`` and returns 2.
+    """
+    from .errors import EdgedecError
+
+    def reply(obj: dict) -> None:
+        replies.write(json.dumps(obj) + "\n")
+        replies.flush()
+
+    try:
+        session = Session(request)
+        reply({"ready": True})
+        for line in commands:
+            cmd = json.loads(line)
+            if cmd.get("cmd") == "pass":
+                reply({"pass": session.one_pass(bool(cmd.get("measured")))})
+            elif cmd.get("cmd") == "finish":
+                reply({"result": session.result()})
+                return 0
+            else:
+                raise ValueError(f"unknown command {cmd!r}")
+    except EdgedecError as exc:
+        reply({"error": str(exc), "error_type": type(exc).__name__})
+        return 2
+    return 0  # the parent closed the pipe: nothing more to do
 
 
 def _filled(engine, prompt, n: int) -> list[int]:
@@ -121,8 +173,15 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import EdgedecError
 
     argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "--serve":
+        with open(argv[1]) as f:
+            request = json.load(f)
+        replies = os.fdopen(os.dup(1), "w")  # replies on the original stdout; anything else printed goes to stderr
+        os.dup2(2, 1)
+        return serve(request, sys.stdin, replies)
     if len(argv) != 2:
-        print("usage: python -m edgedec.bench_worker REQUEST.json RESULT.json", file=sys.stderr)
+        print("usage: python -m edgedec.bench_worker REQUEST.json RESULT.json\n"
+              "       python -m edgedec.bench_worker --serve REQUEST.json", file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         request = json.load(f)

@@ -516,14 +516,20 @@ def bench_cmd(
     context: Optional[int] = typer.Option(
         None, "--context", help="Prefill each prompt, repeated, to N tokens before decoding: decode speed and peak "
                                 "memory at context N."),
+    sequential: bool = typer.Option(
+        False, "--sequential", help="Measure one bundle after another, one loaded at a time (default: all loaded, "
+                                    "one pass of each per round, so every bundle sees the same machine)."),
 ):
-    """Measure decode speed, time to first token, prefill speed, peak memory and size of bundles."""
+    """Measure decode speed, time to first token, prefill speed, peak memory and size of bundles.
+
+    Several bundles are measured in interleaved rounds: each round runs one pass of every bundle, so a
+    shared machine's drift hits them alike and the ratios to the first bundle hold."""
     with _errors():
         from . import bench
         from .errors import ConfigError
 
         options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=threads, spec=spec,
-                                     draft_len=draft_len, context_tokens=context)
+                                     draft_len=draft_len, context_tokens=context, interleave=not sequential)
         if plot_out is not None and plot_out.suffix.lower() != ".png":
             raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
         report = bench.bench(bundles, prompts, options, phase=_phase)

@@ -31,7 +31,7 @@ Budget schema (TOML; every limit is optional, at least one is required)::
 Relative limits. The size, memory and speed limits (``max_size``, ``max_peak_rss``,
 ``min_decode_tok_s``, ``max_ttft``, ``min_prefill_tok_s``) may instead be written ``"F x baseline"``
 (or ``"F× baseline"``): the limit is F times the same metric of the ``--baseline`` bundle, measured in
-the same run with the same settings. ``min_decode_tok_s = "2.5x baseline"`` asks for a 2.5× decode
+the same run with the same settings (in interleaved rounds, see :mod:`edgedec.bench`). ``min_decode_tok_s = "2.5x baseline"`` asks for a 2.5× decode
 speed-up; ``max_size = "0.3x baseline"`` for a bundle under 30% of the baseline's size. Relative speed
 limits are the ones to use on shared CI machines, where absolute speeds drift.
 
@@ -348,15 +348,19 @@ def _check_inputs(budget: Budget, baseline, reference, texts) -> None:
         raise BudgetError(f"{budget.path}: {', '.join(needs_ref)} compares with a reference; pass --reference BUNDLE")
 
 
-def _measure(bundle, budget: Budget, which: set[str], prompts, texts, reference, phase, role: str) -> dict:
+def _measure(bundle, budget: Budget, which: set[str], prompts, texts, reference, phase, role: str,
+             benched=None) -> dict:
+    """What ``which`` asks for, of one bundle; ``benched``: its bench figures, when already measured."""
     from . import bench, evaluate
 
     m: dict = {}
     if "size" in which:
         m["size_mb"] = bench.bundle_size_bytes(bundle, verify=False) / 1e6
     if "bench" in which:
-        with phase(f"benchmarking the {role} ({len(prompts)} prompts, {budget.settings.runs} runs)"):
-            b = bench.measure(bundle, prompts, bench_options(budget.settings))
+        b = benched
+        if b is None:
+            with phase(f"benchmarking the {role} ({len(prompts)} prompts, {budget.settings.runs} runs)"):
+                b = bench.measure(bundle, prompts, bench_options(budget.settings))
         m.update({k: b.median(k) for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mb")})
     if which & {"text", "reference"}:
         ref = reference if "reference" in which else None
@@ -398,8 +402,13 @@ def run_gate(bundle: str | Path, budget: Budget, baseline: str | Path | None = N
             Bundle.open(baseline)
         if "reference" in which:
             Bundle.open(reference)
-    measured = _measure(bundle, budget, which, prompts, text_pairs, reference, phase, "bundle")
-    base = _measure(baseline, budget, base_which, prompts, text_pairs, None, phase, "baseline") if base_which else {}
+    benched = [None, None]
+    if "bench" in which and "bench" in base_which:  # both in the same rounds: relative limits compare like with like
+        benched = bench.measure_many([(bundle, "bundle", "auto"), (baseline, "baseline", "auto")], prompts,
+                                     bench_options(budget.settings), phase)
+    measured = _measure(bundle, budget, which, prompts, text_pairs, reference, phase, "bundle", benched[0])
+    base = (_measure(baseline, budget, base_which, prompts, text_pairs, None, phase, "baseline", benched[1])
+            if base_which else {})
     results = []
     for l in budget.limits:
         metric = l.spec.metric

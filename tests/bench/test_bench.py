@@ -104,6 +104,38 @@ def test_report_has_required_keys_and_sane_values(report, tiny):
     assert [b["name"] for b in d["bundles"]] == ["bundle (1)", "bundle (2)"]
 
 
+@pytest.mark.parametrize("interleave", [True, False])
+def test_bundles_take_turns_in_rounds(tiny, tmp_path, monkeypatch, interleave):
+    """Interleaved: every worker is loaded, each round runs one pass of each (the first rotates).
+    Sequential: one bundle's passes, then the next's, one worker alive at a time."""
+    _, bundle = tiny
+    second = copy_bundle(bundle, tmp_path / "second")
+    calls, alive = [], []
+    one_pass, init = bench.Worker.one_pass, bench.Worker.__init__
+
+    def recording_init(self, request, *args, **kwargs):
+        init(self, request, *args, **kwargs)
+        alive.append(self)
+
+    def recording_pass(self, measured):
+        calls.append((self.label, measured, sum(w.proc.poll() is None for w in alive)))
+        return one_pass(self, measured)
+
+    monkeypatch.setattr(bench.Worker, "__init__", recording_init)
+    monkeypatch.setattr(bench.Worker, "one_pass", recording_pass)
+    options = bench.BenchOptions(warmup=1, runs=2, new_tokens=3, threads=1, interleave=interleave)
+    report = bench.bench([bundle, second], None, options)
+    a, b = str(bundle), str(second)
+    if interleave:
+        assert [(c[0], c[1]) for c in calls] == [(a, False), (b, False), (b, True), (a, True), (a, True), (b, True)]
+        assert {c[2] for c in calls} == {2}
+    else:
+        assert [(c[0], c[1]) for c in calls] == [(a, False), (a, True), (a, True), (b, False), (b, True), (b, True)]
+        assert {c[2] for c in calls} == {1}
+    assert all(w.proc.poll() is not None for w in alive)  # every worker finished
+    assert [len(x.passes) for x in report.bundles] == [2, 2]
+
+
 def test_prompt_tokens_match_the_runtime_tokenizer(report, tiny):
     _, bundle = tiny
     engine = Engine.load(bundle)
