@@ -8,9 +8,9 @@ end-of-sequence (so every bundle does the same work).
 
 Several bundles are measured in **interleaved rounds** by default: every worker loads its bundle and
 waits, then each round runs one pass of every bundle in turn (the first bundle of a round rotates).
-Shared machines drift: on this project's 2-core CI machines the same bundle measured 57 to 88 tokens/s
-from one minute to the next, so bundles measured one after another compare the machine's moods as much
-as the bundles. In rounds, every bundle sees the same moods, and the ratios hold. ``interleave=False``
+Shared machines drift: on this project's 2-core CI machines the same fp32 bundle measured 57 to 88
+tokens/s in three runs of one session, so bundles measured one after another compare the machine's moods
+as much as the bundles. In rounds, every bundle sees the same moods, and the ratios hold. ``interleave=False``
 (``edgedec bench --sequential``) measures one bundle at a time, with one loaded at a time.
 
 One pass gives one figure per metric, aggregated over its prompts:
