@@ -34,6 +34,7 @@ VARIANTS = ("keys", "values", "centred", "rotated", "rotated-noclip", "rotated-v
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--text", required=True, help="held-out text file")
+    ap.add_argument("--model", help="model to simulate (default: the embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--bundle", help="an int4-KV bundle whose int8 layers to copy")
     ap.add_argument("--int8-layers", default="", help="comma-separated layers kept int8 (overrides --bundle)")
@@ -49,7 +50,7 @@ def main() -> None:
     else:
         int8 = set()
 
-    source = load(None)
+    source = load(args.model)
     model = source.model
     from tokenizers import Tokenizer
 
