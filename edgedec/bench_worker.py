@@ -74,15 +74,15 @@ class Session:
 
     def __init__(self, request: dict):
         from .runtime import Engine
+        from .runtime.drafters import spins_with
 
         t = time.perf_counter()
         fill = request.get("context_tokens")
         context = request.get("context")
         if fill:
             context = max(context or 0, int(fill) + int(request["new_tokens"]) + 1)
-        model_draft = str(request.get("drafter") or "").startswith("model:")  # two sessions taking turns: no spinning
         self.engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=context,
-                                  spin=not model_draft)
+                                  spin=spins_with(request.get("drafter")))
         self.load_s = time.perf_counter() - t
         self.prompts = [_filled(self.engine, p, int(fill)) for p in request["prompts"]] if fill else request["prompts"]
         self.kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True,

@@ -178,9 +178,10 @@ def run_cmd(
     """Generate text from a bundle, streaming it as it comes."""
     with _errors():
         from .runtime import Engine
+        from .runtime.drafters import spins_with
 
-        model_draft = not no_spec and (spec or "").startswith("model:")  # two sessions taking turns: no spinning
-        engine = Engine.load(bundle, threads=threads, context_length=context, spin=not model_draft)
+        engine = Engine.load(bundle, threads=threads, context_length=context,
+                             spin=no_spec or spins_with(spec))
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop=stop, drafter=None if no_spec else (spec or "auto"), draft_len=draft_len)
         if chat:

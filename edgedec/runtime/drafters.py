@@ -262,6 +262,12 @@ def is_drafter_name(name: str) -> bool:
     return name in DRAFTER_NAMES or (name.startswith("model:") and len(name) > len("model:"))
 
 
+def spins_with(drafter: str | None) -> bool:
+    """Whether the engine's threads should spin between runs with this drafter: not with a draft model,
+    whose session and the target's take turns on the same cores."""
+    return not (drafter or "").startswith("model:")
+
+
 def make_drafter(name: str, vocab_size: int, decoder=None, target_bundle=None, threads: int | None = None):
     """A drafter by name: ``ngram``, ``recycling``, ``ngram+recycling``, ``head`` or ``head+ngram``
     (the last two need ``decoder``, a session over a bundle with the draft-head pass), ``ffn-skip``, or
