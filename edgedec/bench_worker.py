@@ -51,11 +51,17 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB on Linux and the BSDs
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 def _speculation(stats_list) -> dict | None:
     """Speculation figures over the timed passes; None when the bundle ran without a drafter.
 
     mean_accepted_per_step: draft tokens accepted per verification pass (each pass adds one model token);
-    draft_share / model_share: fractions of decode time spent drafting (host) and inside session.run.
+    draft_share / model_share: fractions of decode time spent drafting (host) and inside session.run;
+    draft_cost: what one draft token cost, in plain decode steps, as the adaptive draft length measured it
+    (mean over the prompts; None without the adaptive length or before a plain step was timed).
     """
     if not any(s.drafter for s in stats_list):
         return None
@@ -65,6 +71,7 @@ def _speculation(stats_list) -> dict | None:
     return {"drafter": stats_list[0].drafter, "verify_steps": steps, "accepted_tokens": accepted,
             "drafted_tokens": sum(s.drafted_tokens for s in stats_list),
             "mean_accepted_per_step": accepted / steps if steps else 0.0,
+            "draft_cost": _mean([s.draft_cost for s in stats_list if s.draft_cost is not None]),
             "draft_share": sum(s.draft_s for s in stats_list) / decode_s,
             "model_share": sum(s.run_s for s in stats_list) / decode_s}
 

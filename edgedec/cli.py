@@ -551,6 +551,9 @@ def bench_cmd(
             table.add_row("accepted / verify", *(fmt(b["speculation"], "mean_accepted_per_step", ".2f") for b in rows))
             table.add_row("draft time share", *(fmt(b["speculation"], "draft_share", ".1%") for b in rows))
             table.add_row("model time share", *(fmt(b["speculation"], "model_share", ".1%") for b in rows))
+            table.add_row("draft token cost", *(fmt(b["speculation"], "draft_cost", ".2f")
+                                                if b["speculation"] and b["speculation"].get("draft_cost") is not None
+                                                else "-" for b in rows))
         table.add_row("peak RSS MB", *(f"{b['peak_rss_mb']:,.1f}" for b in rows))
         table.add_row("KV bytes/token", *(f"{b['kv_bytes_per_token']:,}" for b in rows))
         table.add_row("size MB", *(f"{b['size_mb']:,.1f}" for b in rows))

@@ -295,18 +295,27 @@ class DraftLengthPolicy:
 
     Acceptance is modelled per draft token with probability ``alpha`` (estimated from the verifications
     so far, exponentially weighted). Drafting k tokens yields ``(1 - alpha**(k+1)) / (1 - alpha)`` tokens
-    per verification and costs about ``1 + cost_per_token * k`` plain decode steps (one forward over
-    k + 1 tokens plus the host work around it; measured with SmolLM2 int4 on 2 cores: a 5-token
-    verification took ~1.5 plain steps, so ~0.12 per drafted token). The
-    policy picks the k in [1, max_k] with the best yield per cost, or 0 (plain decoding) when none beats
-    1; while at 0 it still probes with a short draft every ``probe_every`` steps, so it can recover
-    when the text turns repetitive.
+    per verification and costs about ``1 + cost * k`` plain decode steps (drafting k tokens plus one
+    forward over k + 1 tokens, against one plain step). The policy picks the k in [1, max_k] with the
+    best yield per cost, or 0 (plain decoding) when none beats 1; while at 0 it still probes with a
+    short draft every ``probe_every`` steps, so it can recover when the text turns repetitive.
+
+    ``cost`` starts at the drafter's ``cost_per_token`` and then follows what the engine measures
+    (:meth:`timed_plain`, :meth:`timed_verify`), because it depends on the machine more than on the
+    model: with SmolLM2 int4 on 2 cores a pass over k + 1 tokens took 1.16 (k=1), 1.63 (k=3) and 2.62
+    (k=7) plain steps on one AVX2 machine, 1.09 (k=1) to 1.46 (k=7) on the one shared/DESIGN.md was
+    measured on. The cost needs plain steps to compare with: after ``calibrate_every`` drafts without
+    one, the policy asks for one (k = 0) instead of a draft. Until a plain step is timed, it keeps the prior.
     """
 
-    def __init__(self, max_k: int, cost_per_token: float = 0.12, decay: float = 0.9, probe_every: int = 8):
+    def __init__(self, max_k: int, cost_per_token: float = 0.12, decay: float = 0.9, probe_every: int = 8,
+                 calibrate_every: int = 64):
         self.max_k, self.cost, self.decay, self.probe_every = max_k, cost_per_token, decay, probe_every
+        self.calibrate_every = calibrate_every
         self.successes, self.trials = 1.0, 2.0  # prior: alpha = 0.5
         self.idle = 0
+        self.step_s: float | None = None  # running plain step time (seconds), once one was timed
+        self.drafts_since_plain = 0
 
     @property
     def alpha(self) -> float:
@@ -318,15 +327,32 @@ class DraftLengthPolicy:
         return (1 - a ** (k + 1)) / (1 - a) / (1 + self.cost * k)
 
     def next_k(self) -> int:
+        if self.drafts_since_plain >= self.calibrate_every:
+            self.drafts_since_plain = 0
+            return 0  # a plain step, timed: what drafting is compared with
         best = max(range(1, self.max_k + 1), key=self.value)
         if self.value(best) > 1.0:
             self.idle = 0
+            self.drafts_since_plain += 1
             return best
         self.idle += 1
         if self.idle >= self.probe_every:
             self.idle = 0
+            self.drafts_since_plain += 1
             return min(2, self.max_k)
         return 0
+
+    def timed_plain(self, seconds: float) -> None:
+        """A plain decode step (one token, no draft) took ``seconds``."""
+        self.drafts_since_plain = 0
+        self.step_s = seconds if self.step_s is None else self.decay * self.step_s + (1 - self.decay) * seconds
+
+    def timed_verify(self, drafted: int, seconds: float) -> None:
+        """Drafting ``drafted`` tokens and verifying them took ``seconds``: update the cost per draft token."""
+        if self.step_s is None or drafted < 1:
+            return  # no plain step to compare with yet: keep the prior
+        per_token = max(seconds / self.step_s - 1.0, 0.0) / drafted
+        self.cost = self.decay * self.cost + (1 - self.decay) * per_token
 
     def update(self, drafted: int, accepted: int) -> None:
         """A verification of ``drafted`` tokens accepted the first ``accepted``."""

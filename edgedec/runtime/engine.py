@@ -67,6 +67,7 @@ class GenerationStats:
     drafted_tokens: int = 0  # speculation: draft tokens proposed to the model
     accepted_tokens: int = 0  # speculation: draft tokens the model accepted
     draft_s: float = 0.0  # speculation: time spent drafting (host side)
+    draft_cost: float | None = None  # speculation, adaptive: cost of a draft token in plain steps (measured)
 
     @property
     def mean_accepted_per_step(self) -> float:
@@ -420,6 +421,7 @@ class Engine:
         stats.drafter = drafter.name
         width = getattr(drafter, "width", 0)
         policy = DraftLengthPolicy(draft_len, getattr(drafter, "cost_per_token", 0.12)) if adaptive else None
+        first_step = n + 1  # history length at the first decode step
         while True:
             yield token
             if n + 64 >= len(history):  # a windowed cache runs past its capacity
@@ -430,15 +432,21 @@ class Engine:
             k = min(policy.next_k() if policy else draft_len, room)
             t = time.perf_counter()
             draft = drafter.propose(history[:n], k) if k > 0 else []
-            stats.draft_s += time.perf_counter() - t
+            t_draft = time.perf_counter()
+            stats.draft_s += t_draft - t
             if not draft:
                 logits = dec.decode_one(token)
                 if width:  # a recycling drafter learns from plain steps too
                     drafter.observe(history[n - 1 : n], top_candidates(logits[None], width))
                 token = sampler(logits)
+                if policy and n > first_step:  # the first step after the prompt runs cold: not timed
+                    policy.timed_plain(time.perf_counter() - t_draft)
                 continue
             rows = dec.forward([token, *draft], logits_rows=range(len(draft) + 1))  # (k + 1, vocab)
             new = verify_chain(rows, draft, sampler)
+            if policy:  # what drafting and verifying cost, against the plain steps timed so far
+                policy.timed_verify(len(draft), time.perf_counter() - t)
+                stats.draft_cost = policy.cost
             accepted = len(new) - 1
             dec.kv.length -= len(draft) - accepted  # roll back rejected drafts; no copy
             if getattr(dec, "draft_rows", None) is not None:  # the draft head's guess after the last accepted row is last

@@ -69,6 +69,27 @@ def test_draft_length_policy_follows_acceptance():
     assert 1 <= mid.next_k() < 8 and mid.value(mid.next_k()) > mid.value(8)
 
 
+def test_draft_length_policy_learns_what_a_draft_costs_here():
+    """The cost per draft token follows the timings: the same acceptance drafts shorter, or not at all,
+    where verifying is dear; a plain step is asked for again after ``calibrate_every`` drafts."""
+    cheap, dear = DraftLengthPolicy(max_k=8), DraftLengthPolicy(max_k=8)
+    for p in (cheap, dear):
+        p.successes, p.trials = 6.0, 10.0  # alpha = 0.6
+        p.timed_verify(drafted=4, seconds=1.0)  # no plain step timed yet: nothing to compare with
+        assert p.cost == 0.12  # the drafter's prior
+        p.timed_plain(0.01)
+    for _ in range(60):
+        cheap.timed_verify(drafted=4, seconds=0.01 * (1 + 0.05 * 4))
+        dear.timed_verify(drafted=4, seconds=0.01 * (1 + 0.8 * 4))
+    assert cheap.cost == pytest.approx(0.05, abs=0.01) and dear.cost == pytest.approx(0.8, abs=0.02)
+    assert cheap.next_k() > 1 and dear.next_k() == 0  # k=1: 1.6 tokens for 1.8 steps, not worth it
+    p = DraftLengthPolicy(max_k=4, calibrate_every=3)
+    p.successes, p.trials = 9.0, 10.0
+    assert [p.next_k() for _ in range(4)] == [4, 4, 4, 0]  # the fourth: a plain step to re-time
+    p.timed_plain(0.01)
+    assert p.next_k() == 4
+
+
 def test_verify_chain_greedy():
     rows = np.full((4, 6), -1.0, np.float32)
     rows[0, 2] = rows[1, 3] = rows[2, 5] = rows[3, 1] = 1.0  # argmax: 2, 3, 5, 1
@@ -93,6 +114,17 @@ def test_greedy_speculation_is_lossless(engine, drafter, adaptive):
             assert s.drafter == drafter and s.accepted_tokens <= s.drafted_tokens
             accepted += s.accepted_tokens
     assert accepted > 0  # the test really exercised accepted drafts and cache rollback
+
+
+def test_the_engine_times_plain_and_verify_steps_for_the_policy(engine):
+    """With the adaptive length the engine times plain steps and verifications, and the policy's cost
+    per draft token moves off the drafter's prior (0.12); without it there is no estimate."""
+    prompt = PROMPTS[0]
+    list(engine.generate(prompt, max_new_tokens=120, ignore_eos=True, drafter="recycling", draft_len=3))
+    s = engine.last_stats
+    assert s.verify_steps > 0 and s.draft_cost is not None and s.draft_cost != 0.12
+    list(engine.generate(prompt, max_new_tokens=20, ignore_eos=True, drafter="recycling", adaptive_draft=False))
+    assert engine.last_stats.draft_cost is None
 
 
 def test_speculation_near_a_full_context(tiny):
