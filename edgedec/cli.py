@@ -547,13 +547,11 @@ def bench_cmd(
                                  ("prefill tok/s", "prefill_tok_s", ",.0f")):
             table.add_row(label, *(rng(b, metric, f) for b in rows))
         if any(b["speculation"] for b in rows):
-            fmt = lambda sp, key, f: format(sp[key], f) if sp else "-"
+            fmt = lambda sp, key, f: format(sp[key], f) if sp and sp.get(key) is not None else "-"
             table.add_row("accepted / verify", *(fmt(b["speculation"], "mean_accepted_per_step", ".2f") for b in rows))
             table.add_row("draft time share", *(fmt(b["speculation"], "draft_share", ".1%") for b in rows))
             table.add_row("model time share", *(fmt(b["speculation"], "model_share", ".1%") for b in rows))
-            table.add_row("draft token cost", *(fmt(b["speculation"], "draft_cost", ".2f")
-                                                if b["speculation"] and b["speculation"].get("draft_cost") is not None
-                                                else "-" for b in rows))
+            table.add_row("draft token cost", *(fmt(b["speculation"], "draft_cost", ".2f") for b in rows))
         table.add_row("peak RSS MB", *(f"{b['peak_rss_mb']:,.1f}" for b in rows))
         table.add_row("KV bytes/token", *(f"{b['kv_bytes_per_token']:,}" for b in rows))
         table.add_row("size MB", *(f"{b['size_mb']:,.1f}" for b in rows))

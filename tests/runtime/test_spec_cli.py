@@ -64,4 +64,6 @@ def test_bench_spec_measures_both(tiny_llama_bundle, tmp_path, cli):
     assert sp["drafter"] == "ngram" and sp["verify_steps"] > 0
     assert 0 <= sp["accepted_tokens"] <= sp["drafted_tokens"]
     assert 0 < sp["model_share"] <= 1 and 0 <= sp["draft_share"] < 1
+    assert "draft_cost" in sp and (sp["draft_cost"] is None or sp["draft_cost"] >= 0)
+    assert "draft token cost" in r.stdout
     assert on["ratios"]["decode_tok_s"] > 0
