@@ -40,7 +40,9 @@ JSON written by ``edgedec bench --json`` (:meth:`BenchReport.to_dict`)::
          "runs": [{"decode_tok_s": ..., "ttft_ms": ..., "prefill_tok_s": ...}, ...],
          "speculation": null,            # reserved: mean accepted tokens per verify step, when drafting
          "ratios": {"decode_tok_s": 1.0, "ttft_ms": 1.0, "prefill_tok_s": 1.0, "peak_rss_mb": 1.0,
-                    "size_mb": 1.0}}     # this bundle / the first bundle, per metric (medians)
+                    "size_mb": 1.0},     # this bundle / the first bundle, per metric (medians)
+         "round_ratios": {"decode_tok_s": {"median": 1.0, "min": 1.0, "max": 1.0}, ...}}
+                                         # interleaved runs: the same ratio within each round (else null)
       ]
     }
 """
@@ -210,6 +212,19 @@ class BenchReport:
         base = self.bundles[0]
         return {m: (b.median(m) / base.median(m) if base.median(m) else None) for m in RATIO_METRICS}
 
+    def round_ratios(self, b: BundleBench) -> dict | None:
+        """Per metric, the ratio to the first bundle within each round: median, min and max. Only for
+        interleaved runs (rounds pair the passes in time); None otherwise."""
+        base = self.bundles[0]
+        if not (self.options.interleave and len(self.bundles) > 1 and len(b.passes) == len(base.passes)):
+            return None
+        out = {}
+        for m in METRICS:
+            r = [p[m] / q[m] for p, q in zip(b.passes, base.passes) if q[m]]
+            if r:
+                out[m] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+        return out
+
     def to_dict(self) -> dict:
         o = self.options
         return {
@@ -217,7 +232,8 @@ class BenchReport:
             "settings": {"warmup": o.warmup, "runs": o.runs, "new_tokens": o.new_tokens, "threads": o.threads,
                          "context": o.context, "context_tokens": o.context_tokens, "prompts": self.prompts,
                          "prompt_source": self.prompt_source},
-            "bundles": [{**b.to_dict(), "ratios": self.ratios(b)} for b in self.bundles],
+            "bundles": [{**b.to_dict(), "ratios": self.ratios(b), "round_ratios": self.round_ratios(b)}
+                        for b in self.bundles],
         }
 
 

@@ -496,6 +496,13 @@ def check_cmd(
     raise typer.Exit(0 if result.passed else 1)
 
 
+def _ratio_cell(row: dict, metric: str) -> str:
+    """A ratio to the first bundle, with its spread over the rounds when the run was interleaved."""
+    by_round = (row.get("round_ratios") or {}).get(metric)
+    spread = f" [dim]\\[{by_round['min']:.2f}–{by_round['max']:.2f} by round][/]" if by_round else ""
+    return f"{row['ratios'][metric]:.2f}{spread}"
+
+
 @app.command("bench")
 def bench_cmd(
     bundles: List[Path] = typer.Argument(..., help="Bundle directories; ratios compare with the first."),
@@ -557,7 +564,7 @@ def bench_cmd(
         table.add_row("size MB", *(f"{b['size_mb']:,.1f}" for b in rows))
         if len(rows) > 1:
             for label, metric in (("decode ×", "decode_tok_s"), ("TTFT ×", "ttft_ms"), ("size ×", "size_mb")):
-                table.add_row(label, *(f"{b['ratios'][metric]:.2f}" for b in rows))
+                table.add_row(label, *(_ratio_cell(b, metric) for b in rows))
         out.print(table)
         if json_out is not None:
             _write_report(json_out, json.dumps(report.to_dict(), indent=2))

@@ -6,6 +6,7 @@ No timing assertions: speeds are only checked to be positive and ordered min <= 
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -100,6 +101,11 @@ def test_report_has_required_keys_and_sane_values(report, tiny):
         assert b["new_tokens"] == 2 * 4  # ignore_eos: every prompt makes exactly new_tokens
         assert set(b["ratios"]) == {"decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mb", "size_mb"}
     assert d["bundles"][0]["ratios"] == {k: 1.0 for k in d["bundles"][0]["ratios"]}
+    assert d["bundles"][0]["round_ratios"] == {m: {"median": 1.0, "min": 1.0, "max": 1.0}
+                                               for m in ("decode_tok_s", "ttft_ms", "prefill_tok_s")}
+    by_round = [p["decode_tok_s"] / q["decode_tok_s"] for p, q in zip(report.bundles[1].passes, report.bundles[0].passes)]
+    assert d["bundles"][1]["round_ratios"]["decode_tok_s"] == {
+        "median": pytest.approx(statistics.median(by_round)), "min": min(by_round), "max": max(by_round)}
     assert d["bundles"][1]["ratios"]["size_mb"] == 1.0
     assert [b["name"] for b in d["bundles"]] == ["bundle (1)", "bundle (2)"]
 
@@ -134,6 +140,8 @@ def test_bundles_take_turns_in_rounds(tiny, tmp_path, monkeypatch, interleave):
         assert {c[2] for c in calls} == {1}
     assert all(w.proc.poll() is not None for w in alive)  # every worker finished
     assert [len(x.passes) for x in report.bundles] == [2, 2]
+    rr = report.to_dict()["bundles"][1]["round_ratios"]
+    assert (rr is not None) == interleave  # rounds pair passes in time only when interleaved
 
 
 def test_prompt_tokens_match_the_runtime_tokenizer(report, tiny):
