@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import sys
 import time
 
@@ -51,10 +52,6 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024  # bytes on macOS, kB on Linux and the BSDs
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
-
-
 def _speculation(stats_list) -> dict | None:
     """Speculation figures over the timed passes; None when the bundle ran without a drafter.
 
@@ -68,10 +65,11 @@ def _speculation(stats_list) -> dict | None:
     steps = sum(s.verify_steps for s in stats_list)
     accepted = sum(s.accepted_tokens for s in stats_list)
     decode_s = sum(s.decode_s for s in stats_list) or float("nan")
+    costs = [s.draft_cost for s in stats_list if s.draft_cost is not None]
     return {"drafter": stats_list[0].drafter, "verify_steps": steps, "accepted_tokens": accepted,
             "drafted_tokens": sum(s.drafted_tokens for s in stats_list),
             "mean_accepted_per_step": accepted / steps if steps else 0.0,
-            "draft_cost": _mean([s.draft_cost for s in stats_list if s.draft_cost is not None]),
+            "draft_cost": statistics.fmean(costs) if costs else None,
             "draft_share": sum(s.draft_s for s in stats_list) / decode_s,
             "model_share": sum(s.run_s for s in stats_list) / decode_s}
 
