@@ -285,6 +285,22 @@ def recover_q4_1(w: np.ndarray) -> BlockQuant | None:
     return BlockQuant(qs.astype(np.uint8), d, None, 4, w.shape[0], offsets=offsets, kind="Q4_1")
 
 
+def round_offsets(q: BlockQuant) -> BlockQuant:
+    """``q`` with its per-block float offsets folded into the nearest integer zero point: no block-sum
+    correction, at the price of a per-block shift of the weights (at most half a step).
+
+    With ``(q - mid) s + o = (q - z) s`` the exact zero point is ``z = mid - o / s``; it is rounded and
+    clipped to ``[0, 2^bits - 1]``. For a GGUF Q4_1 block (``w = d q + m``, ``o = m + 8 d``) this is what
+    round-to-nearest re-quantization gives, since Q4_1 already spans the block's minimum to maximum.
+    """
+    if q.offsets is None:
+        return q
+    top = (1 << q.bits) - 1
+    safe = np.where(q.scales == 0, 1.0, q.scales)
+    z = np.clip(np.rint(q.zero_point_values().astype(np.float32) - q.offsets / safe), 0, top)
+    return BlockQuant(q.q, q.scales, z.astype(np.uint8), q.bits, q.K, kind=f"{q.kind} rounded zero point")
+
+
 GRID_RECOVERERS = {"Q4_0": recover_q4_0, "Q4_1": recover_q4_1, "Q8_0": recover_q8_0}
 
 

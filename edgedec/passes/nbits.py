@@ -48,6 +48,7 @@ class WeightPlan:
     symmetric: bool = False
     algorithm: str = "rtn"
     grids: tuple[str, ...] = ()  # GGUF grids to look for first ("Q4_0", "Q4_1", "Q8_0"), in this order
+    round_offsets: bool = False  # fold float offsets into integer zero points (no block-sum correction)
 
 
 @dataclass
@@ -92,10 +93,14 @@ def weight_uses(idx: GraphIndex) -> list[WeightUse]:
 
 
 def quantize_weights(model: onnx.ModelProto, plan: Callable[[WeightUse], WeightPlan | None],
-                     accuracy_level: int) -> tuple[onnx.ModelProto, list[dict]]:
+                     accuracy_level: int, means: dict[str, np.ndarray] | None = None
+                     ) -> tuple[onnx.ModelProto, list[dict]]:
     """Return a rewritten copy of ``model`` and one record per quantized weight.
 
-    ``plan(use)`` says how to quantize each weight, or None to leave it in float.
+    ``plan(use)`` says how to quantize each weight, or None to leave it in float. ``means`` maps
+    activations to their mean over calibration tokens (K,): a weight whose offsets are rounded away
+    (``round_offsets``) gets the bias ``mean @ (W - W_rounded)`` on each MatMul whose input is listed, so
+    the rounding shifts its outputs by nothing on average (MatMulNBits' bias input: no extra node).
     """
     rw = _Rewriter(model)
     records = []
@@ -110,20 +115,32 @@ def quantize_weights(model: onnx.ModelProto, plan: Callable[[WeightUse], WeightP
         source = q.kind if q is not None and q.bits == p.bits else None
         if source is None:
             q = bw.quantize(w, p.bits, block_size, p.symmetric, p.algorithm)
+        biased = 0
+        shift = None
+        if p.round_offsets and q.offsets is not None and not gathers:
+            exact = q.dequantize()
+            q = bw.round_offsets(q)
+            shift = exact.astype(np.float64) - q.dequantize()  # (K, N): what rounding took away
         t = rw.add_tensors(use.name, q)
         attrs = dict(K=use.K, N=use.N, bits=q.bits, block_size=q.block_size, accuracy_level=accuracy_level)
         for m in use.matmuls:
-            rw.replace(m.node, rw.matmul_nodes(m.node, t, attrs))
+            bias = ""
+            if shift is not None and means and m.node.input[0] in means:
+                bias = rw.constant(f"{use.name}.rounding_bias", (means[m.node.input[0]] @ shift).astype(np.float32))
+                biased += 1
+            rw.replace(m.node, rw.matmul_nodes(m.node, t, attrs, bias))
         rw.gather_nodes(use, gathers, t)
         record = {
             "weight": use.name, "shape_kn": [use.K, use.N], "bits": q.bits, "block_size": q.block_size,
-            "method": f"exact {source} grid" if source else
+            "method": q.kind if shift is not None else f"exact {source} grid" if source else
             q.kind + (" symmetric" if q.zero_points is None and q.kind == "rtn" else ""),
             "zero_points": "float (block-sum correction)" if t.offsets else ("uint8" if t.zero_points else "default"),
             "matmuls": len(use.matmuls), "gathers": len(gathers),
             "bytes_before": int(stored.nbytes), "bytes_after": int(q.nbytes()),
             "max_abs_error": float(np.abs(q.dequantize().astype(np.float64) - w).max()),
         }
+        if shift is not None:
+            record["bias_correction"] = f"{biased} of {len(use.matmuls)} MatMuls"
         if notes:
             record["notes"] = notes
             for note in notes:
@@ -208,10 +225,13 @@ class _Rewriter:
             self.indicators[key] = self.constant(f"block_{kind}.{K}x{bs}", s.T if transposed else s)
         return self.indicators[key]
 
-    def matmul_nodes(self, node: onnx.NodeProto, t: _Tensors, attrs: dict) -> list:
-        """MatMulNBits for ``node``, plus its block-sum correction when the weight has offsets."""
+    def matmul_nodes(self, node: onnx.NodeProto, t: _Tensors, attrs: dict, bias: str = "") -> list:
+        """MatMulNBits for ``node`` (with ``bias``, an initializer name, if given), plus its block-sum
+        correction when the weight has offsets."""
         x, y = node.input[0], node.output[0]
         inputs = [x, t.b, t.scales] + ([t.zero_points] if t.zero_points else [])
+        if bias:  # inputs 3 (zero points) and 4 (g_idx) are positional: empty names skip them
+            inputs += [""] * (5 - len(inputs)) + [bias]
         base, K, bs = t.base, t.q.K, t.q.block_size
         if not t.offsets:
             return [helper.make_node("MatMulNBits", inputs, [y], domain=MS_DOMAIN,

@@ -207,3 +207,62 @@ def test_ensures_catches_a_float_embedding_left_on_the_tied_table(model):
     out.graph.initializer.append(next(i for i in model.graph.initializer if i.name == "lm_head.weight"))
     with pytest.raises(PassError, match="int4 left a float embedding Gather on the tied table lm_head.weight"):
         p.ensures(model, PassResult(out, True, {}))
+
+
+def _rounded(gguf_model, patterns, text):
+    context = PassContext(source={"weight_format": "F32,Q4_1,Q8_0"}, tokenizer_json=qg.char_tokenizer_json(),
+                          arch={"max_position_embeddings": qg.MAX_POS})
+    config = Int4Config(round_offsets=patterns, calibration_text=str(text), calibration_tokens=8 * qg.MAX_POS,
+                        accuracy_level=4)
+    return Int4Pass(config, context)(gguf_model)
+
+
+@pytest.fixture(scope="module")
+def calibration_text(tmp_path_factory):
+    from edgedec.passes.qdq import default_calibration_text
+
+    path = tmp_path_factory.mktemp("calibration") / "text.txt"
+    path.write_text(default_calibration_text()[:20000], encoding="utf-8")
+    return path
+
+
+def test_round_offsets_drops_the_corrections_of_the_weights_it_names(gguf_model, calibration_text):
+    exact = Int4Pass(Int4Config(), GGUF_CONTEXT)(gguf_model)
+    result = _rounded(gguf_model, "*o_proj*, *down_proj*", calibration_text)
+    report = result.report
+    assert report["by_method"] == {"exact Q4_1 grid": BODY - 2, "Q4_1 rounded zero point": 2, "exact Q8_0 grid": 1}
+    assert report["calibration"] == {"text": str(calibration_text), "tokens": 8 * qg.MAX_POS, "weights": 2}
+    rounded = [t for t in report["tensors"] if t["method"] == "Q4_1 rounded zero point"]
+    assert all(t["bias_correction"] == "1 of 1 MatMuls" and t["max_abs_error"] > 0 for t in rounded)
+    # o and down lose their block sums, corrections and Adds; q/k/v and gate/up keep theirs
+    assert qg.count(exact.model, "Add") - qg.count(result.model, "Add") == 2
+    assert qg.count(exact.model, "MatMul") - qg.count(result.model, "MatMul") == 4
+    biased = [n for n in result.model.graph.node if n.op_type == "MatMulNBits" and len(n.input) == 6]
+    assert sorted(n.input[0] for n in biased) == ["act", "attn"] and all(n.input[4] == "" for n in biased)
+
+
+def test_round_offsets_bias_cancels_the_mean_shift_on_calibration_text(gguf_model, calibration_text):
+    """The o projection's output, over the calibration text: rounding shifts it; the bias takes the mean
+    shift back out (same input activation in every graph: attention precedes the first rounded weight)."""
+    from edgedec.passes.int4 import activation_means
+    from edgedec.passes.nbits import quantize_weights
+    from edgedec.passes.qdq import calibration_token_ids
+
+    ids, _ = calibration_token_ids("t", str(calibration_text), qg.char_tokenizer_json(), qg.MAX_POS)
+    ids = ids[:8 * qg.MAX_POS]
+    exact = Int4Pass(Int4Config(accuracy_level=0, lm_head="fp32"), GGUF_CONTEXT)(gguf_model).model
+    plan = Int4Pass(Int4Config(accuracy_level=0, lm_head="fp32", round_offsets="*o_proj*"), GGUF_CONTEXT)._plan(("Q4_1", "Q8_0"))
+    means = activation_means(gguf_model, ["attn"], ids, qg.MAX_POS)
+    with_bias, _ = quantize_weights(gguf_model, plan, 0, means)
+    without, _ = quantize_weights(gguf_model, plan, 0, {})
+    o = {name: activation_means(m, ["o"], ids, qg.MAX_POS)["o"]
+         for name, m in (("exact", exact), ("bias", with_bias), ("none", without))}
+    shift = np.abs(o["none"] - o["exact"]).max()
+    assert shift > 1e-3 * np.abs(o["exact"]).max()
+    assert np.abs(o["bias"] - o["exact"]).max() < 1e-3 * shift
+
+
+def test_round_offsets_that_match_nothing_say_so(gguf_model, calibration_text):
+    report = _rounded(gguf_model, "*no_such_weight*", calibration_text).report
+    assert "round_offsets '*no_such_weight*' matched no weight" in report["notes"]
+    assert "Q4_1 rounded zero point" not in report["by_method"]
