@@ -262,7 +262,31 @@ def test_round_offsets_bias_cancels_the_mean_shift_on_calibration_text(gguf_mode
     assert np.abs(o["bias"] - o["exact"]).max() < 1e-3 * shift
 
 
-def test_round_offsets_that_match_nothing_say_so(gguf_model, calibration_text):
-    report = _rounded(gguf_model, "*no_such_weight*", calibration_text).report
-    assert "round_offsets '*no_such_weight*' matched no weight" in report["notes"]
-    assert "Q4_1 rounded zero point" not in report["by_method"]
+def test_round_offsets_that_match_nothing_are_an_error(gguf_model, calibration_text):
+    with pytest.raises(PassError, match=r"int4.round_offsets: 'balance' matches no weight \(presets: balanced, "
+                                        r"fast; weight names look like layers.0.self_attn.q_proj.weight\)"):
+        _rounded(gguf_model, "*o_proj* balance", calibration_text)
+
+
+@pytest.mark.parametrize("preset, rounded", [
+    ("balanced", {"layers.0.self_attn.o_proj.weight", "layers.29.self_attn.o_proj.weight",
+                  "layers.5.mlp.down_proj.weight", "layers.24.mlp.down_proj.weight"}),
+    ("fast", {"layers.0.self_attn.o_proj.weight", "layers.29.self_attn.o_proj.weight",
+              "layers.5.mlp.down_proj.weight", "layers.24.mlp.down_proj.weight",
+              "layers.5.mlp.gate_proj+layers.5.mlp.up_proj.weight", "layers.24.mlp.up_proj.weight"}),
+])
+def test_round_offsets_presets_spare_qkv_and_the_edge_layers(preset, rounded):
+    from edgedec.passes.nbits import WeightUse
+
+    names = ["layers.0.self_attn.o_proj.weight", "layers.29.self_attn.o_proj.weight",
+             "layers.4.mlp.down_proj.weight", "layers.5.mlp.down_proj.weight", "layers.24.mlp.down_proj.weight",
+             "layers.25.mlp.down_proj.weight", "layers.5.mlp.gate_proj+layers.5.mlp.up_proj.weight",
+             "layers.24.mlp.up_proj.weight", "layers.4.mlp.gate_proj.weight", "layers.12.self_attn.qkv_proj.weight"]
+    p = Int4Pass(Int4Config(round_offsets=preset), GGUF_CONTEXT)
+    p._layers = 30
+    assert {n for n in names if p._rounded(WeightUse(n, [], [], 64, 64))} == rounded
+
+
+def test_round_offsets_preset_on_the_one_layer_graph(gguf_model, calibration_text):
+    report = _rounded(gguf_model, "fast", calibration_text).report  # one layer: it is the middle
+    assert report["by_method"]["Q4_1 rounded zero point"] == 4  # o, gate, up, down; q/k/v stay exact
