@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import warnings
@@ -616,7 +617,13 @@ def gate_cmd(
         raise typer.Exit(1)
 
 
+def _terminated(signum, frame) -> None:
+    """SIGTERM (a CI job cancelled, ``kill``) unwinds like Ctrl-C: a compile removes its partial output."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminated)
     app()
 
 

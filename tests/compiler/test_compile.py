@@ -313,3 +313,22 @@ def test_gguf_bundle_matches_the_hf_bundle(gguf_bundle, tiny_llama_bundle):
         a = [t.id for t in ours.generate(prompt, max_new_tokens=24, ignore_eos=True)]
         b = [t.id for t in ref.generate(prompt, max_new_tokens=24, ignore_eos=True)]
         assert a == b, prompt
+
+
+def test_sigterm_during_a_compile_leaves_nothing_behind(tiny_llama_dir, tmp_path):
+    """A cancelled CI job sends SIGTERM: the compile stops and removes its staging directory."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bundles" / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "edgedec.cli", "compile", str(tiny_llama_dir), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not list(out.parent.glob(".b.*.partial")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the compile ended before its staging directory appeared"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert list(out.parent.iterdir()) == []
