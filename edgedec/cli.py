@@ -340,7 +340,26 @@ def passes_list():
     for name, p in PASSES.items():
         table.add_row(name, ", ".join(p.get("targets", [])), p["description"])
     out.print(table)
-    out.print("options: edgedec compile --pass NAME:key=value,... (see the pass's config in edgedec/passes/)")
+    out.print("options: edgedec passes show NAME; set them with edgedec compile --pass NAME:key=value,...")
+
+
+@passes_app.command("show")
+def passes_show(name: str = typer.Argument(..., help="A pass from `edgedec passes list`.")):
+    """Show one pass's options: name, default and what it does."""
+    import dataclasses
+
+    from .passes.base import create_pass
+
+    with _errors():
+        config_class = type(create_pass(name)).config_class
+        table = Table(title=f"pass {name}: --pass {name}:key=value,...")
+        for col in ("option", "default", "description"):
+            table.add_column(col)
+        for f in dataclasses.fields(config_class):
+            default = f.default
+            shown = ("true" if default else "false") if isinstance(default, bool) else (repr(default) if default == "" else str(default))
+            table.add_row(f.name, shown, f.metadata.get("help", ""))
+        out.print(table)
 
 
 # ---------------------------------------------------------------------------------------------

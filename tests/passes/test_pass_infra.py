@@ -132,3 +132,20 @@ def test_parse_pass_spec():
 def test_describe_gives_cli_help():
     (field,) = DropIdentityConfig.describe()
     assert field["name"] == "keep" and field["help"] == "How many Identity nodes to keep." and field["default"] == 0
+
+
+def test_passes_show_lists_every_option_and_refuses_an_unknown_pass():
+    import dataclasses
+
+    from typer.testing import CliRunner
+
+    from edgedec.cli import app
+    from edgedec.passes.int4 import Int4Config
+
+    r = CliRunner().invoke(app, ["passes", "show", "int4"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    for f in dataclasses.fields(Int4Config):
+        assert f"│ {f.name} " in r.output
+    assert "│ round_offsets      │ ''      │ balanced, fast, or glob patterns" in r.output
+    r = CliRunner().invoke(app, ["passes", "show", "int5"])
+    assert r.exit_code == 2 and "unknown pass 'int5'; valid passes: fuse-projections" in r.output
