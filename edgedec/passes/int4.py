@@ -181,9 +181,9 @@ class Int4Pass(Pass):
 
         return plan
 
-    def _means(self, model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict]:
+    def _means(self, model: onnx.ModelProto, uses: list[WeightUse]) -> tuple[dict[str, np.ndarray], dict]:
         """Mean over calibration tokens of every activation read by a weight ``round_offsets`` names."""
-        rounded = [u for u in weight_uses(GraphIndex.of(model)) if self._rounded(u)]
+        rounded = [u for u in uses if self._rounded(u)]
         if not rounded:
             return {}, {}
         if not self.context.tokenizer_json:
@@ -210,7 +210,7 @@ class Int4Pass(Pass):
                 body = [u.name for u in uses if not u.is_table]
                 raise PassError(f"int4.round_offsets: {p!r} matches no weight (presets: {', '.join(ROUND_PRESETS)}; "
                                 f"weight names look like {body[0] if body else uses[0].name})")
-        means, calibration = self._means(model)
+        means, calibration = self._means(model, uses)
         out, records = quantize_weights(model, self._plan(grids), c.accuracy_level, means)
         if not records:
             return PassResult(model, False, {"quantized": 0, "note": "no float weight left to quantize"})
@@ -247,7 +247,6 @@ class Int4Pass(Pass):
         if self.config.lm_head != "fp32":
             check_tables(self.name, before, result)
         check_model(result.model)
-
 
 
 def activation_means(model: onnx.ModelProto, names: list[str], token_ids: list[int], length: int,

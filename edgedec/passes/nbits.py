@@ -117,7 +117,7 @@ def quantize_weights(model: onnx.ModelProto, plan: Callable[[WeightUse], WeightP
             q = bw.quantize(w, p.bits, block_size, p.symmetric, p.algorithm)
         biased = 0
         shift = None
-        if p.round_offsets and q.offsets is not None and not gathers:
+        if p.round_offsets and q.offsets is not None:
             exact = q.dequantize()
             q = bw.round_offsets(q)
             shift = exact.astype(np.float64) - q.dequantize()  # (K, N): what rounding took away
