@@ -69,6 +69,13 @@ PASSES: dict[str, dict] = {
         "targets": ["cpu"],
         "requires": ["onnxruntime", "optuna"],
     },
+    "top-candidates": {
+        "impl": "edgedec.passes.top_candidates:TopCandidatesPass",
+        "description": "every run also emits each logits row's top tokens (TopK), which Token Recycling learns "
+                       "from; added by compile --spec with a recycling drafter",
+        "targets": ["cpu"],
+        "requires": ["onnxruntime"],
+    },
     "int4": {
         "impl": "edgedec.passes.int4:Int4Pass",
         "description": "block-wise 4-bit weights (MatMulNBits); exact re-expression of GGUF Q4_0/Q4_1/Q8_0 sources",

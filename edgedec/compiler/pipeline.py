@@ -100,6 +100,9 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         if "kv-cache" in named:
             raise ConfigError("give the KV-cache layout once: --kv or --pass kv-cache:dtype=..., not both")
         specs.append(("kv-cache", {"dtype": options.kv}))
+    if options.spec and "recycling" in options.spec and "top-candidates" not in named \
+            and target.name in PASSES["top-candidates"]["targets"]:  # the graph picks recycling's candidates
+        specs.append(("top-candidates", {}))
     target.check_passes([name for name, _ in specs])
     for name, opts in specs:
         target.check_pass_options(name, opts)

@@ -136,6 +136,11 @@ class DecoderSession:
         self.has_draft_head = any(o.name == "draft_tokens" for o in self.session.get_outputs())
         self._draft1 = np.zeros((1, 1), np.int64)  # (batch, rows)
         self.draft_rows: np.ndarray | None = None  # (rows,) int64 after each run
+        # pass top-candidates: every run also emits each logits row's top tokens, best first
+        tops = next((o for o in self.session.get_outputs() if o.name == "top_candidates"), None)
+        self.top_width = int(tops.shape[-1]) if tops is not None else 0
+        self._top1 = np.zeros((1, 1, self.top_width), np.int64)  # (batch, rows, width)
+        self.top_rows: np.ndarray | None = None  # (rows, width) int64 after each run, when the graph emits them
         self.exact_rows = False  # single tokens run as two rows (see Engine.load)
         self._ids2 = np.zeros((1, 2), np.int64)  # exact_rows: the token and its padding copy
         self._bound: int | None = None  # rows of the pre-bound decode buffers the binding holds (None: other)
@@ -159,6 +164,9 @@ class DecoderSession:
         if self.has_draft_head:
             self._ov.append(ort.OrtValue.ortvalue_from_numpy(self._draft1))
             b.bind_ortvalue_output("draft_tokens", self._ov[-1])
+        if self.top_width:
+            self._ov.append(ort.OrtValue.ortvalue_from_numpy(self._top1))
+            b.bind_ortvalue_output("top_candidates", self._ov[-1])
         self._bound = rows
 
     def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:
@@ -198,6 +206,10 @@ class DecoderSession:
             drafts = np.empty((1, len(rows)), np.int64)  # (batch, rows)
             b.bind_ortvalue_output("draft_tokens", ort.OrtValue.ortvalue_from_numpy(drafts))
             self.draft_rows = drafts[0]
+        if self.top_width:
+            tops = np.empty((1, len(rows), self.top_width), np.int64)
+            b.bind_ortvalue_output("top_candidates", ort.OrtValue.ortvalue_from_numpy(tops))
+            self.top_rows = tops[0]
         self._bound = None
         if self.ffn_skip is not None:  # several tokens (prompt, verification): the full model
             if start == 0:
@@ -243,6 +255,8 @@ class DecoderSession:
         self.kv.length = total - (rows - 1)  # the padding row's cache entry is dropped
         if self.has_draft_head:
             self.draft_rows = self._draft1[0]
+        if self.top_width:
+            self.top_rows = self._top1[0]
         return self._logits1[0, 0]
 
 
@@ -437,7 +451,7 @@ class Engine:
             if not draft:
                 logits = dec.decode_one(token)
                 if width:  # a recycling drafter learns from plain steps too
-                    drafter.observe(history[n - 1 : n], top_candidates(logits[None], width))
+                    drafter.observe(history[n - 1 : n], candidates(dec, logits[None], width))
                 token = sampler(logits)
                 if policy and n > first_step:  # the first step after the prompt runs cold: not timed
                     policy.timed_plain(time.perf_counter() - t_draft)
@@ -458,7 +472,7 @@ class Engine:
                 policy.update(len(draft), accepted)
             if width:
                 inputs = np.asarray([token, *draft[:accepted]], np.int32)
-                drafter.observe(inputs, top_candidates(rows[: accepted + 1], width))
+                drafter.observe(inputs, candidates(dec, rows[: accepted + 1], width))
             for tok in new[:-1]:
                 yield tok
                 history[n] = tok
@@ -552,6 +566,15 @@ def verify_chain(rows: np.ndarray, draft: list[int], sampler: Sampler) -> list[i
         p /= p.sum()
         return [*draft[:i], int(sampler.rng.choice(p.shape[-1], p=p))]
     return [*draft, sampler(rows[k])]
+
+
+def candidates(dec, rows: np.ndarray, width: int) -> np.ndarray:
+    """The ``width`` best next tokens of the first ``len(rows)`` logits rows of the last run: from the
+    graph when it emits them (pass top-candidates), else picked here from ``rows``."""
+    top = getattr(dec, "top_rows", None)
+    if top is not None and dec.top_width >= width:
+        return top[: len(rows), :width].astype(np.int32)
+    return top_candidates(rows, width)
 
 
 def top_candidates(rows: np.ndarray, width: int) -> np.ndarray:

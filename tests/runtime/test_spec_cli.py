@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from edgedec.runtime import Engine
@@ -36,6 +37,25 @@ def test_compiled_bundle_speculates_by_default(spec_bundle, tiny_llama_bundle):
     plain = Engine.load(tiny_llama_bundle, threads=1)
     assert spec == off == [t.id for t in plain.generate(PROMPT, max_new_tokens=32, ignore_eos=True)]
     assert plain.last_stats.drafter == ""  # a bundle compiled without --spec does not speculate
+
+
+def test_recycling_candidates_come_from_the_graph(spec_bundle):
+    """--spec with recycling adds the top-candidates pass: each run emits the top tokens of every logits row,
+    the same the host would pick (the tiny model's random logits have no ties)."""
+    from edgedec.runtime.engine import candidates, top_candidates
+
+    manifest = json.loads((spec_bundle / "manifest.json").read_text())
+    assert manifest["passes"][-1]["pass"] == "top-candidates"
+    dec = Engine.load(spec_bundle, threads=1).decoder
+    assert dec.top_width == 4
+    ids = dec_ids = list(range(5, 17))
+    dec.kv.length = 0
+    rows = dec.forward(dec_ids, logits_rows=range(len(ids)))
+    assert dec.top_rows.shape == (len(ids), 4)
+    assert np.array_equal(candidates(dec, rows, 4), top_candidates(rows, 4))
+    logits = dec.decode_one(7)  # the pre-bound one-token path
+    assert np.array_equal(candidates(dec, logits[None], 3), top_candidates(logits[None], 3))
+    assert np.array_equal(candidates(dec, logits[None], 6), top_candidates(logits[None], 6))  # wider: the host
 
 
 def test_run_spec_and_no_spec(spec_bundle, cli):
