@@ -98,6 +98,7 @@ class Session:
     def one_pass(self, measured: bool) -> list[dict]:
         """Generate for every prompt once; return the per-prompt figures (kept when ``measured``)."""
         engine, per_prompt = self.engine, []
+        engine.forget_drafters()  # every pass starts cold: replayed prompts must not draft from the last pass
         for prompt in self.prompts:
             if isinstance(prompt, dict):
                 stream = engine.chat(prompt["messages"], **self.kwargs)

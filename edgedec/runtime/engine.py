@@ -297,6 +297,15 @@ class Engine:
         self.last_stats: GenerationStats | None = None
         self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls
 
+    def forget_drafters(self) -> None:
+        """Drop what the named drafters learned (Token Recycling's table): the next ``generate`` starts cold.
+
+        A drafter normally keeps learning across calls, as an app serving different prompts wants. A
+        benchmark that replays the same prompts must forget between passes, or the second pass drafts
+        from the first pass's record of the very same greedy output.
+        """
+        self._drafters.clear()
+
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
              verify: bool = True, exact_rows: bool | None = None, spin: bool = True) -> "Engine":

@@ -229,3 +229,20 @@ def test_plot_refuses_other_formats(report, tmp_path):
     pytest.importorskip("matplotlib")
     with pytest.raises(ConfigError, match="ending in .png"):
         bench.plot(report, tmp_path / "bench.svg")
+
+
+def test_every_pass_starts_with_a_cold_drafter(tiny):
+    """Replayed prompts must not draft from the previous pass's record of the same greedy output."""
+    from edgedec.bench_worker import Session
+
+    _, bundle = tiny
+    session = Session({"bundle": str(bundle), "prompts": PROMPTS, "new_tokens": 32, "threads": 1,
+                       "drafter": "recycling", "draft_len": 4})
+    session.kwargs["adaptive_draft"] = False  # a fixed draft length: acceptance depends on the tokens alone
+    for _ in range(2):
+        session.one_pass(measured=True)
+    first, second = session.stats[: len(PROMPTS)], session.stats[len(PROMPTS):]
+    assert sum(s.verify_steps for s in first) > 0
+    assert [s.token_ids for s in first] == [s.token_ids for s in second]
+    assert ([(s.verify_steps, s.accepted_tokens) for s in first]
+            == [(s.verify_steps, s.accepted_tokens) for s in second])
