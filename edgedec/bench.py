@@ -409,6 +409,29 @@ def _names(paths: Sequence[str | Path]) -> list[str]:
     return [f"{n} ({i + 1})" if names.count(n) > 1 else n for i, n in enumerate(names)]
 
 
+def spec_warnings(bundles: Sequence[str | Path], spec: str | None) -> list[str]:
+    """What the user should know before ``--spec`` measures ``bundles``: a recycling drafter on a bundle
+    whose graph does not emit its candidates (pass ``top-candidates``) picks them on the host, a slower
+    path than ``compile --spec`` builds (about 5% of an int4 step)."""
+    from .registry import PASSES
+    from .runtime.bundle import MANIFEST
+
+    if not spec or "recycling" not in spec.split("+"):
+        return []
+    out = []
+    for b in bundles:
+        try:
+            manifest = json.loads((Path(b) / MANIFEST).read_text())
+        except (OSError, ValueError):
+            continue  # not a bundle: bench() refuses it with the reason
+        if manifest["target"].get("name") not in PASSES["top-candidates"]["targets"]:
+            continue
+        if "top-candidates" not in [p.get("pass") for p in manifest.get("passes", [])]:
+            out.append(f"{Path(b).name} was compiled without --spec: recycling's candidates are picked on the host, "
+                       "slower than in a bundle built with compile --spec (or --pass top-candidates)")
+    return out
+
+
 def bench(bundles: Sequence[str | Path], prompts_file: str | Path | None = None,
           options: BenchOptions = BenchOptions(),
           phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()

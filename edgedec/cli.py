@@ -560,6 +560,8 @@ def bench_cmd(
                                      draft_len=draft_len, context_tokens=context, interleave=not sequential)
         if plot_out is not None and plot_out.suffix.lower() != ".png":
             raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
+        for warning in bench.spec_warnings(bundles, spec):
+            err.print(f"[yellow]warning:[/] {escape(warning)}")
         report = bench.bench(bundles, prompts, options, phase=_phase)
         rows = report.to_dict()["bundles"]
         caption = f"prompts: {escape(report.prompt_source)}" + (

@@ -87,3 +87,18 @@ def test_bench_spec_measures_both(tiny_llama_bundle, tmp_path, cli):
     assert "draft_cost" in sp and (sp["draft_cost"] is None or sp["draft_cost"] >= 0)
     assert "draft token cost" in r.stdout
     assert on["ratios"]["decode_tok_s"] > 0
+
+
+def test_bench_warns_when_recycling_picks_candidates_on_the_host(spec_bundle, tiny_llama_bundle, tmp_path, cli):
+    from edgedec.bench import spec_warnings
+
+    assert spec_warnings([spec_bundle], "ngram+recycling") == []  # compile --spec added top-candidates
+    assert spec_warnings([tiny_llama_bundle], "ngram") == []  # no recycling, nothing to pick
+    assert spec_warnings([tmp_path / "missing"], "recycling") == []  # bench refuses it with its own error
+    (warning,) = spec_warnings([spec_bundle, tiny_llama_bundle], "ngram+recycling")
+    assert "compiled without --spec" in warning and tiny_llama_bundle.name in warning
+    prompts = tmp_path / "p.txt"
+    prompts.write_text(PROMPT + "\n")
+    r = cli("bench", tiny_llama_bundle, "--prompts", prompts, "--warmup", "0", "--runs", "1", "--new-tokens", "4",
+            "--threads", "1", "--spec", "recycling")
+    assert r.exit_code == 0 and "warning:" in r.stderr and "picked on the host" in " ".join(r.stderr.split())
