@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from ..errors import ConfigError
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+log = logging.getLogger(__name__)
+STALE_S = 24 * 3600  # a staging directory untouched this long belongs to a compile that was killed
 
 
 def check_output(output: Path, force: bool) -> None:
@@ -35,11 +41,32 @@ def staging_dir(output: Path):
 
     Removed on any failure or interrupt; the caller publishes it with :func:`publish`.
     """
+    sweep_stale(output)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def sweep_stale(output: Path, older_than_s: float = STALE_S) -> list[Path]:
+    """Remove the staging directories that earlier compiles to ``output`` left behind.
+
+    A failed or interrupted compile removes its own; one killed outright (SIGKILL, the OOM killer, a power
+    cut) cannot. Only directories untouched for ``older_than_s`` go, so a compile to the same output that is
+    still running keeps its own.
+    """
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(str(output.parent)), f".{glob.escape(output.name)}.*.partial")):
+        try:
+            if time.time() - os.stat(path).st_mtime < older_than_s:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by a compile that was killed", path)
+        removed.append(Path(path))
+    return removed
 
 
 def write_manifest(directory: Path, manifest: dict) -> dict:

@@ -332,3 +332,22 @@ def test_sigterm_during_a_compile_leaves_nothing_behind(tiny_llama_dir, tmp_path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_compile_sweeps_what_a_killed_compile_left(tiny_llama_dir, tmp_path, cli):
+    """SIGKILL leaves a staging directory nothing could remove; the next compile to that output removes it
+    once it is a day old, and leaves a fresh one (a compile still running) and other names alone."""
+    import os
+    import time
+
+    out = tmp_path / "b"
+    stale, fresh, other = (tmp_path / ".b.x1.partial", tmp_path / ".b.x2.partial", tmp_path / ".bb.x3.partial")
+    for d in (stale, fresh, other):
+        (d / "graphs").mkdir(parents=True)
+    day_ago = time.time() - 25 * 3600
+    for d in (stale, other):
+        os.utime(d, (day_ago, day_ago))
+    r = cli("compile", tiny_llama_dir, "-o", out)
+    assert r.exit_code == 0, r.stderr
+    assert (out / "manifest.json").is_file()
+    assert not stale.exists() and fresh.is_dir() and other.is_dir()
