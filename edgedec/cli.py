@@ -538,8 +538,9 @@ def bench_cmd(
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="Write a bar chart comparing the bundles (PNG)."),
     spec: Optional[str] = typer.Option(
         None, "--spec", help="Measure each bundle without speculation and with this drafter (ngram, recycling, "
-                             "ngram+recycling, head, head+ngram, ffn-skip, model:PATH) in the same run "
-                             "(default: as each bundle says)."),
+                             "ngram+recycling, head, head+ngram, ffn-skip, model:PATH) in the same run; "
+                             "every pass starts with a cold drafter, and the no-spec row decodes at its "
+                             "fastest (one row per token) (default: as each bundle says)."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
     context: Optional[int] = typer.Option(
         None, "--context", help="Prefill each prompt, repeated, to N tokens before decoding: decode speed and peak "

@@ -237,6 +237,17 @@ def test_exact_rows_is_on_by_default_where_speculation_needs_it(int4_bundle, int
     assert not Engine.load(tiny["bundle"], threads=1).decoder.exact_rows  # float: one row is exact anyway
 
 
+def test_bench_measures_speculation_against_the_fastest_plain_decode(int4_spec_bundle):
+    """bench --spec's "(no spec)" row is the bundle's plain decode at its fastest, one row per token;
+    the speculating row keeps what the bundle asks for."""
+    from edgedec.bench_worker import Session
+
+    request = {"bundle": str(int4_spec_bundle), "prompts": PROMPTS[:1], "new_tokens": 4, "threads": 1}
+    assert not Session({**request, "drafter": None}).engine.decoder.exact_rows
+    assert Session({**request, "drafter": "auto"}).engine.decoder.exact_rows
+    assert Session({**request, "drafter": "ngram"}).engine.decoder.exact_rows
+
+
 def test_int4_spec_bundle_equals_its_no_spec_run(int4_spec_bundle):
     """A bundle compiled with --spec: generate() speculates by default, drafter=None is --no-spec."""
     eng = Engine.load(int4_spec_bundle, threads=1)
