@@ -157,7 +157,9 @@ def compile_cmd(
 @app.command("run")
 def run_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help="The prompt (with --chat: the user message)."),
+    prompt_arg: Optional[str] = typer.Argument(
+        None, metavar="[PROMPT]", help="The prompt (with --chat: the user message); - reads it from stdin."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="The prompt, as an option."),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the bundle's chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message (with --chat)."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Most tokens to generate."),
@@ -176,11 +178,22 @@ def run_cmd(
     no_spec: bool = typer.Option(False, "--no-spec", help="Turn speculation off, even if the bundle has it."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
 ):
-    """Generate text from a bundle, streaming it as it comes."""
+    """Generate text from a bundle, streaming it as it comes.
+
+    The prompt comes as an argument (`edgedec run BUNDLE "Why is the sky blue?"`), with -p, or on stdin
+    (`-`, or when neither is given and stdin is not a terminal)."""
     with _errors():
+        from .errors import ConfigError
         from .runtime import Engine
         from .runtime.drafters import spins_with
 
+        if prompt_arg is not None and prompt is not None:
+            raise ConfigError("give the prompt once: as an argument or with --prompt, not both")
+        prompt = prompt if prompt is not None else prompt_arg
+        if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
+            prompt = sys.stdin.read().removesuffix("\n")  # echo and heredocs end with one
+        if not prompt:
+            raise ConfigError('no prompt: edgedec run BUNDLE "your prompt" (or -p, or - to read stdin)')
         engine = Engine.load(bundle, threads=threads, context_length=context,
                              spin=no_spec or spins_with(spec))
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,

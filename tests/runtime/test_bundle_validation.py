@@ -163,6 +163,23 @@ def test_cli_run_works_on_the_pristine_copy(bundle_copy, cli):
     assert json.loads(r.stdout)["prompt_tokens"] > 10  # the template wrapped the message
 
 
+def test_cli_run_takes_the_prompt_as_argument_option_or_stdin(bundle_copy, cli, one_line_error):
+    from typer.testing import CliRunner
+
+    from edgedec.cli import app
+
+    want = [t.id for t in Engine.load(bundle_copy, threads=1).generate("def f(x):", max_new_tokens=4)]
+    ids = lambda r: json.loads(r.stdout)["token_ids"]  # noqa: E731
+    common = ["-n", "4", "--threads", "1", "--json"]
+    assert ids(cli("run", bundle_copy, "def f(x):", *common)) == want
+    for args in (["-"], []):  # stdin: asked for with -, or read when nothing else gives the prompt
+        r = CliRunner().invoke(app, ["run", str(bundle_copy), *args, *common], input="def f(x):\n")
+        assert r.exit_code == 0, r.stderr
+        assert ids(r) == want  # echo's newline is not part of the prompt
+    one_line_error(cli("run", bundle_copy, "a", "-p", "b", *common), "give the prompt once")
+    one_line_error(cli("run", bundle_copy, *common), "no prompt")  # the test runner's stdin is empty
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
