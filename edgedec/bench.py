@@ -58,6 +58,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -84,7 +85,8 @@ BUILTIN_PROMPTS: tuple[str, ...] = (
 
 METRICS = ("decode_tok_s", "ttft_ms", "prefill_tok_s")  # per-pass metrics (median, min, max)
 RATIO_METRICS = METRICS + ("peak_rss_mb", "size_mb")
-WORKER_TIMEOUT_S = 3600
+WORKER_TIMEOUT_S = 3600  # loading and the first pass: nothing to compare them with yet
+STALL_FACTOR, STALL_FLOOR_S = 10, 120.0  # later passes: a worker this much slower than its first pass is hung
 
 
 @dataclass(frozen=True)
@@ -265,8 +267,9 @@ def worker_command() -> list[str]:
 class Worker:
     """A benchmark worker process (``bench_worker --serve``): loads one bundle, then runs passes on request."""
 
-    def __init__(self, request: dict, timeout_s: float = WORKER_TIMEOUT_S):
-        self.label, self.timeout_s = request["bundle"], timeout_s
+    def __init__(self, request: dict, timeout_s: float = WORKER_TIMEOUT_S, stall_floor_s: float = STALL_FLOOR_S):
+        self.label, self.timeout_s, self.stall_floor_s = request["bundle"], timeout_s, stall_floor_s
+        self.first_pass_s: float | None = None  # sets the patience for the passes after it
         self._tmp = tempfile.TemporaryDirectory(prefix="edgedec-bench-")
         req = Path(self._tmp.name) / "request.json"
         req.write_text(json.dumps(request))
@@ -282,12 +285,17 @@ class Worker:
             self._lines.put(line)
         self._lines.put(None)
 
-    def _reply(self, key: str):
+    def _reply(self, key: str, timeout_s: float | None = None):
+        timeout_s = timeout_s or self.timeout_s
         try:
-            line = self._lines.get(timeout=self.timeout_s)
+            line = self._lines.get(timeout=timeout_s)
         except queue.Empty:
+            self.proc.kill()  # hung: it would not exit when asked
             self.close()
-            raise MeasurementError(f"the benchmark worker for {self.label} ran past {self.timeout_s:.0f}s") from None
+            why = (f"gave no reply in {timeout_s:.0f}s, {STALL_FACTOR}x its first pass ({self.first_pass_s:.1f}s): "
+                   "stalled" if self.first_pass_s is not None and timeout_s < self.timeout_s
+                   else f"ran past {timeout_s:.0f}s")
+            raise MeasurementError(f"the benchmark worker for {self.label} {why}") from None
         if line is None:
             code = self.proc.wait()
             self._stderr.seek(0)
@@ -310,8 +318,17 @@ class Worker:
             pass  # the worker is gone: _reply reports why
 
     def one_pass(self, measured: bool) -> list[dict]:
+        """Run one pass. After the first, a pass that takes STALL_FACTOR times as long (at least
+        ``stall_floor_s``) is a hung worker: it is killed and reported, not waited on for an hour."""
+        timeout_s = None
+        if self.first_pass_s is not None:
+            timeout_s = min(self.timeout_s, max(self.stall_floor_s, STALL_FACTOR * self.first_pass_s))
+        t = time.perf_counter()
         self._send({"cmd": "pass", "measured": measured})
-        return self._reply("pass")
+        reply = self._reply("pass", timeout_s)
+        if self.first_pass_s is None:
+            self.first_pass_s = time.perf_counter() - t
+        return reply
 
     def finish(self) -> dict:
         self._send({"cmd": "finish"})

@@ -187,6 +187,26 @@ def test_a_crashed_worker_is_a_measurement_error(tiny, monkeypatch):
         bench.measure(bundle, PROMPTS, FAST)
 
 
+def test_a_hung_worker_is_killed_once_it_is_far_slower_than_its_first_pass(tiny):
+    """After the first pass, a worker that stops answering is reported as stalled and killed (here it is
+    frozen with SIGSTOP), instead of being waited on for the full hour."""
+    import os
+    import signal
+
+    _, bundle = tiny
+    request = {"bundle": str(bundle), "prompts": PROMPTS, "new_tokens": 2, "threads": 1, "drafter": None}
+    worker = bench.Worker(request, timeout_s=60, stall_floor_s=1.0)  # without the watchdog: "ran past 60s"
+    try:
+        worker.one_pass(measured=False)
+        assert worker.first_pass_s is not None
+        os.kill(worker.proc.pid, signal.SIGSTOP)
+        with pytest.raises(MeasurementError, match=r"gave no reply in \d+s, 10x its first pass .*stalled"):
+            worker.one_pass(measured=True)
+        assert worker.proc.poll() == -signal.SIGKILL
+    finally:
+        worker.close()
+
+
 def test_worker_imports_neither_torch_nor_transformers(tiny, tmp_path):
     """Shadow torch and transformers with packages that leave a mark when imported, then run a worker."""
     _, bundle = tiny
