@@ -292,9 +292,10 @@ class Worker:
         except queue.Empty:
             self.proc.kill()  # hung: it would not exit when asked
             self.close()
-            why = (f"gave no reply in {timeout_s:.0f}s, {STALL_FACTOR}x its first pass ({self.first_pass_s:.1f}s): "
-                   "stalled" if self.first_pass_s is not None and timeout_s < self.timeout_s
-                   else f"ran past {timeout_s:.0f}s")
+            if self.first_pass_s is not None and timeout_s < self.timeout_s:
+                why = f"gave no reply in {timeout_s:.0f}s, {STALL_FACTOR}x its first pass ({self.first_pass_s:.1f}s): stalled"
+            else:
+                why = f"ran past {timeout_s:.0f}s"
             raise MeasurementError(f"the benchmark worker for {self.label} {why}") from None
         if line is None:
             code = self.proc.wait()

@@ -28,6 +28,8 @@ class Drafter(Protocol):
         """After a verification: ``inputs[i]`` was fed at verified position i and ``candidates[i]``
         holds the model's top next-token candidates there, best first (shape (positions, c))."""
 
+    # optional: ``forget()`` drops what was learned across sequences (Engine.forget_drafters calls it)
+
 
 class PromptLookupDrafter:
     """Prompt lookup / n-gram drafting: find the latest earlier occurrence of the last n tokens
@@ -79,6 +81,9 @@ class TokenRecyclingDrafter:
     def reset(self, prompt: np.ndarray) -> None:
         pass  # the table carries over between sequences: what it learned stays useful
 
+    def forget(self) -> None:
+        self.table.fill(-1)
+
     def propose(self, history: np.ndarray, k: int) -> list[int]:
         out, tok = [], int(history[-1])
         for _ in range(k):
@@ -110,6 +115,11 @@ class CombinedDrafter:
             if draft := d.propose(history, k):
                 return draft
         return []
+
+    def forget(self) -> None:
+        for d in self.drafters:
+            if hasattr(d, "forget"):
+                d.forget()
 
     def observe(self, inputs: np.ndarray, candidates: np.ndarray) -> None:
         for d in self.drafters:

@@ -302,9 +302,12 @@ class Engine:
 
         A drafter normally keeps learning across calls, as an app serving different prompts wants. A
         benchmark that replays the same prompts must forget between passes, or the second pass drafts
-        from the first pass's record of the very same greedy output.
+        from the first pass's record of the very same greedy output. Drafters stay loaded (a draft model
+        keeps its session).
         """
-        self._drafters.clear()
+        for drafter in self._drafters.values():
+            if hasattr(drafter, "forget"):
+                drafter.forget()
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,

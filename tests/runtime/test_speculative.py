@@ -299,3 +299,13 @@ def test_exact_rows_decode_steps_equal_the_multi_row_pass(int4_bundle):
     steps = [dec.decode_one(t).copy() for t in ids]
     assert dec.kv.length == len(ids)
     assert np.array_equal(whole, np.stack(steps))
+
+
+def test_forget_drafters_clears_what_they_learned_and_keeps_them(engine):
+    list(engine.generate(PROMPTS[0], max_new_tokens=16, ignore_eos=True, drafter="ngram+recycling"))
+    combined = engine._drafters["ngram+recycling"]
+    recycling = combined.drafters[1]
+    assert (recycling.table >= 0).any()
+    engine.forget_drafters()
+    assert engine._drafters["ngram+recycling"] is combined  # still loaded
+    assert (recycling.table == -1).all()
