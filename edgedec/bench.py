@@ -41,8 +41,13 @@ JSON written by ``edgedec bench --json`` (:meth:`BenchReport.to_dict`)::
          "speculation": null,            # reserved: mean accepted tokens per verify step, when drafting
          "ratios": {"decode_tok_s": 1.0, "ttft_ms": 1.0, "prefill_tok_s": 1.0, "peak_rss_mb": 1.0,
                     "size_mb": 1.0},     # this bundle / the first bundle, per metric (medians)
-         "round_ratios": {"decode_tok_s": {"median": 1.0, "min": 1.0, "max": 1.0}, ...}}
+         "round_ratios": {"decode_tok_s": {"median": 1.0, "min": 1.0, "max": 1.0}, ...},
                                          # interleaved runs: the same ratio within each round (else null)
+         "categories": {"code": {"prompts": 4, "decode_tok_s": ..., "decode_tok_s_min": ..., "decode_tok_s_max": ...,
+                                 "round_ratio": {"median": ..., "min": ..., "max": ...},
+                                 "mean_accepted_per_step": ...}, ...}}
+                                         # prompts in categories (a directory of files, or "category" in
+                                         # JSONL): decode speed per category (else null)
       ]
     }
 """
@@ -123,11 +128,40 @@ class BenchOptions:
 
 
 # ------------------------------------------------------------------------------------------------
+PROMPT_SUFFIXES = (".jsonl", ".ndjson", ".txt")  # the files a prompts directory contributes
+
+
 def load_prompts(path: str | Path) -> list[Prompt]:
-    """Prompts from a file: JSONL of ``{"messages": [...]}`` (or ``{"prompt": "..."}``) objects when the
-    file is ``.jsonl``/``.ndjson`` or its first non-blank line is a JSON object; otherwise one plain
-    prompt per non-blank line."""
+    """Prompts from a file (see :func:`load_prompt_set`) or a directory of prompt files."""
+    return load_prompt_set(path)[0]
+
+
+def load_prompt_set(path: str | Path) -> tuple[list[Prompt], list[str] | None]:
+    """Prompts and their categories (None: no categories).
+
+    A file: JSONL of ``{"messages": [...]}`` (or ``{"prompt": "..."}``) objects when the file is
+    ``.jsonl``/``.ndjson`` or its first non-blank line is a JSON object, each optionally with a
+    ``"category"``; otherwise one plain prompt per non-blank line. A directory: every ``.jsonl``,
+    ``.ndjson`` and ``.txt`` file in it, in name order, each file's name (without suffix) the category of
+    its prompts. ``edgedec bench`` reports each category separately."""
     path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in PROMPT_SUFFIXES)
+        if not files:
+            raise ConfigError(f"prompts directory {path} has no {', '.join(PROMPT_SUFFIXES)} files")
+        prompts, categories = [], []
+        for f in files:
+            ps = [p for p, _ in _prompt_file(f)]
+            prompts += ps
+            categories += [f.stem] * len(ps)
+        return prompts, categories
+    pairs = _prompt_file(path)
+    if all(c is None for _, c in pairs):
+        return [p for p, _ in pairs], None
+    return [p for p, _ in pairs], [c or "other" for _, c in pairs]
+
+
+def _prompt_file(path: Path) -> list[tuple[Prompt, str | None]]:
     if not path.is_file():
         raise ConfigError(f"prompts file {path} does not exist")
     try:
@@ -138,7 +172,7 @@ def load_prompts(path: str | Path) -> list[Prompt]:
         raise ConfigError(f"prompts file {path} has no prompts")
     if path.suffix.lower() in (".jsonl", ".ndjson") or _is_json_object(lines[0][1]):
         return [_parse_jsonl_line(path, i, line) for i, line in lines]
-    return [line for _, line in lines]
+    return [(line, None) for _, line in lines]
 
 
 def _is_json_object(line: str) -> bool:
@@ -148,7 +182,7 @@ def _is_json_object(line: str) -> bool:
         return False
 
 
-def _parse_jsonl_line(path: Path, lineno: int, line: str) -> Prompt:
+def _parse_jsonl_line(path: Path, lineno: int, line: str) -> tuple[Prompt, str | None]:
     where = f"{path}:{lineno}"
     try:
         obj = json.loads(line)
@@ -156,6 +190,13 @@ def _parse_jsonl_line(path: Path, lineno: int, line: str) -> Prompt:
         raise ConfigError(f"{where}: not valid JSON ({exc.msg})") from exc
     if not isinstance(obj, dict):
         raise ConfigError(f"{where}: expected a JSON object with \"messages\" or \"prompt\"")
+    category = obj.get("category")
+    if category is not None and not (isinstance(category, str) and category):
+        raise ConfigError(f"{where}: \"category\" must be a non-empty string")
+    return _parse_prompt(obj, where), category
+
+
+def _parse_prompt(obj: dict, where: str) -> Prompt:
     if "messages" in obj:
         msgs = obj["messages"]
         if not (isinstance(msgs, list) and msgs and all(
@@ -183,6 +224,7 @@ class BundleBench:
     speculation: dict | None = None  # reserved: mean accepted tokens per verify step, when drafting
     kv_bytes_per_token: int = 0  # KV-cache bytes one token occupies (all layers, keys and values)
     kv_cache_bytes: int = 0  # the KV-cache buffer the runtime allocated
+    prompt_runs: list[list[dict]] = field(default_factory=list)  # per timed pass, the worker's per-prompt figures
 
     def median(self, metric: str) -> float:
         if metric == "peak_rss_mb":
@@ -209,6 +251,31 @@ class BenchReport:
     prompt_source: str
     prompts: int
     bundles: list[BundleBench] = field(default_factory=list)
+    categories: list[str] | None = None  # per prompt, when the prompts came in categories
+
+    def by_category(self, b: BundleBench) -> dict | None:
+        """Per prompt category, in order of first appearance: decode tokens/s over the timed passes
+        (median, min, max), its ratio to the first bundle within each round (interleaved runs), and the
+        draft tokens accepted per verification (None without speculation). None without categories."""
+        if not self.categories:
+            return None
+        base, out = self.bundles[0], {}
+        paired = self.options.interleave and len(self.bundles) > 1 and len(b.prompt_runs) == len(base.prompt_runs)
+        for cat in dict.fromkeys(self.categories):
+            idx = [i for i, c in enumerate(self.categories) if c == cat]
+            speed = [_pass_figures([run[i] for i in idx])["decode_tok_s"] for run in b.prompt_runs]
+            entry = {"prompts": len(idx), "decode_tok_s": statistics.median(speed), "decode_tok_s_min": min(speed),
+                     "decode_tok_s_max": max(speed), "round_ratio": None, "mean_accepted_per_step": None}
+            if paired:
+                base_speed = [_pass_figures([run[i] for i in idx])["decode_tok_s"] for run in base.prompt_runs]
+                r = [x / y for x, y in zip(speed, base_speed)]
+                entry["round_ratio"] = {"median": statistics.median(r), "min": min(r), "max": max(r)}
+            if b.speculation:
+                steps = sum(run[i].get("verify_steps", 0) for run in b.prompt_runs for i in idx)
+                accepted = sum(run[i].get("accepted_tokens", 0) for run in b.prompt_runs for i in idx)
+                entry["mean_accepted_per_step"] = accepted / steps if steps else 0.0
+            out[cat] = entry
+        return out
 
     def ratios(self, b: BundleBench) -> dict:
         base = self.bundles[0]
@@ -234,7 +301,8 @@ class BenchReport:
             "settings": {"warmup": o.warmup, "runs": o.runs, "new_tokens": o.new_tokens, "threads": o.threads,
                          "context": o.context, "context_tokens": o.context_tokens, "prompts": self.prompts,
                          "prompt_source": self.prompt_source},
-            "bundles": [{**b.to_dict(), "ratios": self.ratios(b), "round_ratios": self.round_ratios(b)}
+            "bundles": [{**b.to_dict(), "ratios": self.ratios(b), "round_ratios": self.round_ratios(b),
+                         "categories": self.by_category(b)}
                         for b in self.bundles],
         }
 
@@ -419,6 +487,7 @@ def _bundle_bench(bundle: str | Path, name: str, size: int, result: dict) -> Bun
         passes=passes, prompt_tokens=sum(p["prompt_tokens"] for p in first),
         new_tokens=sum(p["new_tokens"] for p in first), speculation=result.get("speculation"),
         kv_bytes_per_token=int(result.get("kv_bytes_per_token", 0)), kv_cache_bytes=int(result.get("kv_cache_bytes", 0)),
+        prompt_runs=result["runs"],
     )
 
 
@@ -461,10 +530,11 @@ def bench(bundles: Sequence[str | Path], prompts_file: str | Path | None = None,
     """
     if not bundles:
         raise ConfigError("no bundle to benchmark")
-    prompts = load_prompts(prompts_file) if prompts_file else list(BUILTIN_PROMPTS)
+    prompts, categories = load_prompt_set(prompts_file) if prompts_file else (list(BUILTIN_PROMPTS), None)
     for b in bundles:  # refuse a bad bundle before spending minutes on the good ones
         bundle_size_bytes(b, verify=False)
-    report = BenchReport(options, str(prompts_file) if prompts_file else "built-in", len(prompts))
+    report = BenchReport(options, str(prompts_file) if prompts_file else "built-in", len(prompts),
+                         categories=categories)
     entries = []
     for path, name in zip(bundles, _names(bundles)):
         if options.spec is None:

@@ -111,7 +111,8 @@ class Session:
                 pass
             s = engine.last_stats
             per_prompt.append({"prompt_tokens": s.prompt_tokens, "new_tokens": s.new_tokens, "prefill_s": s.prefill_s,
-                               "ttft_s": s.ttft_s, "decode_s": s.decode_s, "stop_reason": s.stop_reason})
+                               "ttft_s": s.ttft_s, "decode_s": s.decode_s, "stop_reason": s.stop_reason,
+                               "verify_steps": s.verify_steps, "accepted_tokens": s.accepted_tokens})
             if measured:
                 self.stats.append(s)
         if measured:

@@ -541,7 +541,8 @@ def bench_cmd(
     bundles: List[Path] = typer.Argument(..., help="Bundle directories; ratios compare with the first."),
     prompts: Optional[Path] = typer.Option(
         None, "--prompts", help="Prompt file: one prompt per line, or JSONL of {\"messages\": [...]} chats "
-                                "(default: a built-in set)."),
+                                "(optionally with a \"category\"); or a directory of such files, one category "
+                                "each: decode speed is also reported per category (default: a built-in set)."),
     warmup: int = typer.Option(1, "--warmup", help="Untimed passes over the prompts."),
     runs: int = typer.Option(3, "--runs", help="Timed passes; the report gives median, min and max."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
@@ -602,11 +603,35 @@ def bench_cmd(
             for label, metric in (("decode ×", "decode_tok_s"), ("TTFT ×", "ttft_ms"), ("size ×", "size_mb")):
                 table.add_row(label, *(_ratio_cell(b, metric) for b in rows))
         out.print(table)
+        if report.categories:
+            out.print(_category_table(rows, runs))
         if json_out is not None:
             _write_report(json_out, json.dumps(report.to_dict(), indent=2))
         if plot_out is not None:
             bench.plot(report, plot_out)
             err.print(f"plot written to {plot_out}", highlight=False)
+
+
+def _category_table(rows: list[dict], runs: int) -> Table:
+    """Decode speed per prompt category: tokens/s, the ratio to the first bundle within each round, and
+    the drafts accepted per verification when a bundle speculates."""
+    table = Table(title=f"decode tok/s by prompt category, median of {runs} runs"
+                        + ("; × the first bundle, median \\[min–max] by round" if len(rows) > 1 else ""))
+    table.add_column("category", no_wrap=True)
+    for b in rows:
+        table.add_column(b["name"], justify="right")
+    for cat, first in rows[0]["categories"].items():
+        cells = []
+        for b in rows:
+            c = b["categories"][cat]
+            cell = f"{c['decode_tok_s']:,.1f}"
+            if (r := c["round_ratio"]) is not None and b is not rows[0]:
+                cell += f" {r['median']:.2f}× [dim]\\[{r['min']:.2f}–{r['max']:.2f}][/]"
+            if c["mean_accepted_per_step"] is not None:
+                cell += f" [dim]({c['mean_accepted_per_step']:.2f} acc)[/]"
+            cells.append(cell)
+        table.add_row(f"{escape(cat)} ({first['prompts']})", *cells)
+    return table
 
 
 @app.command("gate")

@@ -56,6 +56,31 @@ def test_missing_prompt_file(tmp_path):
         bench.load_prompts(tmp_path / "nope.txt")
 
 
+def test_prompt_directory_gives_one_category_per_file(tmp_path):
+    chat = {"messages": [{"role": "user", "content": "Why is the sky blue?"}]}
+    (tmp_path / "b_questions.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps({"prompt": "What is rain?"}) + "\n")
+    (tmp_path / "a_code.txt").write_text("def f(x):\n")
+    (tmp_path / "notes.md").write_text("not a prompt file\n")
+    prompts, categories = bench.load_prompt_set(tmp_path)
+    assert prompts == ["def f(x):", chat, "What is rain?"]  # files in name order
+    assert categories == ["a_code", "b_questions", "b_questions"]
+    assert bench.load_prompts(tmp_path) == prompts
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no .jsonl, .ndjson, .txt files"):
+        bench.load_prompt_set(tmp_path / "empty")
+
+
+def test_jsonl_lines_may_carry_a_category(tmp_path):
+    p = tmp_path / "mixed.jsonl"
+    p.write_text('{"prompt": "a", "category": "code"}\n{"prompt": "b"}\n')
+    assert bench.load_prompt_set(p) == (["a", "b"], ["code", "other"])
+    p.write_text('{"prompt": "a"}\n')
+    assert bench.load_prompt_set(p) == (["a"], None)
+    p.write_text('{"prompt": "a", "category": 3}\n')
+    with pytest.raises(ConfigError, match=r"mixed.jsonl:1: \"category\" must be a non-empty string"):
+        bench.load_prompt_set(p)
+
+
 def test_builtin_prompts_cover_questions_code_and_summaries():
     ps = bench.BUILTIN_PROMPTS
     assert len(ps) >= 5 and all(isinstance(p, str) and p for p in ps)
@@ -266,3 +291,32 @@ def test_every_pass_starts_with_a_cold_drafter(tiny):
     assert [s.token_ids for s in first] == [s.token_ids for s in second]
     assert ([(s.verify_steps, s.accepted_tokens) for s in first]
             == [(s.verify_steps, s.accepted_tokens) for s in second])
+
+
+def test_categories_are_reported_apart_from_the_same_passes(tiny, tmp_path):
+    """bench --spec with a prompts directory: per category, the decode speed of the same timed passes
+    restricted to its prompts, its ratio round by round, and the accepted drafts of its prompts."""
+    _, bundle = tiny
+    (tmp_path / "code.txt").write_text("def add(a, b):\ndef mul(a, b):\n")
+    (tmp_path / "text.txt").write_text("The quick brown fox jumps over the lazy dog. The quick brown fox\n")
+    options = bench.BenchOptions(warmup=0, runs=2, new_tokens=24, threads=1, spec="recycling")
+    report = bench.bench([bundle], tmp_path, options)
+    assert report.categories == ["code", "code", "text"]
+    off, on = report.bundles
+    d = json.loads(json.dumps(report.to_dict()))["bundles"]
+    for b, row in zip((off, on), d):
+        cats = row["categories"]
+        assert list(cats) == ["code", "text"] and cats["code"]["prompts"] == 2
+        for name, idx in (("code", [0, 1]), ("text", [2])):
+            speeds = [bench._pass_figures([run[i] for i in idx])["decode_tok_s"] for run in b.prompt_runs]
+            assert cats[name]["decode_tok_s"] == statistics.median(speeds)
+            assert cats[name]["decode_tok_s_min"] == min(speeds) and cats[name]["decode_tok_s_max"] == max(speeds)
+    assert d[0]["categories"]["text"]["mean_accepted_per_step"] is None  # no drafter
+    text = d[1]["categories"]["text"]
+    steps = sum(run[2]["verify_steps"] for run in on.prompt_runs)
+    assert steps > 0, [r[2] for r in on.prompt_runs]
+    assert text["mean_accepted_per_step"] == sum(run[2]["accepted_tokens"] for run in on.prompt_runs) / steps
+    base = [bench._pass_figures([run[2]])["decode_tok_s"] for run in off.prompt_runs]
+    mine = [bench._pass_figures([run[2]])["decode_tok_s"] for run in on.prompt_runs]
+    assert text["round_ratio"]["median"] == statistics.median(x / y for x, y in zip(mine, base))
+    assert report.to_dict()["bundles"][0]["categories"]["code"]["round_ratio"] is not None  # base vs itself: 1.0
