@@ -260,7 +260,7 @@ class BenchReport:
         if not self.categories:
             return None
         base, out = self.bundles[0], {}
-        paired = self.options.interleave and len(self.bundles) > 1 and len(b.prompt_runs) == len(base.prompt_runs)
+        paired = self._paired(b)
         for cat in dict.fromkeys(self.categories):
             idx = [i for i, c in enumerate(self.categories) if c == cat]
             speed = [_pass_figures([run[i] for i in idx])["decode_tok_s"] for run in b.prompt_runs]
@@ -277,6 +277,10 @@ class BenchReport:
             out[cat] = entry
         return out
 
+    def _paired(self, b: BundleBench) -> bool:
+        """Whether ``b``'s timed passes pair with the first bundle's round by round (interleaved runs)."""
+        return self.options.interleave and len(self.bundles) > 1 and len(b.passes) == len(self.bundles[0].passes)
+
     def ratios(self, b: BundleBench) -> dict:
         base = self.bundles[0]
         return {m: (b.median(m) / base.median(m) if base.median(m) else None) for m in RATIO_METRICS}
@@ -285,7 +289,7 @@ class BenchReport:
         """Per metric, the ratio to the first bundle within each round: median, min and max. Only for
         interleaved runs (rounds pair the passes in time); None otherwise."""
         base = self.bundles[0]
-        if not (self.options.interleave and len(self.bundles) > 1 and len(b.passes) == len(base.passes)):
+        if not self._paired(b):
             return None
         out = {}
         for m in METRICS:
