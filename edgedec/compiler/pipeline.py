@@ -103,6 +103,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
     if options.spec and "recycling" in options.spec and "top-candidates" not in named \
             and target.name in PASSES["top-candidates"]["targets"]:  # the graph picks recycling's candidates
         specs.append(("top-candidates", {}))
+    specs = target.take_passes(specs)
     target.check_passes([name for name, _ in specs])
     for name, opts in specs:
         target.check_pass_options(name, opts)

@@ -17,6 +17,8 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 
+PARAM_DTYPES = {"float32": "<f4", "uint32": "<u4"}  # params.bin entries by the manifest's dtype (4-byte items)
+
 
 def import_tvm():
     """``import tvm`` without letting tvm_ffi pull in torch (it imports torch whenever it is installed,
@@ -128,9 +130,10 @@ class TvmDecoderSession:
         out = []
         for p in graph["params"]:
             shape, offset, nbytes = tuple(p["shape"]), int(p["offset"]), int(p["bytes"])
-            if p.get("dtype") != "float32" or offset + nbytes > raw.size or int(np.prod(shape)) * 4 != nbytes:
+            dtype = PARAM_DTYPES.get(p.get("dtype"))
+            if dtype is None or offset + nbytes > raw.size or int(np.prod(shape)) * 4 != nbytes:
                 raise BundleError(f"params entry {p.get('name')!r} does not fit {graph['params_file']}")
-            out.append(tvm.runtime.tensor(raw[offset:offset + nbytes].view("<f4").reshape(shape)))
+            out.append(tvm.runtime.tensor(raw[offset:offset + nbytes].view(dtype).reshape(shape)))
         return out
 
     def forward(self, ids: Sequence[int], logits_rows: Sequence[int] | None = None) -> np.ndarray:

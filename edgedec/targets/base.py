@@ -48,6 +48,11 @@ class Target(ABC):
 
     default_max_context: int | None = None  # cache capacity when the user gives none (None: the pipeline's)
 
+    def take_passes(self, specs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+        """Claim the passes this target carries out itself, on its own weights instead of the ONNX graph
+        (e.g. ``int4`` on the TVM targets); returns the (name, options) pairs left for the ONNX pipeline."""
+        return specs
+
     def check_pass_options(self, name: str, options: dict) -> None:
         """Refuse, before any work, pass options this target cannot run (e.g. a dtype an NPU lacks)."""
 

@@ -46,6 +46,66 @@ def param_names(arch: ArchFacts) -> list[str]:
     return names
 
 
+def linear_weights(arch: ArchFacts) -> list[str]:
+    """The projection weights (out, in) that ``-q int4`` stores in 4 bits."""
+    return [n for n in param_names(arch) if n.startswith("layers.") and n.endswith("_proj.weight")]
+
+
+def table_weights(arch: ArchFacts) -> list[str]:
+    """The embedding / LM head tables that ``-q int4`` stores in 8 bits."""
+    return ["embed_tokens.weight"] + ([] if arch.tie_word_embeddings else ["lm_head.weight"])
+
+
+QUANT_PARTS = ("words", "scale", "offset")
+
+
+def quantized_bits(arch: ArchFacts, max_positions: int, quant: str | None) -> dict[str, int]:
+    """{weight: bits} for the weights ``quant`` stores block-quantized (those whose shape fits the layout)."""
+    if quant is None:
+        return {}
+    from . import tvm_quant
+
+    shapes = param_shapes(arch, max_positions)
+    wanted = {**{n: 4 for n in linear_weights(arch)}, **{n: 8 for n in table_weights(arch)}}
+    return {n: b for n, b in wanted.items() if tvm_quant.fits(shapes[n])}
+
+
+def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None) -> dict[str, tuple[tuple, str]]:
+    """{name: (shape, dtype)} of the module's parameters in call order; a quantized weight ``W`` becomes
+    ``W.words`` / ``W.scale`` / ``W.offset`` (layout in :mod:`edgedec.targets.tvm_quant`)."""
+    shapes = param_shapes(arch, max_positions)
+    bits = quantized_bits(arch, max_positions, quant)
+    out = {}
+    for name in param_names(arch):
+        if name not in bits:
+            out[name] = (shapes[name], "float32")
+            continue
+        (d_out, d_in), per = shapes[name], 32 // bits[name]
+        out[f"{name}.words"] = ((d_out // 8, d_in // per, 8), "uint32")
+        out[f"{name}.scale"] = ((d_out // 8, d_in // 32, 8), "float32")
+        out[f"{name}.offset"] = ((d_out // 8, d_in // 32, 8), "float32")
+    return out
+
+
+def quantize_weights(weights: dict[str, np.ndarray], bits: dict[str, int]):
+    """Replace each weight in ``bits`` by its three quantized tensors. Returns (params, reference, report):
+    ``reference`` is ``weights`` with the quantized ones replaced by what the kernels compute with
+    (their dequantization), for verifying the library; ``report`` lists kind and error per weight."""
+    from . import tvm_quant
+
+    params, reference, report = {}, dict(weights), {}
+    for name, w in weights.items():
+        if name not in bits:
+            params[name] = w
+            continue
+        q = tvm_quant.quantize(w, bits[name])
+        params.update({f"{name}.words": q.words, f"{name}.scale": q.scale, f"{name}.offset": q.offset})
+        reference[name] = q.dequantize()
+        report[name] = {"bits": bits[name], "kind": q.kind,
+                        "max_abs_error": float(np.abs(reference[name] - w).max())}
+    return params, reference, report
+
+
 def rope_tables(hf_model, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin (max_positions, head_dim / 2) exactly as the ONNX export computes them."""
     import torch
@@ -247,14 +307,19 @@ def _te_silu_mul(g, u):
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
-def build_module(arch: ArchFacts, max_positions: int):
-    """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring)."""
+def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None):
+    """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring); ``quant="int4"``:
+    the weights in :func:`quantized_bits` are block-quantized (:mod:`edgedec.targets.tvm_quant`)."""
     import tvm
     from tvm import relax, tirx
 
+    from . import tvm_quant
+
     a = arch
-    names = param_names(a)
+    specs = param_specs(a, max_positions, quant)
+    names = list(specs)
     shapes = param_shapes(a, max_positions)
+    bits = quantized_bits(a, max_positions, quant)
     bb = relax.BlockBuilder()
     kv_write = bb.add_func(_kv_write_kernel(a.num_kv_heads, a.head_dim), "kv_write")
     attention = bb.add_func(_attention_kernel(a.num_heads, a.num_kv_heads, a.head_dim), "attention")
@@ -271,11 +336,19 @@ def build_module(arch: ArchFacts, max_positions: int):
         shape = relax.Var("total", relax.ShapeType([total]))
         cache_t = relax.TensorType((1, a.num_kv_heads, cap, a.head_dim), "float32")
         caches = relax.Var("caches", relax.TupleType([cache_t] * (2 * a.num_layers)))
-        params = relax.Var("params", relax.TupleType([relax.TensorType(shapes[p], "float32") for p in names]))
+        params = relax.Var("params", relax.TupleType([relax.TensorType(*specs[p]) for p in names]))
         args = [ids] + ([rows] if rows is not None else []) + [shape, caches, params]
         def linear(x, wname, bias=None, rows=n):
-            weight = w[wname]
             d_out, d_in = shapes[wname]
+            if wname in bits:
+                key = ("q", decode, d_in, d_out, bits[wname])
+                if key not in kernels:
+                    make = tvm_quant.gemv_kernel if decode else tvm_quant.gemm_kernel
+                    kernels[key] = bb.add_func(make(d_in, d_out, bits[wname]), f"q{bits[wname]}_linear")
+                y = bb.emit(relax.call_tir(kernels[key], [x, *(w[f"{wname}.{part}"] for part in QUANT_PARTS)],
+                                           relax.TensorType((1, rows, d_out), "float32")))
+                return y if bias is None else bb.emit(relax.op.add(y, bias))
+            weight = w[wname]
             key = (decode, d_in, d_out, bias is not None)  # prefill kernels take any number of rows
             if key not in kernels:
                 var = tirx.IntImm("int64", 1) if decode else tirx.Var("n", "int64")
@@ -286,8 +359,15 @@ def build_module(arch: ArchFacts, max_positions: int):
         with bb.function(name, args):
             with bb.dataflow():
                 w = {p: bb.emit(relax.TupleGetItem(params, i)) for i, p in enumerate(names)}
-                h = bb.emit(relax.op.take(w["embed_tokens.weight"], relax.op.reshape(ids, [n]), axis=0))
-                h = bb.emit(relax.op.reshape(h, [1, n, a.hidden_size]))
+                if "embed_tokens.weight" in bits:
+                    embed = bb.add_func(tvm_quant.embed_kernel(a.vocab_size, a.hidden_size, bits["embed_tokens.weight"]),
+                                        "q_embed")
+                    h = bb.emit(relax.call_tir(embed, [relax.op.reshape(ids, [n]),
+                                                       *(w[f"embed_tokens.weight.{part}"] for part in QUANT_PARTS)],
+                                               relax.TensorType((1, n, a.hidden_size), "float32")))
+                else:
+                    h = bb.emit(relax.op.take(w["embed_tokens.weight"], relax.op.reshape(ids, [n]), axis=0))
+                    h = bb.emit(relax.op.reshape(h, [1, n, a.hidden_size]))
                 for l in range(a.num_layers):
                     p = f"layers.{l}."
                     x = bb.emit_te(_te_rms_norm, h, w[p + "input_layernorm.weight"], a.rms_norm_eps,
@@ -326,7 +406,7 @@ def build_module(arch: ArchFacts, max_positions: int):
     return bb.get()
 
 
-def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = False):
+def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = False, quant: str | None = None):
     """Compile the module for ``target`` (a tvm.target.Target) into a Relax VM executable.
 
     Pipeline: TVM's CPU default (legalize, fuse the small elementwise/norm kernels, lower); the
@@ -336,7 +416,7 @@ def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = Fals
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    mod = build_module(arch, max_positions)
+    mod = build_module(arch, max_positions, quant)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, _ctx):

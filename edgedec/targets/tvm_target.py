@@ -10,8 +10,13 @@ Bundle files:
     decoder.so   (cpu-tvm) Relax VM executable, a shared library for the host (x86_64 or aarch64)
     decoder.tar  (arm64)   the same as object files for the app's own link step (no cross linker needed);
                            plus decoder.so when ``aarch64-linux-gnu-gcc`` is installed
-    params.bin   every weight as raw little-endian float32, C order, at the 64-byte-aligned offsets the
-                 manifest lists (``graphs.decoder.params``: name, shape, offset, bytes) in call order
+    params.bin   every weight as raw little-endian float32 (or, for block-quantized weights, uint32 words),
+                 C order, at the 64-byte-aligned offsets the manifest lists (``graphs.decoder.params``: name,
+                 shape, dtype, offset, bytes) in call order
+
+``-q int4`` is carried out by the target itself, on the module's weights (the ONNX int4 pass emits
+MatMulNBits, which TVM does not import): projections in 4 bits and the embedding / LM head table in 8,
+blocks of 32, GGUF Q4_0 / Q4_1 / Q8_0 grids re-expressed without loss (:mod:`edgedec.targets.tvm_quant`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, UnsupportedError
+from ..runtime.tvm_session import PARAM_DTYPES
 from .base import Target
 
 log = logging.getLogger(__name__)
@@ -33,10 +39,8 @@ ORT_ONLY = "it rewrites the ONNX graph for ONNX Runtime (contrib ops / ORT-speci
            "target builds its TVM module from the source weights, not from that graph"
 REFUSED = {
     "fuse-projections": ORT_ONLY,
-    "int4": "it emits com.microsoft MatMulNBits, an ONNX Runtime contrib op TVM does not import; the {t} "
-            "target runs float32 weights",
     "int8": "it emits com.microsoft MatMulNBits / DynamicQuantizeLinear, ONNX Runtime ops TVM does not "
-            "import; the {t} target runs float32 weights",
+            "import; the {t} target runs float32 weights or its own int4 (-q int4)",
     "qdq": "static QDQ is the form NPU compilers take; the {t} target builds float32 kernels from the weights",
     "fuse-norms": ORT_ONLY,
     "kv-cache": "the {t} runtime keeps a float32 cache; quantized cache layouts are ONNX Runtime kernels",
@@ -44,17 +48,19 @@ REFUSED = {
 OTHER = "it is an ONNX graph pass, and the {t} target builds its TVM module from the source weights"
 
 
-def _write_params(weights: dict[str, np.ndarray], names: list[str], path: Path) -> list[dict]:
-    """Raw float32 tensors at 64-byte-aligned offsets; returns the manifest's table."""
+def _write_params(weights: dict[str, np.ndarray], specs: dict[str, tuple], path: Path) -> list[dict]:
+    """Raw little-endian tensors at 64-byte-aligned offsets, in ``specs`` order; returns the manifest's table."""
     table, offset = [], 0
     with open(path, "wb") as f:
-        for name in names:
-            arr = np.ascontiguousarray(weights[name], dtype="<f4")
+        for name, (shape, dtype) in specs.items():
+            arr = np.ascontiguousarray(weights[name], dtype=PARAM_DTYPES[dtype])
+            if arr.shape != tuple(shape):
+                raise ModelError(f"weight {name} has shape {arr.shape}, the module takes {tuple(shape)}")
             pad = -offset % ALIGN
             f.write(b"\0" * pad)
             offset += pad
             f.write(arr.tobytes())
-            table.append({"name": name, "shape": list(arr.shape), "dtype": "float32", "offset": offset,
+            table.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "offset": offset,
                           "bytes": arr.nbytes})
             offset += arr.nbytes
     return table
@@ -96,6 +102,22 @@ class TvmTarget(Target):
         self.description = description
         self.refused_passes = {p: r.format(t=name) for p, r in REFUSED.items()}
         self._pending: dict | None = None  # what export() built, for build() to move into the bundle
+        self.quant: str | None = None  # "int4": the target quantizes the module's weights itself
+
+    def take_passes(self, specs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
+        """``int4`` (``-q int4``) is this target's own block quantization; every other pass stays for
+        :meth:`check_passes` to refuse."""
+        rest = []
+        for name, opts in specs:
+            if name != "int4":
+                rest.append((name, opts))
+            elif opts:
+                raise UnsupportedError(f"target {self.name} takes int4 without options (got "
+                                       f"{', '.join(sorted(opts))}): its kernels use 4-bit projections and an "
+                                       "8-bit embedding / head, blocks of 32, exact on GGUF Q4_0/Q4_1/Q8_0 sources")
+            else:
+                self.quant = "int4"
+        return rest
 
     def check_passes(self, passes: list[str]) -> None:
         """The ONNX passes rewrite a graph this target does not compile: it refuses all of them."""
@@ -124,16 +146,19 @@ class TvmTarget(Target):
         work = out_path.parent / "tvm"
         work.mkdir(parents=True, exist_ok=True)
         weights = tvm_module.weights_from_hf(hf_model, arch, max_positions)
-        names = tvm_module.param_names(arch)
-        table = _write_params(weights, names, work / "params.bin")
+        specs = tvm_module.param_specs(arch, max_positions, self.quant)
+        bits = tvm_module.quantized_bits(arch, max_positions, self.quant)
+        params, reference, report = tvm_module.quantize_weights(weights, bits)
+        table = _write_params(params, specs, work / "params.bin")
         target_dict = self.llvm_target()
         log.info("building the TVM module for %s", target_dict)
         import tvm
 
-        executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict))
+        executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict), quant=self.quant)
         files = self.export_library(executable, work)  # the one the runtime loads first
         if self.runs_here():
-            verification = verify_library(work / files[0], weights, names, hf_model, arch)
+            verification = verify_library(work / files[0], params, list(specs), hf_model, arch,
+                                          reference if report else None)
             tolerance = getattr(options, "verify_tolerance", 1e-2)
             if verification["max_abs_logit_diff"] > tolerance:
                 raise ModelError(f"the TVM library differs from the source model by "
@@ -144,7 +169,7 @@ class TvmTarget(Target):
             log.warning("target %s: the library is not run here (%s); verification recorded as skipped",
                         self.name, verification["skipped"])
         self._pending = {"work": work, "files": files, "table": table, "target": target_dict,
-                         "verification": verification}
+                         "verification": verification, "quantization": quantization_entry(self.quant, report)}
         return path
 
     def build(self, model, out_dir: Path, role: str) -> dict:
@@ -179,9 +204,12 @@ class TvmTarget(Target):
             "caches": "tuple of 2 * num_layers float32 (1, kv_heads, capacity, head_dim): key.0, value.0, key.1, ...; "
                       "written in place at [total - n, total), attention over [0, total)",
             "params_file": "params.bin",
-            "params_layout": "raw little-endian float32, C order, 64-byte-aligned offsets; linear weights (out, in); "
-                             "rope.cos/rope.sin (max_positions, head_dim / 2)",
+            "params_layout": "raw little-endian float32 (dtype uint32: block-quantized words), C order, 64-byte-"
+                             "aligned offsets; linear weights (out, in); rope.cos/rope.sin (max_positions, "
+                             "head_dim / 2)" + ("; W.words/W.scale/W.offset: see quantization.layout"
+                                                if pending["quantization"] else ""),
             "params": pending["table"],
+            **({"quantization": pending["quantization"]} if pending["quantization"] else {}),
             "verification": pending["verification"],
             **({"shared_library": self.shared_library} if hasattr(self, "shared_library") else {}),
         }
@@ -239,15 +267,49 @@ def _tvm_version() -> str:
     return tvm.__version__
 
 
-def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, arch, seed: int = 0) -> dict:
-    """Run the built library on fixed ids (prefill 9, decode 1, step 2) against the source model's logits."""
+def quantization_entry(quant: str | None, report: dict) -> dict:
+    """The graph entry's ``quantization``: scheme, layout, and per kind the weights and their worst error."""
+    if not quant:
+        return {}
+    kinds: dict = {}
+    for name, r in report.items():
+        k = kinds.setdefault(f"{r['kind']} {r['bits']}-bit", {"weights": 0, "max_abs_error": 0.0})
+        k["weights"] += 1
+        k["max_abs_error"] = max(k["max_abs_error"], r["max_abs_error"])
+    return {
+        "scheme": quant,
+        "layout": "W (out, in) -> W.words uint32 (out/8, in*bits/32, 8): lane l of word [o8, kw] holds in bits "
+                  "[bits*p, bits*(p+1)) the two's-complement v of W[8*o8+l, (32/bits)*kw+p]; W.scale, W.offset "
+                  "float32 (out/8, in/32, 8): d and c of block (8*o8+l, b); W[n, k] = d*v + c (blocks of 32)",
+        "bits": {name: r["bits"] for name, r in report.items()},
+        "kinds": kinds,
+        "max_abs_error": max((r["max_abs_error"] for r in report.values()), default=0.0),
+    }
+
+
+def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, arch, reference: dict | None = None,
+                   seed: int = 0) -> dict:
+    """Run the built library on fixed ids (prefill 9, decode 1, step 2) against the source model's logits;
+    with ``reference`` (quantized weights' dequantization, by name), against the source model carrying those
+    weights, which is what the library computes."""
+    import copy
+
     import torch
     import tvm
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, arch.vocab_size, size=12)
+    model = hf_model
+    if reference is not None:
+        model = copy.deepcopy(hf_model)
+        state = model.state_dict()
+        with torch.no_grad():
+            for key, tensor in state.items():
+                name = key.removeprefix("model.")
+                if name in reference and not np.array_equal(reference[name], tensor.float().numpy()):
+                    tensor.copy_(torch.from_numpy(reference[name]).to(tensor.dtype))
     with torch.no_grad():
-        ref = hf_model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
+        ref = model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
     params = tvm.runtime.convert([tvm.runtime.tensor(weights[n]) for n in names])
     caches = tvm.runtime.convert([tvm.runtime.tensor(np.zeros((1, arch.num_kv_heads, 16, arch.head_dim), "float32"))
@@ -262,7 +324,8 @@ def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, ar
             out = vm["prefill"](chunk, tvm.runtime.tensor(np.arange(n, dtype="int32")), total, caches, params).numpy()
         diffs.append(float(np.abs(out[0] - ref[start:start + n]).max()))
         start += n
-    return {"max_abs_logit_diff": max(diffs), "tokens": int(len(ids)), "reference": "transformers",
+    return {"max_abs_logit_diff": max(diffs), "tokens": int(len(ids)),
+            "reference": "transformers" + (" with the quantized weights' dequantization" if reference else ""),
             "logit_scale": float(np.abs(ref).max())}
 
 

@@ -1,5 +1,7 @@
 """Targets cpu-tvm and arm64 (Apache TVM): greedy parity with the cpu bundle on tiny Llama and Qwen2,
-logits against ONNX Runtime, the cross-compiled artifact's architecture, refused passes, torch-free loading."""
+logits against ONNX Runtime, the cross-compiled artifact's architecture, refused passes, torch-free loading,
+and the targets' own int4 (block-quantized weights: exact on GGUF grids, logits against transformers
+carrying the same dequantized weights)."""
 
 from __future__ import annotations
 
@@ -158,7 +160,7 @@ def test_arm64_bundle_refused_on_this_machine(arm64_bundle, cli, one_line_error)
 
 
 @pytest.mark.parametrize("target", ["cpu-tvm", "arm64"])
-@pytest.mark.parametrize("args, pass_name", [(["-q", "int4"], "int4"), (["-q", "int8"], "int8"),
+@pytest.mark.parametrize("args, pass_name", [(["-q", "int8"], "int8"),
                                              (["--pass", "fuse-projections"], "fuse-projections")])
 def test_ort_passes_refused_before_any_work(target, args, pass_name, tiny_llama_dir, tmp_path, cli, one_line_error):
     out = tmp_path / "b"
@@ -201,3 +203,160 @@ def test_library_for_a_cpu_with_other_extensions_is_refused(tvm_llama, tmp_path)
     edit_manifest(bundle, lambda m: m["graphs"]["decoder"].update(cpu_flags=["avx2", "no_such_extension"]))
     with pytest.raises(BundleError, match="uses no_such_extension, which this CPU lacks"):
         Engine.load(bundle)
+
+
+# ---------------------------------------------------------------------------------------------------
+# -q int4 on the TVM targets
+# ---------------------------------------------------------------------------------------------------
+def _int4_bundle(model_dir: Path, out: Path) -> Path:
+    compile_model(str(model_dir), out, CompileOptions(target="cpu-tvm", max_context=128, passes=(("int4", ()),)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tvm_int4_llama(tiny_llama_dir, tmp_path_factory) -> Path:
+    return _int4_bundle(tiny_llama_dir, tmp_path_factory.mktemp("tvm") / "tiny-llama-tvm-int4")
+
+
+@pytest.fixture(scope="session")
+def tvm_int4_qwen2(tiny_qwen2_dir, tmp_path_factory) -> Path:
+    return _int4_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("tvm") / "tiny-qwen2-tvm-int4")
+
+
+@pytest.fixture(params=["llama", "qwen2"])
+def int4_pair(request, tvm_int4_llama, tvm_int4_qwen2, tiny_llama_dir, tiny_qwen2_dir):
+    """(int4 tvm bundle, the model directory it was compiled from)."""
+    return (tvm_int4_llama, tiny_llama_dir) if request.param == "llama" else (tvm_int4_qwen2, tiny_qwen2_dir)
+
+
+def _dequantized_hf(load_hf, model_dir: Path):
+    """The transformers model with every weight the int4 target quantizes replaced by its dequantization."""
+    import copy
+
+    import torch
+
+    from edgedec.targets import tvm_quant
+
+    model, _ = load_hf(model_dir)
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and ("_proj." in name or "embed_tokens" in name or name == "lm_head.weight"):
+                bits = 4 if "_proj." in name else 8
+                p.copy_(torch.from_numpy(tvm_quant.quantize(p.numpy(), bits).dequantize()))
+    return model
+
+
+def test_int4_logits_match_transformers_with_the_same_weights(int4_pair, load_hf):
+    """Prefill rows, one decode step, a multi-row step and a rollback: the library against transformers
+    running the dequantized weights (what the kernels compute with), and far from the float weights."""
+    import torch
+
+    bundle, model_dir = int4_pair
+    ref_model = _dequantized_hf(load_hf, model_dir)
+    ids = np.random.default_rng(0).integers(0, 300, size=16).tolist()
+    with torch.no_grad():
+        ref = ref_model(torch.tensor([ids])).logits[0].numpy()
+        fp32 = load_hf(model_dir)[0](torch.tensor([ids])).logits[0].numpy()
+    dec = Engine.load(bundle, threads=2).decoder
+    np.testing.assert_allclose(dec.forward(ids[:9], [0, 4, 8]), ref[[0, 4, 8]], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(dec.forward(ids[9:10]), ref[9], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(dec.forward(ids[10:14], [0, 1, 2, 3]), ref[10:14], atol=1e-4, rtol=0)
+    dec.kv.length = 12
+    np.testing.assert_allclose(dec.forward(ids[12:16], [0, 3]), ref[[12, 15]], atol=1e-4, rtol=0)
+    assert np.abs(ref - fp32).max() > 1e-2  # the quantization is real: the float model gives other logits
+
+
+def test_int4_greedy_matches_transformers_and_speculation_is_lossless(int4_pair, load_hf, hf_generate):
+    bundle, model_dir = int4_pair
+    ref_model = _dequantized_hf(load_hf, model_dir)
+    engine = Engine.load(bundle, threads=2)
+    for prompt in PROMPTS[:4]:
+        ids = engine.encode(prompt)
+        want = hf_generate(ref_model, ids, 24)
+        plain = [t.id for t in engine.generate(ids, max_new_tokens=24, ignore_eos=True, drafter=None)]
+        spec = [t.id for t in engine.generate(ids, max_new_tokens=24, ignore_eos=True, drafter="ngram+recycling")]
+        assert plain == want, prompt
+        assert spec == plain, prompt
+        assert len(set(want)) > 3
+
+
+def test_int4_manifest_params_and_size(tvm_int4_llama, tvm_llama):
+    g = json.loads((tvm_int4_llama / "manifest.json").read_text())["graphs"]["decoder"]
+    q = g["quantization"]
+    assert q["scheme"] == "int4" and "W.words uint32" in q["layout"]
+    assert q["bits"]["embed_tokens.weight"] == 8 and q["bits"]["layers.0.mlp.down_proj.weight"] == 4
+    assert sum(k["weights"] for k in q["kinds"].values()) == len(q["bits"]) == 2 * 7 + 1
+    assert g["verification"]["max_abs_logit_diff"] < 1e-3 and "dequantization" in g["verification"]["reference"]
+    dtypes = {p["name"]: p["dtype"] for p in g["params"]}
+    assert dtypes["layers.1.self_attn.q_proj.weight.words"] == "uint32"
+    assert dtypes["layers.1.self_attn.q_proj.weight.scale"] == "float32"
+    assert "layers.1.self_attn.q_proj.weight" not in dtypes and "norm.weight" in dtypes
+    assert all(p["offset"] % 64 == 0 for p in g["params"])
+    # the words in params.bin are what the manifest says: unpacked, they are 4-bit values
+    from edgedec.targets import tvm_quant
+
+    p = next(p for p in g["params"] if p["name"] == "layers.0.mlp.up_proj.weight.words")
+    words = np.fromfile(tvm_int4_llama / "params.bin", dtype="<u4", count=int(np.prod(p["shape"])),
+                        offset=p["offset"]).reshape(p["shape"])
+    v = tvm_quant.unpack(words, 4)
+    assert v.shape == (128, 64) and v.min() >= -8 and v.max() <= 7 and len(np.unique(v)) > 8
+    size = lambda b: (b / "params.bin").stat().st_size  # noqa: E731
+    assert size(tvm_int4_llama) < 0.45 * size(tvm_llama)
+
+
+def test_int4_runtime_stays_torch_free(tvm_int4_llama):
+    code = ("import sys; from edgedec.runtime import Engine; e = Engine.load(sys.argv[1], threads=1); "
+            "e.generate_text('def f(x):', max_new_tokens=4); "
+            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
+            "assert not bad, bad; print('ok')")
+    r = subprocess.run([sys.executable, "-c", code, str(tvm_int4_llama)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("fmt, bits", [("Q4_1", 4), ("Q4_0", 4), ("Q8_0", 8)])
+def test_gguf_grids_are_re_expressed_without_loss(fmt, bits):
+    """A weight on a GGUF grid (fp16 block scales, as GGUF stores them) comes back bit for bit."""
+    from edgedec.targets import tvm_quant
+
+    rng = np.random.default_rng(1)
+    out, k = 48, 96
+    d = (rng.random((out, k // 32)) * 0.02 + 1e-3).astype(np.float16).astype(np.float32)
+    if fmt == "Q4_1":
+        m = (-rng.random((out, k // 32)) * 0.1).astype(np.float16).astype(np.float32)
+        q = rng.integers(0, 16, (out, k // 32, 32))
+        q[..., 0], q[..., 1] = 0, 15  # the block's extremes, as Q4_1 writes them
+        w = q * d[..., None] + m[..., None]
+    elif fmt == "Q4_0":
+        q = rng.integers(-8, 8, (out, k // 32, 32))
+        q[..., 0] = -8
+        w = q * d[..., None]
+    else:
+        q = rng.integers(-127, 128, (out, k // 32, 32))
+        q[..., 0] = 127
+        w = q * d[..., None]
+    w = w.reshape(out, k).astype(np.float32)
+    ql = tvm_quant.quantize(w, bits)
+    assert ql.kind == fmt
+    np.testing.assert_array_equal(ql.dequantize(), w)
+    off_grid = tvm_quant.quantize(w + rng.standard_normal(w.shape).astype(np.float32) * 1e-3, bits)
+    assert off_grid.kind == "rtn"
+
+
+def test_pack_round_trip_and_bad_shapes():
+    from edgedec.targets import tvm_quant
+
+    rng = np.random.default_rng(2)
+    for bits in (4, 8):
+        v = rng.integers(-(1 << (bits - 1)), 1 << (bits - 1), (16, 64)).astype(np.int32)
+        np.testing.assert_array_equal(tvm_quant.unpack(tvm_quant.pack(v, bits), bits), v)
+    assert not tvm_quant.fits((12, 64)) and not tvm_quant.fits((16, 48)) and tvm_quant.fits((16, 64))
+    with pytest.raises(ValueError, match="does not fit"):
+        tvm_quant.quantize(np.zeros((12, 64), np.float32), 4)
+
+
+def test_int4_options_are_refused_in_one_line(tiny_llama_dir, tmp_path, cli, one_line_error):
+    out = tmp_path / "b"
+    result = cli("compile", tiny_llama_dir, "-o", out, "--target", "cpu-tvm", "--pass", "int4:block_size=64")
+    one_line_error(result, "target cpu-tvm takes int4 without options .+")
+    assert not out.exists()

@@ -1,0 +1,240 @@
+"""Block-quantized weights for the TVM targets: the layout, the packing, and the TIR kernels that read it.
+
+``compile --target cpu-tvm -q int4`` stores every projection in 4 bits and the embedding / LM head table
+in 8 bits. ONNX Runtime's ``MatMulNBits`` has no float zero point on its fast path, so a GGUF Q4_1 weight
+(``w = d*q + m``) needs extra correction nodes there; a TVM kernel is ours to write, so it takes the
+per-block offset directly and a Q4_0 / Q4_1 / Q8_0 source is re-expressed without loss.
+
+Layout of a (out, in) weight with ``bits`` in {4, 8}, blocks of 32 along ``in`` (``per = 32 // bits``
+values in one uint32 word; ``out % 8 == 0``, ``in % 32 == 0``)::
+
+    words   uint32  (out / 8, in / per, 8)   words[o8, kw, l] holds, in bit field [bits*p, bits*(p+1)),
+                                             the two's-complement value v of W[8*o8 + l, per*kw + p]
+    scale   float32 (out / 8, in / 32, 8)    d of block (8*o8 + l, b)
+    offset  float32 (out / 8, in / 32, 8)    c of block (8*o8 + l, b)
+
+    W[n, k] = d * v + c,   v in [-2^(bits-1), 2^(bits-1))
+
+Eight consecutive outputs sit in the eight lanes of an AVX2 register, so the GEMV kernel broadcasts one
+input value, extracts eight fields with a shift pair and accumulates with one FMA; the block's offset
+is applied once per block through the sum of its 32 inputs (``y += d * sum(v x) + c * sum(x)``).
+
+GGUF re-expression (``from the block's q``): Q4_1 ``d*q + m`` -> ``v = q - 8``, ``c = m + 8d``; Q4_0
+``d*(q-8)`` -> ``c = 0``; Q8_0 ``d*q`` -> ``c = 0``. Weights on no source grid are rounded to nearest,
+asymmetric for 4 bits and symmetric for 8 (ONNX Runtime's conventions, :mod:`edgedec.passes.blockwise`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..passes import blockwise as bw
+
+BLOCK = 32
+LANES = 8
+
+
+@dataclass
+class QuantLinear:
+    """One weight in the layout above."""
+
+    words: np.ndarray  # (out/8, in/per, 8) uint32
+    scale: np.ndarray  # (out/8, in/32, 8) float32
+    offset: np.ndarray  # (out/8, in/32, 8) float32
+    bits: int
+    kind: str  # "Q4_1", "Q8_0", "rtn", ...
+
+    def dequantize(self) -> np.ndarray:
+        """The (out, in) float32 weight the kernels compute with."""
+        return dequantize(self.words, self.scale, self.offset, self.bits)
+
+
+def fits(shape: tuple[int, ...]) -> bool:
+    """Can an (out, in) weight take this layout?"""
+    return len(shape) == 2 and shape[0] % LANES == 0 and shape[1] % BLOCK == 0
+
+
+def quantize(w: np.ndarray, bits: int) -> QuantLinear:
+    """An (out, in) float weight: its GGUF grid re-expressed when it lies on one, else rounded to nearest."""
+    if not fits(w.shape):
+        raise ValueError(f"a {w.shape} weight does not fit blocks of {BLOCK} x {LANES} lanes")
+    wt = np.ascontiguousarray(w.T, dtype=np.float32)  # blockwise works on (K, N) MatMul weights
+    grids = ("Q4_0", "Q4_1") if bits == 4 else ("Q8_0",)
+    q = bw.recover_grid(wt, grids) or bw.rtn(wt, bits, BLOCK, symmetric=bits == 8)
+    mid = 1 << (bits - 1)
+    v = q.q.astype(np.int32) - mid  # (out, k_blocks, 32)
+    c = (mid - q.zero_point_values().astype(np.float32)) * q.scales
+    if q.offsets is not None:
+        c = c + q.offsets
+    out, kb = q.scales.shape
+    words = pack(v.reshape(out, kb * BLOCK), bits)
+    lanes = lambda a: np.ascontiguousarray(a.reshape(out // LANES, LANES, kb).transpose(0, 2, 1), dtype=np.float32)  # noqa: E731
+    return QuantLinear(words, lanes(q.scales), lanes(c), bits, q.kind)
+
+
+def pack(v: np.ndarray, bits: int) -> np.ndarray:
+    """(out, in) int32 values in [-2^(bits-1), 2^(bits-1)) -> words (out/8, in/per, 8) uint32."""
+    out, k = v.shape
+    per = 32 // bits
+    fields = (v.astype(np.int64) & ((1 << bits) - 1)).astype(np.uint32)
+    fields = fields.reshape(out // LANES, LANES, k // per, per)  # o8, l, kw, p
+    words = np.zeros((out // LANES, k // per, LANES), np.uint32)
+    for p in range(per):
+        words |= fields[:, :, :, p].transpose(0, 2, 1) << np.uint32(bits * p)
+    return words
+
+
+def unpack(words: np.ndarray, bits: int) -> np.ndarray:
+    """Inverse of :func:`pack`: (out, in) int32."""
+    o8, kw, _ = words.shape
+    per = 32 // bits
+    fields = np.stack([(words >> np.uint32(bits * p)) & np.uint32((1 << bits) - 1) for p in range(per)], -1)
+    v = fields.astype(np.int32)
+    v = np.where(v >= 1 << (bits - 1), v - (1 << bits), v)  # o8, kw, l, p
+    return np.ascontiguousarray(v.transpose(0, 2, 1, 3).reshape(o8 * LANES, kw * per))
+
+
+def dequantize(words: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
+    v = unpack(words, bits).astype(np.float32)
+    out, k = v.shape
+    per_block = lambda a: a.transpose(0, 2, 1).reshape(out, k // BLOCK)  # noqa: E731
+    d, c = per_block(scale), per_block(offset)
+    return (v.reshape(out, k // BLOCK, BLOCK) * d[..., None] + c[..., None]).reshape(out, k)
+
+
+# --------------------------------------------------------------------------------------------
+# TIR kernels
+# --------------------------------------------------------------------------------------------
+def _field(T, word, bits: int, p):
+    """The signed value in bit field p of a uint32 word, as float32 (shift left, arithmetic shift right).
+
+    ``p`` is an unrolled loop variable, so both shifts become constants."""
+    up = T.Cast("uint32", 32 - bits * (p + 1))
+    return T.Cast("float32", T.shift_right(T.reinterpret("int32", T.shift_left(word, up)), T.int32(32 - bits)))
+
+
+def gemv_kernel(d_in: int, d_out: int, bits: int):
+    """Decode: y (1, 1, out) = x (1, 1, in) @ W^T, W in the layout above.
+
+    Parallel over groups of 16 outputs (8 lanes x 2 registers: two independent FMA chains hide the FMA
+    latency); each group walks the input once, block by block.
+    """
+    from tvm.script import tirx as T
+
+    per, kb, n8 = 32 // bits, d_in // BLOCK, d_out // LANES
+    words_per_block = BLOCK // per
+    g_n = 2 if n8 % 2 == 0 else 1
+    tasks = n8 // g_n
+
+    @T.prim_func(private=True)
+    def qgemv(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((n8, d_in // per, LANES), "uint32"),
+              d: T.Buffer((n8, kb, LANES), "float32"), c: T.Buffer((n8, kb, LANES), "float32"),
+              y: T.Buffer((1, 1, d_out), "float32")):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        for t in T.parallel(tasks):
+            tot = T.decl_buffer((g_n, LANES), "float32", scope="local")
+            acc = T.decl_buffer((g_n, LANES), "float32", scope="local")
+            s = T.decl_buffer((1,), "float32", scope="local")
+            for g in T.unroll(g_n):
+                for l in T.vectorized(LANES):
+                    tot[g, l] = T.float32(0)
+            for b in range(kb):
+                s[0] = T.float32(0)
+                for j in range(BLOCK):
+                    s[0] = s[0] + x[0, 0, b * BLOCK + j]
+                for g in T.unroll(g_n):
+                    for l in T.vectorized(LANES):
+                        acc[g, l] = T.float32(0)
+                for kw in T.unroll(words_per_block):
+                    for p in T.unroll(per):
+                        for g in T.unroll(g_n):
+                            for l in T.vectorized(LANES):
+                                acc[g, l] = acc[g, l] + _field(T, w[t * g_n + g, b * words_per_block + kw, l], bits, p) \
+                                    * x[0, 0, b * BLOCK + kw * per + p]
+                for g in T.unroll(g_n):
+                    for l in T.vectorized(LANES):
+                        tot[g, l] = tot[g, l] + acc[g, l] * d[t * g_n + g, b, l] + c[t * g_n + g, b, l] * s[0]
+            for g in T.unroll(g_n):
+                for l in T.vectorized(LANES):
+                    y[0, 0, (t * g_n + g) * LANES + l] = tot[g, l]
+
+    return qgemv
+
+
+def gemm_kernel(d_in: int, d_out: int, bits: int):
+    """Prefill / verification: y (1, n, out) = x (1, n, in) @ W^T for any n.
+
+    Each task unpacks a block of its 16 outputs' weights once into a small float buffer, then runs every
+    row over it, so the unpacking is shared by the rows.
+    """
+    from tvm.script import tirx as T
+
+    per, kb, n8 = 32 // bits, d_in // BLOCK, d_out // LANES
+    words_per_block = BLOCK // per
+    g_n = 2 if n8 % 2 == 0 else 1
+    tasks = n8 // g_n
+
+    @T.prim_func(private=True)
+    def qgemm(var_x: T.handle, w: T.Buffer((n8, d_in // per, LANES), "uint32"),
+              d: T.Buffer((n8, kb, LANES), "float32"), c: T.Buffer((n8, kb, LANES), "float32"), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        x = T.match_buffer(var_x, (T.int64(1), n, T.int64(d_in)), "float32")
+        y = T.match_buffer(var_y, (T.int64(1), n, T.int64(d_out)), "float32")
+        for t in T.parallel(tasks):
+            wf = T.decl_buffer((BLOCK, g_n, LANES), "float32", scope="local")
+            acc = T.decl_buffer((g_n, LANES), "float32", scope="local")
+            s = T.decl_buffer((1,), "float32", scope="local")
+            for i in range(n):
+                for g in T.unroll(g_n):
+                    for l in T.vectorized(LANES):
+                        y[0, i, (t * g_n + g) * LANES + l] = T.float32(0)
+            for b in range(kb):
+                for kw in T.unroll(words_per_block):
+                    for p in T.unroll(per):
+                        for g in T.unroll(g_n):
+                            for l in T.vectorized(LANES):
+                                wf[kw * per + p, g, l] = _field(T, w[t * g_n + g, b * words_per_block + kw, l], bits, p)
+                for i in range(n):
+                    s[0] = T.float32(0)
+                    for j in range(BLOCK):
+                        s[0] = s[0] + x[0, i, b * BLOCK + j]
+                    for g in T.unroll(g_n):
+                        for l in T.vectorized(LANES):
+                            acc[g, l] = T.float32(0)
+                    for j in T.unroll(BLOCK):
+                        for g in T.unroll(g_n):
+                            for l in T.vectorized(LANES):
+                                acc[g, l] = acc[g, l] + wf[j, g, l] * x[0, i, b * BLOCK + j]
+                    for g in T.unroll(g_n):
+                        for l in T.vectorized(LANES):
+                            y[0, i, (t * g_n + g) * LANES + l] = y[0, i, (t * g_n + g) * LANES + l] \
+                                + acc[g, l] * d[t * g_n + g, b, l] + c[t * g_n + g, b, l] * s[0]
+
+    return qgemm
+
+
+def embed_kernel(vocab: int, hidden: int, bits: int):
+    """out (1, n, hidden) = the dequantized rows ``ids`` (n,) of a (vocab, hidden) table in the layout above."""
+    from tvm.script import tirx as T
+
+    per, kb, n8 = 32 // bits, hidden // BLOCK, vocab // LANES
+
+    @T.prim_func(private=True)
+    def qembed(var_ids: T.handle, w: T.Buffer((n8, hidden // per, LANES), "uint32"),
+               d: T.Buffer((n8, kb, LANES), "float32"), c: T.Buffer((n8, kb, LANES), "float32"), var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        ids = T.match_buffer(var_ids, (n,), "int32")
+        out = T.match_buffer(var_out, (T.int64(1), n, T.int64(hidden)), "float32")
+        for i, k in T.grid(n, T.int64(hidden)):
+            row = T.Cast("int64", ids[i])
+            word = w[row // LANES, k // per, row % LANES]
+            up = T.Cast("uint32", T.int64(32 - bits) - (k % per) * bits)
+            v = T.shift_right(T.reinterpret("int32", T.shift_left(word, up)), T.int32(32 - bits))
+            out[0, i, k] = T.Cast("float32", v) * d[row // LANES, k // BLOCK, row % LANES] \
+                + c[row // LANES, k // BLOCK, row % LANES]
+
+    return qembed
