@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 
-PARAM_DTYPES = {"float32": "<f4", "uint32": "<u4"}  # params.bin entries by the manifest's dtype (4-byte items)
+PARAM_DTYPES = {"float32": "<f4", "uint32": "<u4", "float16": "<f2"}  # params.bin entries by the manifest's dtype
 
 
 def import_tvm():
@@ -131,7 +131,7 @@ class TvmDecoderSession:
         for p in graph["params"]:
             shape, offset, nbytes = tuple(p["shape"]), int(p["offset"]), int(p["bytes"])
             dtype = PARAM_DTYPES.get(p.get("dtype"))
-            if dtype is None or offset + nbytes > raw.size or int(np.prod(shape)) * 4 != nbytes:
+            if dtype is None or offset + nbytes > raw.size or int(np.prod(shape)) * int(dtype[-1]) != nbytes:
                 raise BundleError(f"params entry {p.get('name')!r} does not fit {graph['params_file']}")
             out.append(tvm.runtime.tensor(raw[offset:offset + nbytes].view(dtype).reshape(shape)))
         return out

@@ -82,8 +82,8 @@ def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None) -
             continue
         (d_out, d_in), per = shapes[name], 32 // bits[name]
         out[f"{name}.words"] = ((d_out // 8, d_in // per, 8), "uint32")
-        out[f"{name}.scale"] = ((d_out // 8, d_in // 32, 8), "float32")
-        out[f"{name}.offset"] = ((d_out // 8, d_in // 32, 8), "float32")
+        out[f"{name}.scale"] = ((d_out // 8, d_in // 32, 8), "float16")
+        out[f"{name}.offset"] = ((d_out // 8, d_in // 32, 8), "float16")
     return out
 
 

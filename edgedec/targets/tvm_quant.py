@@ -9,19 +9,21 @@ Layout of a (out, in) weight with ``bits`` in {4, 8}, blocks of 32 along ``in`` 
 values in one uint32 word; ``out % 8 == 0``, ``in % 32 == 0``)::
 
     words   uint32  (out / 8, in / per, 8)   words[o8, kw, l] holds, in bit field [bits*p, bits*(p+1)),
-                                             the two's-complement value v of W[8*o8 + l, per*kw + p]
-    scale   float32 (out / 8, in / 32, 8)    d of block (8*o8 + l, b)
-    offset  float32 (out / 8, in / 32, 8)    c of block (8*o8 + l, b)
+                                             the unsigned value q of W[8*o8 + l, per*kw + p]
+    scale   float16 (out / 8, in / 32, 8)    d of block (8*o8 + l, b)
+    offset  float16 (out / 8, in / 32, 8)    m of block (8*o8 + l, b)
 
-    W[n, k] = d * v + c,   v in [-2^(bits-1), 2^(bits-1))
+    W[n, k] = d * q + m,   q in [0, 2^bits)
 
 Eight consecutive outputs sit in the eight lanes of an AVX2 register, so the GEMV kernel broadcasts one
-input value, extracts eight fields with a shift pair and accumulates with one FMA; the block's offset
-is applied once per block through the sum of its 32 inputs (``y += d * sum(v x) + c * sum(x)``).
+input value, extracts eight fields with a shift and a mask and accumulates with one FMA; the block's
+offset is applied once per block through the sum of its 32 inputs (``y += d * sum(q x) + m * sum(x)``).
+Scale and offset are float16, as GGUF stores them: a quarter of the bytes instead of half.
 
-GGUF re-expression (``from the block's q``): Q4_1 ``d*q + m`` -> ``v = q - 8``, ``c = m + 8d``; Q4_0
-``d*(q-8)`` -> ``c = 0``; Q8_0 ``d*q`` -> ``c = 0``. Weights on no source grid are rounded to nearest,
-asymmetric for 4 bits and symmetric for 8 (ONNX Runtime's conventions, :mod:`edgedec.passes.blockwise`).
+GGUF re-expression: Q4_1 ``d*q + m`` as it is; Q4_0 ``d*(q-8)`` -> ``m = -8d``; Q8_0 ``d*v`` (v signed)
+-> ``q = v + 128``, ``m = -128d``; all exact in float16. Weights on no source grid are rounded to
+nearest, asymmetric for 4 bits and symmetric for 8 (ONNX Runtime's conventions,
+:mod:`edgedec.passes.blockwise`), with d and m then rounded to float16 (the kernels compute with those).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ class QuantLinear:
     """One weight in the layout above."""
 
     words: np.ndarray  # (out/8, in/per, 8) uint32
-    scale: np.ndarray  # (out/8, in/32, 8) float32
-    offset: np.ndarray  # (out/8, in/32, 8) float32
+    scale: np.ndarray  # (out/8, in/32, 8) float16
+    offset: np.ndarray  # (out/8, in/32, 8) float16
     bits: int
     kind: str  # "Q4_1", "Q8_0", "rtn", ...
 
@@ -63,23 +65,24 @@ def quantize(w: np.ndarray, bits: int) -> QuantLinear:
     wt = np.ascontiguousarray(w.T, dtype=np.float32)  # blockwise works on (K, N) MatMul weights
     grids = ("Q4_0", "Q4_1") if bits == 4 else ("Q8_0",)
     q = bw.recover_grid(wt, grids) or bw.rtn(wt, bits, BLOCK, symmetric=bits == 8)
-    mid = 1 << (bits - 1)
-    v = q.q.astype(np.int32) - mid  # (out, k_blocks, 32)
-    c = (mid - q.zero_point_values().astype(np.float32)) * q.scales
-    if q.offsets is not None:
-        c = c + q.offsets
+    # (q - z) s + o = s q + (o - z s): in float64, so that a GGUF grid's m comes back exactly
+    d = q.scales.astype(np.float64)
+    m = (0.0 if q.offsets is None else q.offsets.astype(np.float64)) - q.zero_point_values() * d
+    with np.errstate(over="ignore"):
+        d16, m16 = d.astype(np.float16), m.astype(np.float16)
+    if not (np.isfinite(d16).all() and np.isfinite(m16).all()):
+        raise ValueError("a block scale or offset is beyond float16's range")
     out, kb = q.scales.shape
-    words = pack(v.reshape(out, kb * BLOCK), bits)
-    lanes = lambda a: np.ascontiguousarray(a.reshape(out // LANES, LANES, kb).transpose(0, 2, 1), dtype=np.float32)  # noqa: E731
-    return QuantLinear(words, lanes(q.scales), lanes(c), bits, q.kind)
+    words = pack(q.q.astype(np.int32).reshape(out, kb * BLOCK), bits)
+    lanes = lambda a: np.ascontiguousarray(a.reshape(out // LANES, LANES, kb).transpose(0, 2, 1))  # noqa: E731
+    return QuantLinear(words, lanes(d16), lanes(m16), bits, q.kind)
 
 
 def pack(v: np.ndarray, bits: int) -> np.ndarray:
-    """(out, in) int32 values in [-2^(bits-1), 2^(bits-1)) -> words (out/8, in/per, 8) uint32."""
+    """(out, in) values in [0, 2^bits) -> words (out/8, in/per, 8) uint32."""
     out, k = v.shape
     per = 32 // bits
-    fields = (v.astype(np.int64) & ((1 << bits) - 1)).astype(np.uint32)
-    fields = fields.reshape(out // LANES, LANES, k // per, per)  # o8, l, kw, p
+    fields = v.astype(np.uint32).reshape(out // LANES, LANES, k // per, per)  # o8, l, kw, p
     words = np.zeros((out // LANES, k // per, LANES), np.uint32)
     for p in range(per):
         words |= fields[:, :, :, p].transpose(0, 2, 1) << np.uint32(bits * p)
@@ -90,16 +93,15 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`pack`: (out, in) int32."""
     o8, kw, _ = words.shape
     per = 32 // bits
-    fields = np.stack([(words >> np.uint32(bits * p)) & np.uint32((1 << bits) - 1) for p in range(per)], -1)
-    v = fields.astype(np.int32)
-    v = np.where(v >= 1 << (bits - 1), v - (1 << bits), v)  # o8, kw, l, p
+    v = np.stack([(words >> np.uint32(bits * p)) & np.uint32((1 << bits) - 1) for p in range(per)], -1)
+    v = v.astype(np.int32)  # o8, kw, l, p
     return np.ascontiguousarray(v.transpose(0, 2, 1, 3).reshape(o8 * LANES, kw * per))
 
 
 def dequantize(words: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
     v = unpack(words, bits).astype(np.float32)
     out, k = v.shape
-    per_block = lambda a: a.transpose(0, 2, 1).reshape(out, k // BLOCK)  # noqa: E731
+    per_block = lambda a: a.astype(np.float32).transpose(0, 2, 1).reshape(out, k // BLOCK)  # noqa: E731
     d, c = per_block(scale), per_block(offset)
     return (v.reshape(out, k // BLOCK, BLOCK) * d[..., None] + c[..., None]).reshape(out, k)
 
@@ -108,11 +110,10 @@ def dequantize(words: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: i
 # TIR kernels
 # --------------------------------------------------------------------------------------------
 def _field(T, word, bits: int, p):
-    """The signed value in bit field p of a uint32 word, as float32 (shift left, arithmetic shift right).
-
-    ``p`` is an unrolled loop variable, so both shifts become constants."""
-    up = T.Cast("uint32", 32 - bits * (p + 1))
-    return T.Cast("float32", T.shift_right(T.reinterpret("int32", T.shift_left(word, up)), T.int32(32 - bits)))
+    """Bit field p of a uint32 word, as float32. ``p`` is an unrolled loop variable, so the shift is a
+    constant; the field is converted as a signed int (x86 has no vector unsigned convert before AVX-512)."""
+    field = T.bitwise_and(T.shift_right(word, T.Cast("uint32", bits * p)), T.uint32((1 << bits) - 1))
+    return T.Cast("float32", T.reinterpret("int32", field))
 
 
 def gemv_kernel(d_in: int, d_out: int, bits: int):
@@ -130,7 +131,7 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
 
     @T.prim_func(private=True)
     def qgemv(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((n8, d_in // per, LANES), "uint32"),
-              d: T.Buffer((n8, kb, LANES), "float32"), c: T.Buffer((n8, kb, LANES), "float32"),
+              d: T.Buffer((n8, kb, LANES), "float16"), c: T.Buffer((n8, kb, LANES), "float16"),
               y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         for t in T.parallel(tasks):
@@ -155,7 +156,8 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
                                     * x[0, 0, b * BLOCK + kw * per + p]
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
-                        tot[g, l] = tot[g, l] + acc[g, l] * d[t * g_n + g, b, l] + c[t * g_n + g, b, l] * s[0]
+                        tot[g, l] = tot[g, l] + acc[g, l] * T.Cast("float32", d[t * g_n + g, b, l]) \
+                            + T.Cast("float32", c[t * g_n + g, b, l]) * s[0]
             for g in T.unroll(g_n):
                 for l in T.vectorized(LANES):
                     y[0, 0, (t * g_n + g) * LANES + l] = tot[g, l]
@@ -178,7 +180,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
 
     @T.prim_func(private=True)
     def qgemm(var_x: T.handle, w: T.Buffer((n8, d_in // per, LANES), "uint32"),
-              d: T.Buffer((n8, kb, LANES), "float32"), c: T.Buffer((n8, kb, LANES), "float32"), var_y: T.handle):
+              d: T.Buffer((n8, kb, LANES), "float16"), c: T.Buffer((n8, kb, LANES), "float16"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(var_x, (T.int64(1), n, T.int64(d_in)), "float32")
@@ -211,7 +213,8 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
                     for g in T.unroll(g_n):
                         for l in T.vectorized(LANES):
                             y[0, i, (t * g_n + g) * LANES + l] = y[0, i, (t * g_n + g) * LANES + l] \
-                                + acc[g, l] * d[t * g_n + g, b, l] + c[t * g_n + g, b, l] * s[0]
+                                + acc[g, l] * T.Cast("float32", d[t * g_n + g, b, l]) \
+                            + T.Cast("float32", c[t * g_n + g, b, l]) * s[0]
 
     return qgemm
 
@@ -224,7 +227,7 @@ def embed_kernel(vocab: int, hidden: int, bits: int):
 
     @T.prim_func(private=True)
     def qembed(var_ids: T.handle, w: T.Buffer((n8, hidden // per, LANES), "uint32"),
-               d: T.Buffer((n8, kb, LANES), "float32"), c: T.Buffer((n8, kb, LANES), "float32"), var_out: T.handle):
+               d: T.Buffer((n8, kb, LANES), "float16"), c: T.Buffer((n8, kb, LANES), "float16"), var_out: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         ids = T.match_buffer(var_ids, (n,), "int32")
@@ -232,9 +235,9 @@ def embed_kernel(vocab: int, hidden: int, bits: int):
         for i, k in T.grid(n, T.int64(hidden)):
             row = T.Cast("int64", ids[i])
             word = w[row // LANES, k // per, row % LANES]
-            up = T.Cast("uint32", T.int64(32 - bits) - (k % per) * bits)
-            v = T.shift_right(T.reinterpret("int32", T.shift_left(word, up)), T.int32(32 - bits))
-            out[0, i, k] = T.Cast("float32", v) * d[row // LANES, k // BLOCK, row % LANES] \
-                + c[row // LANES, k // BLOCK, row % LANES]
+            field = T.bitwise_and(T.shift_right(word, T.Cast("uint32", (k % per) * bits)), T.uint32((1 << bits) - 1))
+            out[0, i, k] = T.Cast("float32", T.reinterpret("int32", field)) \
+                * T.Cast("float32", d[row // LANES, k // BLOCK, row % LANES]) \
+                + T.Cast("float32", c[row // LANES, k // BLOCK, row % LANES])
 
     return qembed

@@ -10,7 +10,7 @@ Bundle files:
     decoder.so   (cpu-tvm) Relax VM executable, a shared library for the host (x86_64 or aarch64)
     decoder.tar  (arm64)   the same as object files for the app's own link step (no cross linker needed);
                            plus decoder.so when ``aarch64-linux-gnu-gcc`` is installed
-    params.bin   every weight as raw little-endian float32 (or, for block-quantized weights, uint32 words),
+    params.bin   every weight as raw little-endian float32 (block-quantized: uint32 words, float16 scales),
                  C order, at the 64-byte-aligned offsets the manifest lists (``graphs.decoder.params``: name,
                  shape, dtype, offset, bytes) in call order
 
@@ -204,7 +204,8 @@ class TvmTarget(Target):
             "caches": "tuple of 2 * num_layers float32 (1, kv_heads, capacity, head_dim): key.0, value.0, key.1, ...; "
                       "written in place at [total - n, total), attention over [0, total)",
             "params_file": "params.bin",
-            "params_layout": "raw little-endian float32 (dtype uint32: block-quantized words), C order, 64-byte-"
+            "params_layout": "raw little-endian, C order, by each entry's dtype (float32; block-quantized: uint32 "
+                             "words, float16 scales/offsets), 64-byte-"
                              "aligned offsets; linear weights (out, in); rope.cos/rope.sin (max_positions, "
                              "head_dim / 2)" + ("; W.words/W.scale/W.offset: see quantization.layout"
                                                 if pending["quantization"] else ""),
@@ -279,8 +280,8 @@ def quantization_entry(quant: str | None, report: dict) -> dict:
     return {
         "scheme": quant,
         "layout": "W (out, in) -> W.words uint32 (out/8, in*bits/32, 8): lane l of word [o8, kw] holds in bits "
-                  "[bits*p, bits*(p+1)) the two's-complement v of W[8*o8+l, (32/bits)*kw+p]; W.scale, W.offset "
-                  "float32 (out/8, in/32, 8): d and c of block (8*o8+l, b); W[n, k] = d*v + c (blocks of 32)",
+                  "[bits*p, bits*(p+1)) the unsigned q of W[8*o8+l, (32/bits)*kw+p]; W.scale, W.offset float16 "
+                  "(out/8, in/32, 8): d and m of block (8*o8+l, b); W[n, k] = d*q + m (blocks of 32 along in)",
         "bits": {name: r["bits"] for name, r in report.items()},
         "kinds": kinds,
         "max_abs_error": max((r["max_abs_error"] for r in report.values()), default=0.0),
