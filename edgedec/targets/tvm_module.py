@@ -73,6 +73,8 @@ def quantized_bits(arch: ArchFacts, max_positions: int, quant: str | None) -> di
 def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None) -> dict[str, tuple[tuple, str]]:
     """{name: (shape, dtype)} of the module's parameters in call order; a quantized weight ``W`` becomes
     ``W.words`` / ``W.scale`` / ``W.offset`` (layout in :mod:`edgedec.targets.tvm_quant`)."""
+    from . import tvm_quant
+
     shapes = param_shapes(arch, max_positions)
     bits = quantized_bits(arch, max_positions, quant)
     out = {}
@@ -80,10 +82,10 @@ def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None) -
         if name not in bits:
             out[name] = (shapes[name], "float32")
             continue
-        (d_out, d_in), per = shapes[name], 32 // bits[name]
-        out[f"{name}.words"] = ((d_out // 8, d_in // per, 8), "uint32")
-        out[f"{name}.scale"] = ((d_out // 8, d_in // 32, 8), "float16")
-        out[f"{name}.offset"] = ((d_out // 8, d_in // 32, 8), "float16")
+        (d_out, d_in), per, group = shapes[name], 32 // bits[name], tvm_quant.GROUP
+        out[f"{name}.words"] = ((d_out // group, d_in // per, group), "uint32")
+        out[f"{name}.scale"] = ((d_out // group, d_in // 32, group), "float16")
+        out[f"{name}.offset"] = ((d_out // group, d_in // 32, group), "float16")
     return out
 
 

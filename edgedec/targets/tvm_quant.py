@@ -6,19 +6,21 @@ in 8 bits. ONNX Runtime's ``MatMulNBits`` has no float zero point on its fast pa
 per-block offset directly and a Q4_0 / Q4_1 / Q8_0 source is re-expressed without loss.
 
 Layout of a (out, in) weight with ``bits`` in {4, 8}, blocks of 32 along ``in`` (``per = 32 // bits``
-values in one uint32 word; ``out % 8 == 0``, ``in % 32 == 0``)::
+values in one uint32 word; ``out % 32 == 0``, ``in % 32 == 0``)::
 
-    words   uint32  (out / 8, in / per, 8)   words[o8, kw, l] holds, in bit field [bits*p, bits*(p+1)),
-                                             the unsigned value q of W[8*o8 + l, per*kw + p]
-    scale   float16 (out / 8, in / 32, 8)    d of block (8*o8 + l, b)
-    offset  float16 (out / 8, in / 32, 8)    m of block (8*o8 + l, b)
+    words   uint32  (out / 32, in / per, 32)  words[o, kw, j] holds, in bit field [bits*p, bits*(p+1)),
+                                              the unsigned value q of W[32*o + j, per*kw + p]
+    scale   float16 (out / 32, in / 32, 32)   d of block (32*o + j, b)
+    offset  float16 (out / 32, in / 32, 32)   m of block (32*o + j, b)
 
     W[n, k] = d * q + m,   q in [0, 2^bits)
 
-Eight consecutive outputs sit in the eight lanes of an AVX2 register, so the GEMV kernel broadcasts one
-input value, extracts eight fields with a shift and a mask and accumulates with one FMA; the block's
-offset is applied once per block through the sum of its 32 inputs (``y += d * sum(q x) + m * sum(x)``).
-Scale and offset are float16, as GGUF stores them: a quarter of the bytes instead of half.
+A kernel task owns 32 consecutive outputs: four AVX2 registers of eight lanes, four independent FMA chains.
+For each input value it broadcasts the value, extracts 32 fields with a shift and a mask and accumulates;
+the block's offset is applied once per block through the sum of its 32 inputs (``y += d * sum(q x) +
+m * sum(x)``). Everything a task reads lies in one sequential run per tensor, in the order it reads it,
+which is what lets the hardware prefetcher stream it (measured: 1.9x faster from memory than eight outputs
+per task, ``(out/8, in/per, 8)``). Scale and offset are float16, as GGUF stores them.
 
 GGUF re-expression: Q4_1 ``d*q + m`` as it is; Q4_0 ``d*(q-8)`` -> ``m = -8d``; Q8_0 ``d*v`` (v signed)
 -> ``q = v + 128``, ``m = -128d``; all exact in float16. Weights on no source grid are rounded to
@@ -34,17 +36,18 @@ import numpy as np
 
 from ..passes import blockwise as bw
 
-BLOCK = 32
-LANES = 8
+BLOCK = 32  # inputs per block (one scale and one offset)
+LANES = 8  # outputs per vector register
+GROUP = 32  # outputs per kernel task: GROUP // LANES independent accumulators
 
 
 @dataclass
 class QuantLinear:
     """One weight in the layout above."""
 
-    words: np.ndarray  # (out/8, in/per, 8) uint32
-    scale: np.ndarray  # (out/8, in/32, 8) float16
-    offset: np.ndarray  # (out/8, in/32, 8) float16
+    words: np.ndarray  # (out/32, in/per, 32) uint32
+    scale: np.ndarray  # (out/32, in/32, 32) float16
+    offset: np.ndarray  # (out/32, in/32, 32) float16
     bits: int
     kind: str  # "Q4_1", "Q8_0", "rtn", ...
 
@@ -55,13 +58,13 @@ class QuantLinear:
 
 def fits(shape: tuple[int, ...]) -> bool:
     """Can an (out, in) weight take this layout?"""
-    return len(shape) == 2 and shape[0] % LANES == 0 and shape[1] % BLOCK == 0
+    return len(shape) == 2 and shape[0] % GROUP == 0 and shape[1] % BLOCK == 0
 
 
 def quantize(w: np.ndarray, bits: int) -> QuantLinear:
     """An (out, in) float weight: its GGUF grid re-expressed when it lies on one, else rounded to nearest."""
     if not fits(w.shape):
-        raise ValueError(f"a {w.shape} weight does not fit blocks of {BLOCK} x {LANES} lanes")
+        raise ValueError(f"a {w.shape} weight does not fit blocks of {BLOCK} inputs x groups of {GROUP} outputs")
     wt = np.ascontiguousarray(w.T, dtype=np.float32)  # blockwise works on (K, N) MatMul weights
     grids = ("Q4_0", "Q4_1") if bits == 4 else ("Q8_0",)
     q = bw.recover_grid(wt, grids) or bw.rtn(wt, bits, BLOCK, symmetric=bits == 8)
@@ -74,16 +77,16 @@ def quantize(w: np.ndarray, bits: int) -> QuantLinear:
         raise ValueError("a block scale or offset is beyond float16's range")
     out, kb = q.scales.shape
     words = pack(q.q.astype(np.int32).reshape(out, kb * BLOCK), bits)
-    lanes = lambda a: np.ascontiguousarray(a.reshape(out // LANES, LANES, kb).transpose(0, 2, 1))  # noqa: E731
+    lanes = lambda a: np.ascontiguousarray(a.reshape(out // GROUP, GROUP, kb).transpose(0, 2, 1))  # noqa: E731
     return QuantLinear(words, lanes(d16), lanes(m16), bits, q.kind)
 
 
 def pack(v: np.ndarray, bits: int) -> np.ndarray:
-    """(out, in) values in [0, 2^bits) -> words (out/8, in/per, 8) uint32."""
+    """(out, in) values in [0, 2^bits) -> words (out/32, in/per, 32) uint32."""
     out, k = v.shape
     per = 32 // bits
-    fields = v.astype(np.uint32).reshape(out // LANES, LANES, k // per, per)  # o8, l, kw, p
-    words = np.zeros((out // LANES, k // per, LANES), np.uint32)
+    fields = v.astype(np.uint32).reshape(out // GROUP, GROUP, k // per, per)  # o, j, kw, p
+    words = np.zeros((out // GROUP, k // per, GROUP), np.uint32)
     for p in range(per):
         words |= fields[:, :, :, p].transpose(0, 2, 1) << np.uint32(bits * p)
     return words
@@ -91,11 +94,11 @@ def pack(v: np.ndarray, bits: int) -> np.ndarray:
 
 def unpack(words: np.ndarray, bits: int) -> np.ndarray:
     """Inverse of :func:`pack`: (out, in) int32."""
-    o8, kw, _ = words.shape
+    groups, kw, _ = words.shape
     per = 32 // bits
     v = np.stack([(words >> np.uint32(bits * p)) & np.uint32((1 << bits) - 1) for p in range(per)], -1)
-    v = v.astype(np.int32)  # o8, kw, l, p
-    return np.ascontiguousarray(v.transpose(0, 2, 1, 3).reshape(o8 * LANES, kw * per))
+    v = v.astype(np.int32)  # o, kw, j, p
+    return np.ascontiguousarray(v.transpose(0, 2, 1, 3).reshape(groups * GROUP, kw * per))
 
 
 def dequantize(words: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
@@ -119,32 +122,35 @@ def _field(T, word, bits: int, p):
 def gemv_kernel(d_in: int, d_out: int, bits: int):
     """Decode: y (1, 1, out) = x (1, 1, in) @ W^T, W in the layout above.
 
-    Parallel over groups of 16 outputs (8 lanes x 2 registers: two independent FMA chains hide the FMA
-    latency); each group walks the input once, block by block.
+    Parallel over groups of 32 outputs (4 registers of 8 lanes: four independent FMA chains hide the FMA
+    latency); each group walks the input once, block by block. The blocks' input sums (for the offsets)
+    are computed once per call, before the tasks split.
     """
     from tvm.script import tirx as T
 
-    per, kb, n8 = 32 // bits, d_in // BLOCK, d_out // LANES
+    per, kb, tasks = 32 // bits, d_in // BLOCK, d_out // GROUP
     words_per_block = BLOCK // per
-    g_n = 2 if n8 % 2 == 0 else 1
-    tasks = n8 // g_n
+    g_n = GROUP // LANES
 
     @T.prim_func(private=True)
-    def qgemv(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((n8, d_in // per, LANES), "uint32"),
-              d: T.Buffer((n8, kb, LANES), "float16"), c: T.Buffer((n8, kb, LANES), "float16"),
+    def qgemv(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
+              d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"),
               y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        sums = T.alloc_buffer((kb,), "float32")  # each block's input sum, once, before the tasks split
+        part = T.alloc_buffer((LANES,), "float32")
+        for b in range(kb):
+            for l in T.vectorized(LANES):
+                part[l] = x[0, 0, b * BLOCK + l] + x[0, 0, b * BLOCK + LANES + l] \
+                    + x[0, 0, b * BLOCK + 2 * LANES + l] + x[0, 0, b * BLOCK + 3 * LANES + l]
+            sums[b] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7]
         for t in T.parallel(tasks):
             tot = T.decl_buffer((g_n, LANES), "float32", scope="local")
             acc = T.decl_buffer((g_n, LANES), "float32", scope="local")
-            s = T.decl_buffer((1,), "float32", scope="local")
             for g in T.unroll(g_n):
                 for l in T.vectorized(LANES):
                     tot[g, l] = T.float32(0)
             for b in range(kb):
-                s[0] = T.float32(0)
-                for j in range(BLOCK):
-                    s[0] = s[0] + x[0, 0, b * BLOCK + j]
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
                         acc[g, l] = T.float32(0)
@@ -152,15 +158,15 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
                     for p in T.unroll(per):
                         for g in T.unroll(g_n):
                             for l in T.vectorized(LANES):
-                                acc[g, l] = acc[g, l] + _field(T, w[t * g_n + g, b * words_per_block + kw, l], bits, p) \
+                                acc[g, l] = acc[g, l] + _field(T, w[t, b * words_per_block + kw, g * LANES + l], bits, p) \
                                     * x[0, 0, b * BLOCK + kw * per + p]
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
-                        tot[g, l] = tot[g, l] + acc[g, l] * T.Cast("float32", d[t * g_n + g, b, l]) \
-                            + T.Cast("float32", c[t * g_n + g, b, l]) * s[0]
+                        tot[g, l] = tot[g, l] + acc[g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
+                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[b]
             for g in T.unroll(g_n):
                 for l in T.vectorized(LANES):
-                    y[0, 0, (t * g_n + g) * LANES + l] = tot[g, l]
+                    y[0, 0, t * GROUP + g * LANES + l] = tot[g, l]
 
     return qgemv
 
@@ -168,19 +174,18 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
 def gemm_kernel(d_in: int, d_out: int, bits: int):
     """Prefill / verification: y (1, n, out) = x (1, n, in) @ W^T for any n.
 
-    Each task unpacks a block of its 16 outputs' weights once into a small float buffer, then runs every
+    Each task unpacks a block of its 32 outputs' weights once into a small float buffer, then runs every
     row over it, so the unpacking is shared by the rows.
     """
     from tvm.script import tirx as T
 
-    per, kb, n8 = 32 // bits, d_in // BLOCK, d_out // LANES
+    per, kb, tasks = 32 // bits, d_in // BLOCK, d_out // GROUP
     words_per_block = BLOCK // per
-    g_n = 2 if n8 % 2 == 0 else 1
-    tasks = n8 // g_n
+    g_n = GROUP // LANES
 
     @T.prim_func(private=True)
-    def qgemm(var_x: T.handle, w: T.Buffer((n8, d_in // per, LANES), "uint32"),
-              d: T.Buffer((n8, kb, LANES), "float16"), c: T.Buffer((n8, kb, LANES), "float16"), var_y: T.handle):
+    def qgemm(var_x: T.handle, w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
+              d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(var_x, (T.int64(1), n, T.int64(d_in)), "float32")
@@ -192,13 +197,13 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
             for i in range(n):
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
-                        y[0, i, (t * g_n + g) * LANES + l] = T.float32(0)
+                        y[0, i, t * GROUP + g * LANES + l] = T.float32(0)
             for b in range(kb):
                 for kw in T.unroll(words_per_block):
                     for p in T.unroll(per):
                         for g in T.unroll(g_n):
                             for l in T.vectorized(LANES):
-                                wf[kw * per + p, g, l] = _field(T, w[t * g_n + g, b * words_per_block + kw, l], bits, p)
+                                wf[kw * per + p, g, l] = _field(T, w[t, b * words_per_block + kw, g * LANES + l], bits, p)
                 for i in range(n):
                     s[0] = T.float32(0)
                     for j in range(BLOCK):
@@ -212,9 +217,9 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
                                 acc[g, l] = acc[g, l] + wf[j, g, l] * x[0, i, b * BLOCK + j]
                     for g in T.unroll(g_n):
                         for l in T.vectorized(LANES):
-                            y[0, i, (t * g_n + g) * LANES + l] = y[0, i, (t * g_n + g) * LANES + l] \
-                                + acc[g, l] * T.Cast("float32", d[t * g_n + g, b, l]) \
-                            + T.Cast("float32", c[t * g_n + g, b, l]) * s[0]
+                            y[0, i, t * GROUP + g * LANES + l] = y[0, i, t * GROUP + g * LANES + l] \
+                                + acc[g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
+                            + T.Cast("float32", c[t, b, g * LANES + l]) * s[0]
 
     return qgemm
 
@@ -223,21 +228,22 @@ def embed_kernel(vocab: int, hidden: int, bits: int):
     """out (1, n, hidden) = the dequantized rows ``ids`` (n,) of a (vocab, hidden) table in the layout above."""
     from tvm.script import tirx as T
 
-    per, kb, n8 = 32 // bits, hidden // BLOCK, vocab // LANES
+    per, kb, groups = 32 // bits, hidden // BLOCK, vocab // GROUP
 
     @T.prim_func(private=True)
-    def qembed(var_ids: T.handle, w: T.Buffer((n8, hidden // per, LANES), "uint32"),
-               d: T.Buffer((n8, kb, LANES), "float16"), c: T.Buffer((n8, kb, LANES), "float16"), var_out: T.handle):
+    def qembed(var_ids: T.handle, w: T.Buffer((groups, hidden // per, GROUP), "uint32"),
+               d: T.Buffer((groups, kb, GROUP), "float16"), c: T.Buffer((groups, kb, GROUP), "float16"),
+               var_out: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         ids = T.match_buffer(var_ids, (n,), "int32")
         out = T.match_buffer(var_out, (T.int64(1), n, T.int64(hidden)), "float32")
         for i, k in T.grid(n, T.int64(hidden)):
             row = T.Cast("int64", ids[i])
-            word = w[row // LANES, k // per, row % LANES]
+            word = w[row // GROUP, k // per, row % GROUP]
             field = T.bitwise_and(T.shift_right(word, T.Cast("uint32", (k % per) * bits)), T.uint32((1 << bits) - 1))
             out[0, i, k] = T.Cast("float32", T.reinterpret("int32", field)) \
-                * T.Cast("float32", d[row // LANES, k // BLOCK, row % LANES]) \
-                + T.Cast("float32", c[row // LANES, k // BLOCK, row % LANES])
+                * T.Cast("float32", d[row // GROUP, k // BLOCK, row % GROUP]) \
+                + T.Cast("float32", c[row // GROUP, k // BLOCK, row % GROUP])
 
     return qembed

@@ -279,9 +279,9 @@ def quantization_entry(quant: str | None, report: dict) -> dict:
         k["max_abs_error"] = max(k["max_abs_error"], r["max_abs_error"])
     return {
         "scheme": quant,
-        "layout": "W (out, in) -> W.words uint32 (out/8, in*bits/32, 8): lane l of word [o8, kw] holds in bits "
-                  "[bits*p, bits*(p+1)) the unsigned q of W[8*o8+l, (32/bits)*kw+p]; W.scale, W.offset float16 "
-                  "(out/8, in/32, 8): d and m of block (8*o8+l, b); W[n, k] = d*q + m (blocks of 32 along in)",
+        "layout": "W (out, in) -> W.words uint32 (out/32, in*bits/32, 32): word [o, kw, j] holds in bits "
+                  "[bits*p, bits*(p+1)) the unsigned q of W[32*o+j, (32/bits)*kw+p]; W.scale, W.offset float16 "
+                  "(out/32, in/32, 32): d and m of block (32*o+j, b); W[n, k] = d*q + m (blocks of 32 along in)",
         "bits": {name: r["bits"] for name, r in report.items()},
         "kinds": kinds,
         "max_abs_error": max((r["max_abs_error"] for r in report.values()), default=0.0),

@@ -320,7 +320,7 @@ def test_gguf_grids_are_re_expressed_without_loss(fmt, bits):
     from edgedec.targets import tvm_quant
 
     rng = np.random.default_rng(1)
-    out, k = 48, 96
+    out, k = 64, 96
     d = (rng.random((out, k // 32)) * 0.02 + 1e-3).astype(np.float16).astype(np.float32)
     if fmt == "Q4_1":
         m = (-rng.random((out, k // 32)) * 0.1).astype(np.float16).astype(np.float32)
@@ -348,11 +348,11 @@ def test_pack_round_trip_and_bad_shapes():
 
     rng = np.random.default_rng(2)
     for bits in (4, 8):
-        v = rng.integers(0, 1 << bits, (16, 64)).astype(np.int32)
+        v = rng.integers(0, 1 << bits, (64, 64)).astype(np.int32)
         np.testing.assert_array_equal(tvm_quant.unpack(tvm_quant.pack(v, bits), bits), v)
-    assert not tvm_quant.fits((12, 64)) and not tvm_quant.fits((16, 48)) and tvm_quant.fits((16, 64))
+    assert not tvm_quant.fits((16, 64)) and not tvm_quant.fits((32, 48)) and tvm_quant.fits((32, 64))
     with pytest.raises(ValueError, match="does not fit"):
-        tvm_quant.quantize(np.zeros((12, 64), np.float32), 4)
+        tvm_quant.quantize(np.zeros((16, 64), np.float32), 4)
 
 
 def test_int4_options_are_refused_in_one_line(tiny_llama_dir, tmp_path, cli, one_line_error):
