@@ -39,6 +39,7 @@ from ..passes import blockwise as bw
 BLOCK = 32  # inputs per block (one scale and one offset)
 LANES = 8  # outputs per vector register
 GROUP = 32  # outputs per kernel task: GROUP // LANES independent accumulators
+DIRECT_ROWS = 4  # up to this many rows, the multi-row kernel unpacks per row pair instead of once per block
 
 
 @dataclass
@@ -174,8 +175,11 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
 def gemm_kernel(d_in: int, d_out: int, bits: int):
     """Prefill / verification: y (1, n, out) = x (1, n, in) @ W^T for any n.
 
-    Each task unpacks a block of its 32 outputs' weights once into a small float buffer, then runs every
-    row over it, so the unpacking is shared by the rows.
+    Each task unpacks a block of its 32 outputs' weights once into a small float buffer and runs the rows
+    over it two at a time (eight accumulators), so the unpacking is shared by all rows and each weight
+    load by two; up to ``DIRECT_ROWS`` rows (a verification) it unpacks per row pair straight into
+    registers instead, which is cheaper than the buffer's stores and loads there. Per row, the arithmetic is the decode kernel's, in the same order (block sums included),
+    so a row gives the same bits whichever kernel computes it.
     """
     from tvm.script import tirx as T
 
@@ -190,36 +194,69 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
         n = T.int64()
         x = T.match_buffer(var_x, (T.int64(1), n, T.int64(d_in)), "float32")
         y = T.match_buffer(var_y, (T.int64(1), n, T.int64(d_out)), "float32")
+        sums = T.alloc_buffer((n, kb), "float32")
+        part = T.alloc_buffer((LANES,), "float32")
+        for i, b in T.grid(n, kb):
+            for l in T.vectorized(LANES):
+                part[l] = x[0, i, b * BLOCK + l] + x[0, i, b * BLOCK + LANES + l] \
+                    + x[0, i, b * BLOCK + 2 * LANES + l] + x[0, i, b * BLOCK + 3 * LANES + l]
+            sums[i, b] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7]
         for t in T.parallel(tasks):
             wf = T.decl_buffer((BLOCK, g_n, LANES), "float32", scope="local")
-            acc = T.decl_buffer((g_n, LANES), "float32", scope="local")
-            s = T.decl_buffer((1,), "float32", scope="local")
+            acc = T.decl_buffer((2, g_n, LANES), "float32", scope="local")
+            wv = T.decl_buffer((g_n, LANES), "float32", scope="local")
             for i in range(n):
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
                         y[0, i, t * GROUP + g * LANES + l] = T.float32(0)
             for b in range(kb):
+                if n <= DIRECT_ROWS:  # few rows (verification): unpack per row pair, straight into registers
+                    for ip in range((n + 1) // 2):
+                        for r in T.unroll(2):
+                            for g in T.unroll(g_n):
+                                for l in T.vectorized(LANES):
+                                    acc[r, g, l] = T.float32(0)
+                        for kw in T.unroll(words_per_block):
+                            for p in T.unroll(per):
+                                for g in T.unroll(g_n):
+                                    for l in T.vectorized(LANES):
+                                        wv[g, l] = _field(T, w[t, b * words_per_block + kw, g * LANES + l], bits, p)
+                                for r in T.unroll(2):
+                                    for g in T.unroll(g_n):
+                                        for l in T.vectorized(LANES):
+                                            acc[r, g, l] = acc[r, g, l] + wv[g, l] \
+                                                * x[0, T.min(2 * ip + r, n - 1), b * BLOCK + kw * per + p]
+                        for r in T.unroll(2):
+                            if 2 * ip + r < n:
+                                for g in T.unroll(g_n):
+                                    for l in T.vectorized(LANES):
+                                        y[0, 2 * ip + r, t * GROUP + g * LANES + l] = \
+                                            y[0, 2 * ip + r, t * GROUP + g * LANES + l] \
+                                            + acc[r, g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
+                                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[2 * ip + r, b]
+                    continue
                 for kw in T.unroll(words_per_block):
                     for p in T.unroll(per):
                         for g in T.unroll(g_n):
                             for l in T.vectorized(LANES):
                                 wf[kw * per + p, g, l] = _field(T, w[t, b * words_per_block + kw, g * LANES + l], bits, p)
-                for i in range(n):
-                    s[0] = T.float32(0)
-                    for j in range(BLOCK):
-                        s[0] = s[0] + x[0, i, b * BLOCK + j]
-                    for g in T.unroll(g_n):
-                        for l in T.vectorized(LANES):
-                            acc[g, l] = T.float32(0)
-                    for j in T.unroll(BLOCK):
+                for ip in range((n + 1) // 2):
+                    for r in T.unroll(2):
                         for g in T.unroll(g_n):
                             for l in T.vectorized(LANES):
-                                acc[g, l] = acc[g, l] + wf[j, g, l] * x[0, i, b * BLOCK + j]
-                    for g in T.unroll(g_n):
-                        for l in T.vectorized(LANES):
-                            y[0, i, t * GROUP + g * LANES + l] = y[0, i, t * GROUP + g * LANES + l] \
-                                + acc[g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
-                            + T.Cast("float32", c[t, b, g * LANES + l]) * s[0]
+                                acc[r, g, l] = T.float32(0)
+                    for j in T.unroll(BLOCK):
+                        for r in T.unroll(2):
+                            for g in T.unroll(g_n):
+                                for l in T.vectorized(LANES):
+                                    acc[r, g, l] = acc[r, g, l] + wf[j, g, l] * x[0, T.min(2 * ip + r, n - 1), b * BLOCK + j]
+                    for r in T.unroll(2):
+                        if 2 * ip + r < n:
+                            for g in T.unroll(g_n):
+                                for l in T.vectorized(LANES):
+                                    y[0, 2 * ip + r, t * GROUP + g * LANES + l] = y[0, 2 * ip + r, t * GROUP + g * LANES + l] \
+                                        + acc[r, g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
+                                        + T.Cast("float32", c[t, b, g * LANES + l]) * sums[2 * ip + r, b]
 
     return qgemm
 
