@@ -360,3 +360,31 @@ def test_int4_options_are_refused_in_one_line(tiny_llama_dir, tmp_path, cli, one
     result = cli("compile", tiny_llama_dir, "-o", out, "--target", "cpu-tvm", "--pass", "int4:block_size=64")
     one_line_error(result, "target cpu-tvm takes int4 without options .+")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_multi_row_kernel_gives_the_decode_kernels_bits(bits):
+    """Prefill / verification rows (both multi-row paths: few rows, many rows) equal the one-row decode
+    kernel bit for bit, which is what keeps speculation lossless without two-row plain steps; and both
+    equal numpy on the dequantized weights."""
+    import tvm
+
+    from edgedec.targets import tvm_quant
+    from edgedec.targets.tvm_target import host_llvm_target
+
+    target = tvm.target.Target(host_llvm_target(2))
+    rng = np.random.default_rng(3)
+    k, n_out = 96, 64
+    q = tvm_quant.quantize(rng.standard_normal((n_out, k)).astype(np.float32), bits)
+    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
+    one, many = build(tvm_quant.gemv_kernel(k, n_out, bits)), build(tvm_quant.gemm_kernel(k, n_out, bits))
+    w = [tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)]
+    for rows in (1, 2, 3, tvm_quant.DIRECT_ROWS + 1, 8):
+        x = rng.standard_normal((1, rows, k)).astype(np.float32)
+        y = tvm.runtime.tensor(np.zeros((1, rows, n_out), np.float32))
+        many(tvm.runtime.tensor(x), *w, y)
+        for i in range(rows):
+            yi = tvm.runtime.tensor(np.zeros((1, 1, n_out), np.float32))
+            one(tvm.runtime.tensor(x[:, i:i + 1]), *w, yi)
+            np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
+        np.testing.assert_allclose(y.numpy()[0], x[0] @ q.dequantize().T, atol=1e-4, rtol=0)
