@@ -187,6 +187,23 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
     words_per_block = BLOCK // per
     g_n = GROUP // LANES
 
+    @T.macro(hygienic=False)
+    def zero_pair():
+        for r in T.unroll(2):
+            for g in T.unroll(g_n):
+                for l in T.vectorized(LANES):
+                    acc[r, g, l] = T.float32(0)
+
+    @T.macro(hygienic=False)
+    def add_pair():  # y[row] += acc * d + m * (the row's block sum), for the pair's rows that exist
+        for r in T.unroll(2):
+            if 2 * ip + r < n:
+                for g in T.unroll(g_n):
+                    for l in T.vectorized(LANES):
+                        y[0, 2 * ip + r, t * GROUP + g * LANES + l] = y[0, 2 * ip + r, t * GROUP + g * LANES + l] \
+                            + acc[r, g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
+                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[2 * ip + r, b]
+
     @T.prim_func(private=True)
     def qgemm(var_x: T.handle, w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
               d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"), var_y: T.handle):
@@ -212,10 +229,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
             for b in range(kb):
                 if n <= DIRECT_ROWS:  # few rows (verification): unpack per row pair, straight into registers
                     for ip in range((n + 1) // 2):
-                        for r in T.unroll(2):
-                            for g in T.unroll(g_n):
-                                for l in T.vectorized(LANES):
-                                    acc[r, g, l] = T.float32(0)
+                        zero_pair()
                         for kw in T.unroll(words_per_block):
                             for p in T.unroll(per):
                                 for g in T.unroll(g_n):
@@ -226,14 +240,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
                                         for l in T.vectorized(LANES):
                                             acc[r, g, l] = acc[r, g, l] + wv[g, l] \
                                                 * x[0, T.min(2 * ip + r, n - 1), b * BLOCK + kw * per + p]
-                        for r in T.unroll(2):
-                            if 2 * ip + r < n:
-                                for g in T.unroll(g_n):
-                                    for l in T.vectorized(LANES):
-                                        y[0, 2 * ip + r, t * GROUP + g * LANES + l] = \
-                                            y[0, 2 * ip + r, t * GROUP + g * LANES + l] \
-                                            + acc[r, g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
-                                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[2 * ip + r, b]
+                        add_pair()
                     continue
                 for kw in T.unroll(words_per_block):
                     for p in T.unroll(per):
@@ -241,22 +248,13 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
                             for l in T.vectorized(LANES):
                                 wf[kw * per + p, g, l] = _field(T, w[t, b * words_per_block + kw, g * LANES + l], bits, p)
                 for ip in range((n + 1) // 2):
-                    for r in T.unroll(2):
-                        for g in T.unroll(g_n):
-                            for l in T.vectorized(LANES):
-                                acc[r, g, l] = T.float32(0)
+                    zero_pair()
                     for j in T.unroll(BLOCK):
                         for r in T.unroll(2):
                             for g in T.unroll(g_n):
                                 for l in T.vectorized(LANES):
                                     acc[r, g, l] = acc[r, g, l] + wf[j, g, l] * x[0, T.min(2 * ip + r, n - 1), b * BLOCK + j]
-                    for r in T.unroll(2):
-                        if 2 * ip + r < n:
-                            for g in T.unroll(g_n):
-                                for l in T.vectorized(LANES):
-                                    y[0, 2 * ip + r, t * GROUP + g * LANES + l] = y[0, 2 * ip + r, t * GROUP + g * LANES + l] \
-                                        + acc[r, g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
-                                        + T.Cast("float32", c[t, b, g * LANES + l]) * sums[2 * ip + r, b]
+                    add_pair()
 
     return qgemm
 

@@ -27,8 +27,8 @@ EM_AARCH64 = 183
 EM_X86_64 = 62
 
 
-def _tvm_bundle(model_dir: Path, out: Path, target: str = "cpu-tvm") -> Path:
-    compile_model(str(model_dir), out, CompileOptions(target=target, max_context=128))
+def _tvm_bundle(model_dir: Path, out: Path, target: str = "cpu-tvm", passes: tuple = ()) -> Path:
+    compile_model(str(model_dir), out, CompileOptions(target=target, max_context=128, passes=passes))
     return out
 
 
@@ -208,19 +208,17 @@ def test_library_for_a_cpu_with_other_extensions_is_refused(tvm_llama, tmp_path)
 # ---------------------------------------------------------------------------------------------------
 # -q int4 on the TVM targets
 # ---------------------------------------------------------------------------------------------------
-def _int4_bundle(model_dir: Path, out: Path) -> Path:
-    compile_model(str(model_dir), out, CompileOptions(target="cpu-tvm", max_context=128, passes=(("int4", ()),)))
-    return out
+INT4 = (("int4", ()),)
 
 
 @pytest.fixture(scope="session")
 def tvm_int4_llama(tiny_llama_dir, tmp_path_factory) -> Path:
-    return _int4_bundle(tiny_llama_dir, tmp_path_factory.mktemp("tvm") / "tiny-llama-tvm-int4")
+    return _tvm_bundle(tiny_llama_dir, tmp_path_factory.mktemp("tvm") / "tiny-llama-tvm-int4", passes=INT4)
 
 
 @pytest.fixture(scope="session")
 def tvm_int4_qwen2(tiny_qwen2_dir, tmp_path_factory) -> Path:
-    return _int4_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("tvm") / "tiny-qwen2-tvm-int4")
+    return _tvm_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("tvm") / "tiny-qwen2-tvm-int4", passes=INT4)
 
 
 @pytest.fixture(params=["llama", "qwen2"])
