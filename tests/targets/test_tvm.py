@@ -178,12 +178,14 @@ def test_targets_list_shows_tvm_targets(cli):
         assert name in r.stdout
 
 
-def test_tvm_runtime_stays_torch_free(tvm_llama):
+@pytest.mark.parametrize("which", ["tvm_llama", "tvm_int4_llama"])
+def test_tvm_runtime_stays_torch_free(which, request):
+    bundle = request.getfixturevalue(which)
     code = ("import sys; from edgedec.runtime import Engine; e = Engine.load(sys.argv[1], threads=1); "
             "e.generate_text('def f(x):', max_new_tokens=4); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code, str(tvm_llama)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code, str(bundle)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().endswith("ok")
 
@@ -301,15 +303,6 @@ def test_int4_manifest_params_and_size(tvm_int4_llama, tvm_llama):
     assert v.shape == (128, 64) and v.min() >= 0 and v.max() <= 15 and len(np.unique(v)) > 8
     size = lambda b: (b / "params.bin").stat().st_size  # noqa: E731
     assert size(tvm_int4_llama) < 0.45 * size(tvm_llama)
-
-
-def test_int4_runtime_stays_torch_free(tvm_int4_llama):
-    code = ("import sys; from edgedec.runtime import Engine; e = Engine.load(sys.argv[1], threads=1); "
-            "e.generate_text('def f(x):', max_new_tokens=4); "
-            "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
-            "assert not bad, bad; print('ok')")
-    r = subprocess.run([sys.executable, "-c", code, str(tvm_int4_llama)], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
 
 
 @pytest.mark.parametrize("fmt, bits", [("Q4_1", 4), ("Q4_0", 4), ("Q8_0", 8)])
