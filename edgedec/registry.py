@@ -33,16 +33,17 @@ TARGETS: dict[str, dict] = {
         "module": "edgedec.targets.cpu_tvm",
         "backend": "tvm",
         "description": "Apache TVM (Relax) library for this machine's CPU, built from the source weights "
-                       "(float32); in-place KV cache; runs on the TVM runtime",
-        "passes": [],  # takes none: the ONNX passes target ONNX Runtime
+                       "(float32, or -q int4: its own 4-bit kernels, lossless on GGUF sources); in-place KV "
+                       "cache; runs on the TVM runtime",
+        "passes": ["int4"],  # its own weight quantization; the ONNX passes target ONNX Runtime
         "requires": ["apache-tvm"],
     },
     "arm64": {
         "module": "edgedec.targets.arm64",
         "backend": "tvm",
-        "description": "Apache TVM (Relax) cross-compiled for aarch64 Linux/Android (NEON, float32): "
-                       "decoder.tar of objects, plus decoder.so with aarch64-linux-gnu-gcc",
-        "passes": [],
+        "description": "Apache TVM (Relax) cross-compiled for aarch64 Linux/Android (NEON; float32 or "
+                       "-q int4): decoder.tar of objects, plus decoder.so with aarch64-linux-gnu-gcc",
+        "passes": ["int4"],
         "requires": ["apache-tvm"],
     },
 }
@@ -78,8 +79,9 @@ PASSES: dict[str, dict] = {
     },
     "int4": {
         "impl": "edgedec.passes.int4:Int4Pass",
-        "description": "block-wise 4-bit weights (MatMulNBits); exact re-expression of GGUF Q4_0/Q4_1/Q8_0 sources",
-        "targets": ["cpu"],
+        "description": "block-wise 4-bit weights; exact re-expression of GGUF Q4_0/Q4_1/Q8_0 sources. cpu: "
+                       "MatMulNBits, with the options below; cpu-tvm/arm64: the target's own kernels (no options)",
+        "targets": ["cpu", "cpu-tvm", "arm64"],
         "requires": ["onnxruntime"],
     },
     "int8": {
