@@ -107,7 +107,7 @@ class TvmTarget(Target):
     def take_passes(self, specs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
         """``int4`` (``-q int4``) is this target's own block quantization; every other pass stays for
         :meth:`check_passes` to refuse."""
-        rest = []
+        self.quant, rest = None, []  # the target object is shared: every compile states its own quantization
         for name, opts in specs:
             if name != "int4":
                 rest.append((name, opts))

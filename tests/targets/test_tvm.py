@@ -379,3 +379,13 @@ def test_multi_row_kernel_gives_the_decode_kernels_bits(bits):
             one(tvm.runtime.tensor(x[:, i:i + 1]), *w, yi)
             np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
         np.testing.assert_allclose(y.numpy()[0], x[0] @ q.dequantize().T, atol=1e-4, rtol=0)
+
+
+def test_a_float32_compile_after_an_int4_one_is_float32(tiny_llama_dir, tmp_path):
+    """The target object is shared by the compiles of a process: -q int4 must not stick to the next one."""
+    int4 = compile_model(str(tiny_llama_dir), tmp_path / "a", CompileOptions(target="cpu-tvm", max_context=32,
+                                                                             passes=INT4))
+    plain = compile_model(str(tiny_llama_dir), tmp_path / "b", CompileOptions(target="cpu-tvm", max_context=32))
+    assert int4["graphs"]["decoder"]["quantization"]["scheme"] == "int4"
+    assert "quantization" not in plain["graphs"]["decoder"]
+    assert {p["dtype"] for p in plain["graphs"]["decoder"]["params"]} == {"float32"}
