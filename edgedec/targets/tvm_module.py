@@ -26,6 +26,7 @@ import math
 
 import numpy as np
 
+from ..errors import ModelError
 from ..models.arch import ArchFacts
 
 
@@ -100,7 +101,10 @@ def quantize_weights(weights: dict[str, np.ndarray], bits: dict[str, int]):
         if name not in bits:
             params[name] = w
             continue
-        q = tvm_quant.quantize(w, bits[name])
+        try:
+            q = tvm_quant.quantize(w, bits[name])
+        except ValueError as exc:  # e.g. a block scale beyond float16's range
+            raise ModelError(f"cannot quantize {name} to {bits[name]} bits: {exc}") from exc
         params.update({f"{name}.words": q.words, f"{name}.scale": q.scale, f"{name}.offset": q.offset})
         reference[name] = q.dequantize()
         report[name] = {"bits": bits[name], "kind": q.kind,
