@@ -120,6 +120,22 @@ def _field(T, word, bits: int, p):
     return T.Cast("float32", T.reinterpret("int32", field))
 
 
+def _block_sums(T):
+    """A TVMScript macro, ``block_sums(rows)``: ``sums[i, b]`` = the sum of ``x[0, i, 32b : 32b + 32]``, as
+    eight lane sums added in one fixed order. Both kernels use it (with their own ``x``, ``sums``, ``part``
+    and ``kb``), so a row's offset term has the same bits in either."""
+
+    @T.macro(hygienic=False)
+    def block_sums(rows):
+        for i, b in T.grid(rows, kb):
+            for l in T.vectorized(LANES):
+                part[l] = x[0, i, b * BLOCK + l] + x[0, i, b * BLOCK + LANES + l] \
+                    + x[0, i, b * BLOCK + 2 * LANES + l] + x[0, i, b * BLOCK + 3 * LANES + l]
+            sums[i, b] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7]
+
+    return block_sums
+
+
 def gemv_kernel(d_in: int, d_out: int, bits: int):
     """Decode: y (1, 1, out) = x (1, 1, in) @ W^T, W in the layout above.
 
@@ -132,19 +148,16 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
     per, kb, tasks = 32 // bits, d_in // BLOCK, d_out // GROUP
     words_per_block = BLOCK // per
     g_n = GROUP // LANES
+    block_sums = _block_sums(T)
 
     @T.prim_func(private=True)
     def qgemv(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
               d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"),
               y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
-        sums = T.alloc_buffer((kb,), "float32")  # each block's input sum, once, before the tasks split
+        sums = T.alloc_buffer((1, kb), "float32")  # each block's input sum, once, before the tasks split
         part = T.alloc_buffer((LANES,), "float32")
-        for b in range(kb):
-            for l in T.vectorized(LANES):
-                part[l] = x[0, 0, b * BLOCK + l] + x[0, 0, b * BLOCK + LANES + l] \
-                    + x[0, 0, b * BLOCK + 2 * LANES + l] + x[0, 0, b * BLOCK + 3 * LANES + l]
-            sums[b] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7]
+        block_sums(1)
         for t in T.parallel(tasks):
             tot = T.decl_buffer((g_n, LANES), "float32", scope="local")
             acc = T.decl_buffer((g_n, LANES), "float32", scope="local")
@@ -164,7 +177,7 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
                         tot[g, l] = tot[g, l] + acc[g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
-                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[b]
+                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[0, b]
             for g in T.unroll(g_n):
                 for l in T.vectorized(LANES):
                     y[0, 0, t * GROUP + g * LANES + l] = tot[g, l]
@@ -178,14 +191,16 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
     Each task unpacks a block of its 32 outputs' weights once into a small float buffer and runs the rows
     over it two at a time (eight accumulators), so the unpacking is shared by all rows and each weight
     load by two; up to ``DIRECT_ROWS`` rows (a verification) it unpacks per row pair straight into
-    registers instead, which is cheaper than the buffer's stores and loads there. Per row, the arithmetic is the decode kernel's, in the same order (block sums included),
-    so a row gives the same bits whichever kernel computes it.
+    registers instead, which is cheaper than the buffer's stores and loads there. Per row, the arithmetic
+    is the decode kernel's, in the same order (block sums included), so a row gives the same bits
+    whichever kernel computes it.
     """
     from tvm.script import tirx as T
 
     per, kb, tasks = 32 // bits, d_in // BLOCK, d_out // GROUP
     words_per_block = BLOCK // per
     g_n = GROUP // LANES
+    block_sums = _block_sums(T)
 
     @T.macro(hygienic=False)
     def zero_pair():
@@ -213,11 +228,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
         y = T.match_buffer(var_y, (T.int64(1), n, T.int64(d_out)), "float32")
         sums = T.alloc_buffer((n, kb), "float32")
         part = T.alloc_buffer((LANES,), "float32")
-        for i, b in T.grid(n, kb):
-            for l in T.vectorized(LANES):
-                part[l] = x[0, i, b * BLOCK + l] + x[0, i, b * BLOCK + LANES + l] \
-                    + x[0, i, b * BLOCK + 2 * LANES + l] + x[0, i, b * BLOCK + 3 * LANES + l]
-            sums[i, b] = part[0] + part[1] + part[2] + part[3] + part[4] + part[5] + part[6] + part[7]
+        block_sums(n)
         for t in T.parallel(tasks):
             wf = T.decl_buffer((BLOCK, g_n, LANES), "float32", scope="local")
             acc = T.decl_buffer((2, g_n, LANES), "float32", scope="local")
