@@ -120,6 +120,18 @@ class TvmDecoderSession:
         self._ids1 = tvm.runtime.empty((1, 1), "int32", tvm.cpu())  # (batch, new tokens)
         self._ids1_view = np.from_dlpack(self._ids1)
         self.run_s = 0.0
+        self._check_params()
+
+    def _check_params(self) -> None:
+        """Run ``prefill`` once on one token: it checks every weight's shape and dtype against the library
+        (``decode`` skips that on each call, for speed), so parameters that do not fit it are refused
+        here, at load, in one line. It writes position 0 of the cache, which the first real call rewrites."""
+        one = self._tensor(np.zeros((1, 1), np.int32))
+        try:
+            self._prefill(one, self._tensor(np.zeros(1, np.int32)), self._shape([1]), self.kv.array, self.params)
+        except Exception as exc:  # TVM's check names the kernel and the argument, over several lines
+            why = " ".join(str(exc).split())[:400] or type(exc).__name__
+            raise BundleError(f"the parameters in params.bin do not fit the library: {why}") from exc
 
     @staticmethod
     def _load_params(bundle, graph) -> list:

@@ -207,6 +207,24 @@ def test_library_for_a_cpu_with_other_extensions_is_refused(tvm_llama, tmp_path)
         Engine.load(bundle)
 
 
+def test_params_that_do_not_fit_the_library_are_refused_at_load(tvm_llama, tmp_path):
+    """decode does not check the weights' shapes on each call; loading does, once, through prefill. A
+    manifest whose params entry has the right byte count but another shape is refused in one line."""
+    from _tiny import copy_bundle, edit_manifest
+
+    bundle = copy_bundle(tvm_llama, tmp_path / "b")
+
+    def transpose_one(m):
+        p = next(p for p in m["graphs"]["decoder"]["params"] if p["name"].endswith("mlp.gate_proj.weight"))
+        assert p["shape"][0] != p["shape"][1]
+        p["shape"] = p["shape"][::-1]
+
+    edit_manifest(bundle, transpose_one)
+    with pytest.raises(BundleError, match="do not fit the library") as err:
+        Engine.load(bundle)
+    assert "\n" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------------------------------
 # -q int4 on the TVM targets
 # ---------------------------------------------------------------------------------------------------
