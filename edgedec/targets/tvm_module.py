@@ -328,9 +328,10 @@ def _te_silu_mul(g, u):
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
-def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None):
+def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, activations: str = "float"):
     """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring); ``quant="int4"``:
-    the weights in :func:`quantized_bits` are block-quantized (:mod:`edgedec.targets.tvm_quant`)."""
+    the weights in :func:`quantized_bits` are block-quantized (:mod:`edgedec.targets.tvm_quant`);
+    ``activations="int8"``: the 4-bit projections' kernels round their inputs to int8 (AVX512-VNNI)."""
     import tvm
     from tvm import relax, tirx
 
@@ -363,7 +364,10 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None):
             d_out, d_in = shapes[wname]
             if wname in bits:
                 key = ("q", decode, d_in, d_out, bits[wname])
-                if key not in kernels:
+                if key not in kernels and activations == "int8" and bits[wname] == 4:
+                    make = tvm_quant.gemv_int8_kernel if decode else tvm_quant.gemm_int8_kernel
+                    kernels[key] = bb.add_func(make(d_in, d_out), "q4_linear_i8")
+                elif key not in kernels:
                     make = tvm_quant.gemv_kernel if decode else tvm_quant.gemm_kernel
                     kernels[key] = bb.add_func(make(d_in, d_out, bits[wname]), f"q{bits[wname]}_linear")
                 y = bb.emit(relax.call_tir(kernels[key], [x, *(w[f"{wname}.{part}"] for part in QUANT_PARTS)],
@@ -431,7 +435,8 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None):
     return bb.get()
 
 
-def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = False, quant: str | None = None):
+def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = False, quant: str | None = None,
+                  activations: str = "float"):
     """Compile the module for ``target`` (a tvm.target.Target) into a Relax VM executable.
 
     Pipeline: TVM's CPU default (legalize, fuse the small elementwise/norm kernels, lower); the
@@ -441,7 +446,7 @@ def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = Fals
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    mod = build_module(arch, max_positions, quant)
+    mod = build_module(arch, max_positions, quant, activations)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, _ctx):

@@ -35,6 +35,9 @@ from .base import Target
 log = logging.getLogger(__name__)
 
 ALIGN = 64
+# max |logit diff| vs the source with -q int4:activations=int8: rounding the inputs moves SmolLM2-135M's
+# logits by up to 3.1 on the verification ids (perplexity +1.2%); broken kernels move them by far more
+INT8_ACTIVATIONS_TOLERANCE = 5.0
 ORT_ONLY = "it rewrites the ONNX graph for ONNX Runtime (contrib ops / ORT-specific fusion), and the {t} " \
            "target builds its TVM module from the source weights, not from that graph"
 REFUSED = {
@@ -72,6 +75,12 @@ X86_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f"
              "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi")
 
 
+def tvm_quant_flag() -> str:
+    from .tvm_quant import VNNI_FLAG
+
+    return VNNI_FLAG
+
+
 def host_cpu_flags() -> list[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -103,21 +112,35 @@ class TvmTarget(Target):
         self.refused_passes = {p: r.format(t=name) for p, r in REFUSED.items()}
         self._pending: dict | None = None  # what export() built, for build() to move into the bundle
         self.quant: str | None = None  # "int4": the target quantizes the module's weights itself
+        self.activations = "float"  # or "int8" (-q int4:activations=int8): the 4-bit kernels' inputs
 
     def take_passes(self, specs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
         """``int4`` (``-q int4``) is this target's own block quantization; every other pass stays for
-        :meth:`check_passes` to refuse."""
-        self.quant, rest = None, []  # the target object is shared: every compile states its own quantization
-        for name, opts in specs:
+        :meth:`check_passes` to refuse. Its one option, ``activations`` (``float``, the default, or ``int8``),
+        picks the 4-bit projections' kernels."""
+        self.quant, self.activations, rest = None, "float", []  # the target object is shared: every compile
+        for name, opts in specs:                                 # states its own quantization
+            opts = dict(opts)
             if name != "int4":
                 rest.append((name, opts))
-            elif opts:
-                raise UnsupportedError(f"target {self.name} takes int4 without options (got "
-                                       f"{', '.join(sorted(opts))}): its kernels use 4-bit projections and an "
-                                       "8-bit embedding / head, blocks of 32, exact on GGUF Q4_0/Q4_1/Q8_0 sources")
-            else:
-                self.quant = "int4"
+                continue
+            unknown = sorted(set(opts) - {"activations"})
+            if unknown:
+                raise UnsupportedError(f"target {self.name} takes int4 with one option, activations=float|int8 (got "
+                                       f"{', '.join(unknown)}): its kernels use 4-bit projections and an 8-bit "
+                                       "embedding / head, blocks of 32, exact on GGUF Q4_0/Q4_1/Q8_0 sources")
+            activations = str(opts.get("activations", "float"))
+            if activations not in ("float", "int8"):
+                raise UnsupportedError(f"int4 activations must be float or int8, not {activations!r}")
+            if activations == "int8" and not self.has_vnni():
+                raise UnsupportedError(f"int4:activations=int8 needs AVX512-VNNI ({tvm_quant_flag()}), which target "
+                                       f"{self.name} does not have here; leave activations=float")
+            self.quant, self.activations = "int4", activations
         return rest
+
+    def has_vnni(self) -> bool:
+        """Whether the library this target builds may use AVX512-VNNI: this machine's CPU has it."""
+        return tvm_quant_flag() in host_cpu_flags()
 
     def check_passes(self, passes: list[str]) -> None:
         """The ONNX passes rewrite a graph this target does not compile: it refuses all of them."""
@@ -154,12 +177,15 @@ class TvmTarget(Target):
         log.info("building the TVM module for %s", target_dict)
         import tvm
 
-        executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict), quant=self.quant)
+        executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict), quant=self.quant,
+                                              activations=self.activations)
         files = self.export_library(executable, work)  # the one the runtime loads first
         if self.runs_here():
             verification = verify_library(work / files[0], params, list(specs), hf_model, arch,
                                           reference if report else None)
             tolerance = getattr(options, "verify_tolerance", 1e-2)
+            if self.activations == "int8":  # rounding the inputs is an approximation, unlike the weights' layout
+                tolerance = max(tolerance, INT8_ACTIVATIONS_TOLERANCE)
             if verification["max_abs_logit_diff"] > tolerance:
                 raise ModelError(f"the TVM library differs from the source model by "
                                  f"{verification['max_abs_logit_diff']:.3g} in logits (tolerance {tolerance}); "
@@ -169,7 +195,7 @@ class TvmTarget(Target):
             log.warning("target %s: the library is not run here (%s); verification recorded as skipped",
                         self.name, verification["skipped"])
         self._pending = {"work": work, "files": files, "table": table, "target": target_dict,
-                         "verification": verification, "quantization": quantization_entry(self.quant, report)}
+                         "verification": verification, "quantization": quantization_entry(self.quant, report, self.activations)}
         return path
 
     def build(self, model, out_dir: Path, role: str) -> dict:
@@ -232,6 +258,9 @@ class Arm64Target(TvmTarget):
     def llvm_target(self) -> dict:
         return {"kind": "llvm", "mtriple": self.triple, "mattr": ["+neon"], "num-cores": 4}
 
+    def has_vnni(self) -> bool:
+        return False  # an x86 extension
+
     def runs_here(self) -> bool:
         return platform.machine() in ("aarch64", "arm64") and shutil.which("gcc") is not None
 
@@ -268,8 +297,9 @@ def _tvm_version() -> str:
     return tvm.__version__
 
 
-def quantization_entry(quant: str | None, report: dict) -> dict:
-    """The graph entry's ``quantization``: scheme, layout, and per kind the weights and their worst error."""
+def quantization_entry(quant: str | None, report: dict, activations: str = "float") -> dict:
+    """The graph entry's ``quantization``: scheme, layout, activations, and per kind the weights and their
+    worst error."""
     if not quant:
         return {}
     kinds: dict = {}
@@ -282,6 +312,10 @@ def quantization_entry(quant: str | None, report: dict) -> dict:
         "layout": "W (out, in) -> W.words uint32 (out/32, in*bits/32, 32): word [o, kw, j] holds in bits "
                   "[bits*p, bits*(p+1)) the unsigned q of W[32*o+j, (32/bits)*kw+p]; W.scale, W.offset float16 "
                   "(out/32, in/32, 32): d and m of block (32*o+j, b); W[n, k] = d*q + m (blocks of 32 along in)",
+        "activations": "float32" if activations == "float" else
+                       "int8 for the 4-bit projections: each call rounds its input to int8 per block of 32 "
+                       "(scale max|x|/127) and multiplies in int32 (AVX512-VNNI); the offset term uses the "
+                       "float32 block sum; float32 elsewhere",
         "bits": {name: r["bits"] for name, r in report.items()},
         "kinds": kinds,
         "max_abs_error": max((r["max_abs_error"] for r in report.values()), default=0.0),
