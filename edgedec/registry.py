@@ -33,7 +33,8 @@ TARGETS: dict[str, dict] = {
         "module": "edgedec.targets.cpu_tvm",
         "backend": "tvm",
         "description": "Apache TVM (Relax) library for this machine's CPU, built from the source weights "
-                       "(float32, or -q int4: its own 4-bit kernels, lossless on GGUF sources); in-place KV "
+                       "(float32, or -q int4: its own 4-bit kernels, lossless on GGUF sources; "
+                       "-q int4:activations=int8 with AVX512-VNNI: faster, inputs rounded to int8); in-place KV "
                        "cache; runs on the TVM runtime",
         "passes": ["int4"],  # its own weight quantization; the ONNX passes target ONNX Runtime
         "requires": ["apache-tvm"],

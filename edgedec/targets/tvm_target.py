@@ -132,15 +132,17 @@ class TvmTarget(Target):
             activations = str(opts.get("activations", "float"))
             if activations not in ("float", "int8"):
                 raise UnsupportedError(f"int4 activations must be float or int8, not {activations!r}")
-            if activations == "int8" and not self.has_vnni():
-                raise UnsupportedError(f"int4:activations=int8 needs AVX512-VNNI ({tvm_quant_flag()}), which target "
-                                       f"{self.name} does not have here; leave activations=float")
+            why_not = self.why_no_vnni() if activations == "int8" else None
+            if why_not:
+                raise UnsupportedError(f"int4:activations=int8 needs AVX512-VNNI ({tvm_quant_flag()}): {why_not}; "
+                                       "leave activations=float")
             self.quant, self.activations = "int4", activations
         return rest
 
-    def has_vnni(self) -> bool:
-        """Whether the library this target builds may use AVX512-VNNI: this machine's CPU has it."""
-        return tvm_quant_flag() in host_cpu_flags()
+    def why_no_vnni(self) -> str | None:
+        """Why the library this target builds cannot use AVX512-VNNI, or None: it is built for this machine's
+        CPU, so that CPU must have it."""
+        return None if tvm_quant_flag() in host_cpu_flags() else "this machine's CPU lacks it"
 
     def check_passes(self, passes: list[str]) -> None:
         """The ONNX passes rewrite a graph this target does not compile: it refuses all of them."""
@@ -258,8 +260,8 @@ class Arm64Target(TvmTarget):
     def llvm_target(self) -> dict:
         return {"kind": "llvm", "mtriple": self.triple, "mattr": ["+neon"], "num-cores": 4}
 
-    def has_vnni(self) -> bool:
-        return False  # an x86 extension
+    def why_no_vnni(self) -> str | None:
+        return f"target {self.name} builds for {self.triple}, and VNNI is an x86 extension"
 
     def runs_here(self) -> bool:
         return platform.machine() in ("aarch64", "arm64") and shutil.which("gcc") is not None

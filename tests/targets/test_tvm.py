@@ -488,12 +488,17 @@ def test_int8_activations_bundle_is_close_to_transformers_and_speculates_lossles
 
 
 @pytest.mark.parametrize("target,option,message", [
-    ("arm64", "activations=int8", "needs AVX512-VNNI"),
+    ("arm64", "activations=int8", "needs AVX512-VNNI .+ x86 extension"),
+    ("cpu-tvm", "activations=int8", "needs AVX512-VNNI .+ this machine's CPU lacks it"),  # on a CPU without it
     ("cpu-tvm", "activations=int4", "must be float or int8"),
     ("cpu-tvm", "block_size=64", "takes int4 with one option"),
 ])
-def test_int4_option_errors(target, option, message, tiny_llama_dir, tmp_path, cli, one_line_error):
+def test_int4_option_errors(target, option, message, tiny_llama_dir, tmp_path, cli, one_line_error, monkeypatch):
     """The TVM targets' int4 takes one option, activations=float|int8, and int8 only where VNNI is."""
+    from edgedec.targets import tvm_quant, tvm_target
+
+    flags = [f for f in tvm_target.host_cpu_flags() if f != tvm_quant.VNNI_FLAG]
+    monkeypatch.setattr(tvm_target, "host_cpu_flags", lambda: flags)  # this machine's /proc/cpuinfo, less VNNI
     out = tmp_path / "b"
     r = cli("compile", tiny_llama_dir, "-o", out, "--target", target, "--pass", f"int4:{option}")
     one_line_error(r, message)
