@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import ModelError, UnsupportedError
 from ..runtime.tvm_session import PARAM_DTYPES
 from .base import Target
+from .tvm_quant import VNNI_FLAG
 
 log = logging.getLogger(__name__)
 
@@ -73,12 +74,6 @@ def _write_params(weights: dict[str, np.ndarray], specs: dict[str, tuple], path:
 # refuse, with one line, a library built for a newer CPU than the one it runs on (instead of SIGILL)
 X86_FLAGS = ("sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2", "avx512f", "avx512bw", "avx512dq",
              "avx512vl", "avx512_vnni", "avx512_bf16", "avx512vbmi")
-
-
-def tvm_quant_flag() -> str:
-    from .tvm_quant import VNNI_FLAG
-
-    return VNNI_FLAG
 
 
 def host_cpu_flags() -> list[str]:
@@ -134,7 +129,7 @@ class TvmTarget(Target):
                 raise UnsupportedError(f"int4 activations must be float or int8, not {activations!r}")
             why_not = self.why_no_vnni() if activations == "int8" else None
             if why_not:
-                raise UnsupportedError(f"int4:activations=int8 needs AVX512-VNNI ({tvm_quant_flag()}): {why_not}; "
+                raise UnsupportedError(f"int4:activations=int8 needs AVX512-VNNI ({VNNI_FLAG}): {why_not}; "
                                        "leave activations=float")
             self.quant, self.activations = "int4", activations
         return rest
@@ -142,7 +137,7 @@ class TvmTarget(Target):
     def why_no_vnni(self) -> str | None:
         """Why the library this target builds cannot use AVX512-VNNI, or None: it is built for this machine's
         CPU, so that CPU must have it."""
-        return None if tvm_quant_flag() in host_cpu_flags() else "this machine's CPU lacks it"
+        return None if VNNI_FLAG in host_cpu_flags() else "this machine's CPU lacks it"
 
     def check_passes(self, passes: list[str]) -> None:
         """The ONNX passes rewrite a graph this target does not compile: it refuses all of them."""
@@ -197,7 +192,8 @@ class TvmTarget(Target):
             log.warning("target %s: the library is not run here (%s); verification recorded as skipped",
                         self.name, verification["skipped"])
         self._pending = {"work": work, "files": files, "table": table, "target": target_dict,
-                         "verification": verification, "quantization": quantization_entry(self.quant, report, self.activations)}
+                         "verification": verification,
+                         "quantization": quantization_entry(self.quant, report, self.activations)}
         return path
 
     def build(self, model, out_dir: Path, role: str) -> dict:
