@@ -81,7 +81,8 @@ PASSES: dict[str, dict] = {
     "int4": {
         "impl": "edgedec.passes.int4:Int4Pass",
         "description": "block-wise 4-bit weights; exact re-expression of GGUF Q4_0/Q4_1/Q8_0 sources. cpu: "
-                       "MatMulNBits, with the options below; cpu-tvm/arm64: the target's own kernels (no options)",
+                       "MatMulNBits, with the options below; cpu-tvm/arm64: the target's own kernels, whose one "
+                       "option is activations=float|int8 (int8: inputs rounded to int8, AVX512-VNNI, cpu-tvm only)",
         "targets": ["cpu", "cpu-tvm", "arm64"],
         "requires": ["onnxruntime"],
     },
