@@ -262,8 +262,17 @@ def inspect_cmd(
         if keys:
             out.print("kv cache keys: " + ", ".join(keys), highlight=False)
         if v := m.get("verification"):
-            out.print(f"verified: max |logit diff| {v['max_abs_logit_diff']:.2e} vs {v['reference']} "
-                      f"over {v['tokens']} tokens", highlight=False)
+            out.print(f"verified (exported graph): max |logit diff| {v['max_abs_logit_diff']:.2e} vs "
+                      f"{v['reference']} over {v['tokens']} tokens", highlight=False)
+        for name, g in m["graphs"].items():  # a compiled library (TVM) records its own check and quantization
+            if gv := g.get("verification"):
+                out.print(f"{name} library: " + (f"verification skipped ({gv['skipped']})" if "skipped" in gv else
+                                                 f"max |logit diff| {gv['max_abs_logit_diff']:.2e} vs "
+                                                 f"{gv['reference']} over {gv['tokens']} tokens"), highlight=False)
+            if gq := g.get("quantization"):
+                kinds = ", ".join(f"{k} ×{e['weights']}" for k, e in gq.get("kinds", {}).items())
+                acts = gq.get("activations", "float32").split(":")[0]
+                out.print(f"{name} weights: {gq['scheme']} ({kinds}); activations: {acts}", highlight=False)
         table = Table(title="graphs")
         for col in ("graph", "role", "inputs", "outputs"):
             table.add_column(col)

@@ -190,10 +190,18 @@ def test_tvm_runtime_stays_torch_free(which, request):
     assert r.stdout.strip().endswith("ok")
 
 
-def test_inspect_shows_tvm_bundle(tvm_llama, cli):
+def test_inspect_shows_tvm_bundle(tvm_llama, tvm_int4_llama, cli):
+    """inspect shows the library's own verification (not only the exported graph's) and, for int4, what
+    the weights and activations are."""
     r = cli("inspect", tvm_llama)
     assert r.exit_code == 0, r.stderr
     assert "cpu-tvm" in r.stdout and "params.bin" in r.stdout and "bundle valid" in r.stdout
+    g = json.loads((tvm_llama / "manifest.json").read_text())["graphs"]["decoder"]
+    assert f"decoder library: max |logit diff| {g['verification']['max_abs_logit_diff']:.2e}" in r.stdout
+    assert "decoder weights" not in r.stdout
+    r = cli("inspect", tvm_int4_llama)
+    assert r.exit_code == 0, r.stderr
+    assert "decoder weights: int4 (" in r.stdout and "activations: float32" in r.stdout
 
 
 def test_library_for_a_cpu_with_other_extensions_is_refused(tvm_llama, tmp_path):
