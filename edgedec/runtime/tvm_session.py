@@ -123,12 +123,16 @@ class TvmDecoderSession:
         self._check_params()
 
     def _check_params(self) -> None:
-        """Run ``prefill`` once on one token: it checks every weight's shape and dtype against the library
-        (``decode`` skips that on each call, for speed), so parameters that do not fit it are refused
-        here, at load, in one line. It writes position 0 of the cache, which the first real call rewrites."""
-        one = self._tensor(np.zeros((1, 1), np.int32))
+        """Check every weight's shape and dtype against the library once, at load (``prefill`` and
+        ``decode`` skip that on each call, for speed), so parameters that do not fit it are refused here,
+        in one line. A library from before ``check_params`` existed checks them in ``prefill``: run it on
+        one token (position 0 of the cache, which the first real call rewrites)."""
         try:
-            self._prefill(one, self._tensor(np.zeros(1, np.int32)), self._shape([1]), self.kv.array, self.params)
+            if self.vm.module.implements_function("check_params"):
+                self.vm["check_params"](self.params)
+            else:
+                self._prefill(self._tensor(np.zeros((1, 1), np.int32)), self._tensor(np.zeros(1, np.int32)),
+                              self._shape([1]), self.kv.array, self.params)
         except Exception as exc:  # TVM's check names the kernel and the argument, over several lines
             why = " ".join(str(exc).split())[:400] or type(exc).__name__
             raise BundleError(f"the parameters in params.bin do not fit the library: {why}") from exc

@@ -9,14 +9,15 @@ Relax module with a few hand-written TIR kernels, under the same KV-cache contra
       prefill(input_ids int32 (1, n), logits_index int32 (m,), R.Shape([total]), caches, params)
           -> logits float32 (1, m, vocab)
       decode(input_ids int32 (1, 1), R.Shape([total]), caches, params) -> logits float32 (1, 1, vocab)
+      check_params(params) -> ()   (prefill and decode skip the weights' shape checks; this does them)
     caches   tuple of 2 * layers tensors, float32 (1, kv_heads, capacity, head_dim):
              (key.0, value.0, key.1, value.1, ...). Written IN PLACE (call_tir_inplace) at
              positions [start, total); attention reads [0, total). Rolling back = a smaller total.
     params   tuple of the weights in :func:`param_names` order (float32, the shapes there).
 
 Kernels: projections are GEMVs over (out, in) weights (dlight's CPU GEMV rule vectorizes and
-parallelizes them on the decode path); attention is one hand-written TIR kernel with an online
-softmax, parallel over heads, reading the cache in place; rotary embedding uses the same cos/sin
+parallelizes them on the decode path); attention is one hand-written TIR kernel (scores, max, exp,
+weighted values; parallel over heads and query rows), reading the cache in place; rotary embedding uses the same cos/sin
 tables as the ONNX graph (computed in float64, stored in float32).
 """
 
@@ -179,21 +180,62 @@ def _kv_write_kernel(kv_heads: int, head_dim: int):
     return kv_write
 
 
+def _fast_exp(T, x):
+    """exp(x) in float32 as plain vectorizable arithmetic (LLVM turns ``T.exp`` on a vector into one libm
+    call per lane): x = n ln2 + r with |r| <= ln2 / 2 (two-part ln2), a degree-6 Taylor polynomial for
+    e^r (relative error ~2e-7, float32's rounding), times 2^n built in the exponent bits; 0 below -87,
+    and x is clamped at 88 (e^88 ~ 1.7e38, float32's top)."""
+    f32 = lambda v: T.float32(v)  # noqa: E731
+    xc = T.min(T.max(x, f32(-87.0)), f32(88.0))
+    n = T.floor(xc * f32(1.4426950408889634) + f32(0.5))
+    r = xc - n * f32(0.693359375) + n * f32(2.12194440e-4)
+    p = f32(1.0) + r * (f32(1.0) + r * (f32(0.5) + r * (f32(1.0 / 6) + r * (f32(1.0 / 24) + r * (
+        f32(1.0 / 120) + r * f32(1.0 / 720))))))
+    two_n = T.reinterpret("float32", T.shift_left(T.Cast("int32", n) + 127, 23))
+    return T.if_then_else(x < f32(-87.0), f32(0.0), p * two_n)
+
+
+def _silu_mul_kernel(d: int):
+    """out = silu(g) * u = g / (1 + exp(-g)) * u over (1, n, d), with :func:`_fast_exp` in vectors, rows in
+    parallel (``T.exp`` here was a scalar libm call per element: 26 us a layer for a 4-row verification)."""
+    from tvm.script import tirx as T
+
+    vl = next(v for v in (16, 8, 4, 2, 1) if d % v == 0)
+
+    @T.prim_func(private=True)
+    def silu_mul(var_g: T.handle, var_u: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": 8})
+        n = T.int64()
+        g = T.match_buffer(var_g, (T.int64(1), n, T.int64(d)), "float32")
+        u = T.match_buffer(var_u, (T.int64(1), n, T.int64(d)), "float32")
+        out = T.match_buffer(var_out, (T.int64(1), n, T.int64(d)), "float32")
+        for i in T.parallel(n):
+            for c in range(d // vl):
+                for l in T.vectorized(vl):
+                    out[0, i, c * vl + l] = g[0, i, c * vl + l] \
+                        / (T.float32(1) + _fast_exp(T, T.float32(0) - g[0, i, c * vl + l])) * u[0, i, c * vl + l]
+
+    return silu_mul
+
+
 def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
-    """Causal GQA attention of n new queries over cache[0:total], online softmax, parallel over heads.
+    """Causal GQA attention of n new queries over cache[0:total], parallel over (head, query) pairs.
 
     q, out: (1, n, heads * head_dim); caches (1, kv_heads, capacity, head_dim). Query i (position
-    start + i) attends to positions [0, start + i]. The dot products and the value updates run in
-    8-lane vectors over head_dim (a scalar sum over head_dim was a 64-long dependency chain per key: at
-    512 cached tokens it doubled an int4 decode step). Every query row runs the same code, so a row's
-    result does not depend on how many rows the call has.
+    start + i) attends to positions [0, start + i], in three passes with no chain from key to key: every
+    key's score (a vector dot product over head_dim), then their max, then ``p = exp(score - max)`` and
+    its sum in 16-lane vectors (:func:`_fast_exp`), then the values weighted by p, two keys at a
+    time into two accumulators. (An online softmax carried max, sum and a rescale from each key to the
+    next: ~60 cycles a key, 14% of an int4 decode step at 200 cached tokens.) Every query row runs the
+    same code, so a row's result does not depend on how many rows the call has.
     """
     from tvm.script import tirx as T
 
     group = heads // kv_heads
     scale = 1.0 / math.sqrt(head_dim)
-    vl = next(v for v in (8, 4, 2, 1) if head_dim % v == 0)
+    vl = next(v for v in (16, 8, 4, 2, 1) if head_dim % v == 0)
     nd = head_dim // vl
+    sl = 16  # score lanes
 
     @T.prim_func(private=True)
     def attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, total: T.int64, var_out: T.handle):
@@ -204,44 +246,58 @@ def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
         kc = T.match_buffer(var_k, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
         vc = T.match_buffer(var_v, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
         out = T.match_buffer(var_out, (T.int64(1), n, T.int64(heads * head_dim)), "float32")
+        score = T.alloc_buffer((T.int64(heads) * n, total + T.int64(sl)), "float32")
         for hi in T.parallel(T.int64(heads) * n):
-            acc = T.decl_buffer((nd, vl), "float32", scope="local")
+            acc = T.decl_buffer((2, nd, vl), "float32", scope="local")
             part = T.decl_buffer((vl,), "float32", scope="local")
-            st = T.decl_buffer((4,), "float32", scope="local")  # running max, running sum, score, correction
+            lanes = T.decl_buffer((sl,), "float32", scope="local")
+            st = T.decl_buffer((2,), "float32", scope="local")  # max, sum
             h = hi // n
             i = hi % n
             kvh = h // T.int64(group)
-            for a in T.unroll(nd):
-                for l in T.vectorized(vl):
-                    acc[a, l] = T.float32(0)
-            st[0] = T.float32(-3.4e38)
-            st[1] = T.float32(0)
-            for j in range(total - n + i + T.int64(1)):
+            length = total - n + i + T.int64(1)
+            chunks = (length + T.int64(sl - 1)) // T.int64(sl)
+            for j in range(length):
                 for l in T.vectorized(vl):
                     part[l] = T.float32(0)
                 for a in T.unroll(nd):
                     for l in T.vectorized(vl):
                         part[l] = part[l] + q[0, i, h * T.int64(head_dim) + a * vl + l] * kc[0, kvh, j, a * vl + l]
-                st[2] = T.float32(0)
+                st[0] = T.float32(0)
                 for l in T.unroll(vl):
-                    st[2] = st[2] + part[l]
-                st[2] = st[2] * T.float32(scale)
-                if st[2] > st[0]:
-                    st[3] = T.exp(st[0] - st[2])
-                    st[0] = st[2]
-                    st[1] = st[1] * st[3] + T.float32(1)
+                    st[0] = st[0] + part[l]
+                score[hi, j] = st[0] * T.float32(scale)
+            for l in T.vectorized(sl):  # pad the last chunk: exp(pad - max) = 0
+                score[hi, length + l] = T.float32(-3.4e38)
+            for l in T.vectorized(sl):
+                lanes[l] = T.float32(-3.4e38)
+            for c in range(chunks):
+                for l in T.vectorized(sl):
+                    lanes[l] = T.max(lanes[l], score[hi, c * sl + l])
+            st[0] = lanes[0]
+            for l in T.unroll(1, sl):
+                st[0] = T.max(st[0], lanes[l])
+            for l in T.vectorized(sl):
+                lanes[l] = T.float32(0)
+            for c in range(chunks):
+                for l in T.vectorized(sl):
+                    score[hi, c * sl + l] = _fast_exp(T, score[hi, c * sl + l] - st[0])
+                    lanes[l] = lanes[l] + score[hi, c * sl + l]
+            st[1] = lanes[0]
+            for l in T.unroll(1, sl):
+                st[1] = st[1] + lanes[l]
+            for r, a in T.grid(2, nd):
+                for l in T.vectorized(vl):
+                    acc[r, a, l] = T.float32(0)
+            for jp in range((length + T.int64(1)) // T.int64(2)):  # the padding key's p is 0
+                for r in T.unroll(2):
                     for a in T.unroll(nd):
                         for l in T.vectorized(vl):
-                            acc[a, l] = acc[a, l] * st[3] + vc[0, kvh, j, a * vl + l]
-                else:
-                    st[3] = T.exp(st[2] - st[0])
-                    st[1] = st[1] + st[3]
-                    for a in T.unroll(nd):
-                        for l in T.vectorized(vl):
-                            acc[a, l] = acc[a, l] + st[3] * vc[0, kvh, j, a * vl + l]
+                            acc[r, a, l] = acc[r, a, l] + score[hi, 2 * jp + r] \
+                                * vc[0, kvh, T.min(2 * jp + r, length - 1), a * vl + l]
             for a in T.unroll(nd):
                 for l in T.vectorized(vl):
-                    out[0, i, h * T.int64(head_dim) + a * vl + l] = acc[a, l] / st[1]
+                    out[0, i, h * T.int64(head_dim) + a * vl + l] = (acc[0, a, l] + acc[1, a, l]) / st[1]
 
     return attention
 
@@ -318,20 +374,13 @@ def _te_rope(x, cos, sin, total, heads: int, head_dim: int):
     return te.compute(x.shape, f, name="rope")
 
 
-def _te_silu_mul(g, u):
-    from tvm import te, tirx
-
-    return te.compute(g.shape, lambda a, i, j: g[a, i, j] / (tirx.const(1.0, "float32") + tirx.exp(-g[a, i, j]))
-                      * u[a, i, j], name="silu_mul")
-
-
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
 def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, activations: str = "float"):
     """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring); ``quant="int4"``:
     the weights in :func:`quantized_bits` are block-quantized (:mod:`edgedec.targets.tvm_quant`);
-    ``activations="int8"``: the 4-bit projections' kernels round their inputs to int8 (AVX512-VNNI)."""
+    ``activations="int8"``: the kernels of those weights round their inputs to int8 (AVX512-VNNI)."""
     import tvm
     from tvm import relax, tirx
 
@@ -345,6 +394,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
     bb = relax.BlockBuilder()
     kv_write = bb.add_func(_kv_write_kernel(a.num_kv_heads, a.head_dim), "kv_write")
     attention = bb.add_func(_attention_kernel(a.num_heads, a.num_kv_heads, a.head_dim), "attention")
+    silu_mul = bb.add_func(_silu_mul_kernel(a.intermediate_size), "silu_mul")
 
     kernels: dict = {}
 
@@ -364,9 +414,9 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
             d_out, d_in = shapes[wname]
             if wname in bits:
                 key = ("q", decode, d_in, d_out, bits[wname])
-                if key not in kernels and activations == "int8" and bits[wname] == 4:
+                if key not in kernels and activations == "int8":
                     make = tvm_quant.gemv_int8_kernel if decode else tvm_quant.gemm_int8_kernel
-                    kernels[key] = bb.add_func(make(d_in, d_out), "q4_linear_i8")
+                    kernels[key] = bb.add_func(make(d_in, d_out, bits[wname]), f"q{bits[wname]}_linear_i8")
                 elif key not in kernels:
                     make = tvm_quant.gemv_kernel if decode else tvm_quant.gemm_kernel
                     kernels[key] = bb.add_func(make(d_in, d_out, bits[wname]), f"q{bits[wname]}_linear")
@@ -381,11 +431,10 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
             return bb.emit(relax.call_tir(kernels[key], [x, weight, *([bias] if bias is not None else [])],
                                           relax.TensorType((1, rows, d_out), "float32")))
 
-        # decode, the hot path, checks only its real inputs on each call, not the ~750 weights' static
-        # shapes (0.28 us each, ~4% of a SmolLM2 int4 step); prefill still checks them all, and the
-        # runtime runs it once at load, so parameters that do not fit are refused before any decode
-        attrs = {"num_input": len(args) - 1} if decode else None
-        with bb.function(name, args, attrs=attrs):
+        # prefill and decode check only their real inputs on each call, not the ~750 weights' static
+        # shapes (0.28 us each: ~4% of a SmolLM2 int4 step, and of every speculative verification);
+        # check_params does, and the runtime calls it once at load
+        with bb.function(name, args, attrs={"num_input": len(args) - 1}):
             with bb.dataflow():
                 w = {p: bb.emit(relax.TupleGetItem(params, i)) for i, p in enumerate(names)}
                 if "embed_tokens.weight" in bits:
@@ -421,7 +470,8 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
                                    primfunc_name_hint="rms_norm")
                     g = linear(x, p + "mlp.gate_proj.weight")
                     u = linear(x, p + "mlp.up_proj.weight")
-                    gu = bb.emit_te(_te_silu_mul, g, u, primfunc_name_hint="silu_mul")
+                    gu = bb.emit(relax.call_tir(silu_mul, [g, u],
+                                                relax.TensorType((1, n, a.intermediate_size), "float32")))
                     h = bb.emit(relax.op.add(h, linear(gu, p + "mlp.down_proj.weight")))
                 if rows is not None:
                     h = bb.emit(relax.op.take(h, rows, axis=1))
@@ -432,6 +482,9 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
 
     function("prefill", decode=False)
     function("decode", decode=True)
+    params = relax.Var("params", relax.TupleType([relax.TensorType(*specs[p]) for p in names]))
+    with bb.function("check_params", [params]):  # the VM checks each weight's shape and dtype on entry
+        bb.emit_func_output(relax.Tuple([]))
     return bb.get()
 
 

@@ -271,17 +271,19 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
 
 
 # --------------------------------------------------------------------------------------------
-# int8 activations (AVX512-VNNI): 4-bit weights only
+# int8 activations (AVX512-VNNI): the 4-bit projections and the 8-bit head
 # --------------------------------------------------------------------------------------------
 VNNI_FLAG = "avx512_vnni"  # /proc/cpuinfo's name for what these kernels need
 VNNI_DOT = "llvm.x86.avx512.vpdpbusd.512"  # 16 lanes: lane += sum of 4 products of u8 (weight) by s8 (input)
 
 
-def _quantize_rows(T, d_in: int):
+def _quantize_rows(T, d_in: int, bits: int):
     """A TVMScript macro, ``quantize_rows(x, rows, xq, dx)``: each row's blocks of 32 inputs rounded to int8
-    with their own scale ``dx[i, b] = max|x| / 127``. Within a word's 8 inputs the even ones come first,
-    then the odd ones, which is how :func:`_dot_block` finds them (low nibbles, then high ones)."""
+    with their own scale ``dx[i, b] = max|x| / 127``. For 4-bit weights, within a word's 8 inputs the even
+    ones come first, then the odd ones, which is how :func:`_dot_block` finds them (low nibbles, then high
+    ones); for 8-bit weights they stay in order (a word's four bytes are four consecutive inputs)."""
     kb = d_in // BLOCK
+    at = (lambda o: o // 8 * 8 + o % 4 * 2 + o % 8 // 4) if bits == 4 else (lambda o: o)
 
     @T.macro
     def quantize_rows(x, rows, xq, dx):
@@ -294,53 +296,58 @@ def _quantize_rows(T, d_in: int):
             for l in T.unroll(1, 16):
                 mx[0] = T.max(mx[0], m16[l])
             dx[i, b] = mx[0] / T.float32(127)
-            for o in T.vectorized(BLOCK):  # o = 8 kw + 4 h + j takes input 8 kw + 2 j + h
+            for o in T.vectorized(BLOCK):  # 4 bits: o = 8 kw + 4 h + j takes input 8 kw + 2 j + h
                 xq[i, b * BLOCK + o] = T.Cast("int8", T.round(
-                    x[0, i, b * BLOCK + o // 8 * 8 + o % 4 * 2 + o % 8 // 4]
+                    x[0, i, b * BLOCK + at(o)]
                     * T.if_then_else(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))))
 
     return quantize_rows
 
 
-def _dot_block(T):
-    """A TVMScript macro, ``dot_block(w, t, b, xq, i, acc)``: ``acc`` (32,) int32 = block ``b``'s integer dot
-    products of group ``t``'s 32 outputs with row ``i`` of ``xq``: per word, the low nibbles (inputs 0, 2, 4,
-    6) and the high ones (1, 3, 5, 7) each meet four packed inputs in one VNNI instruction per 16 outputs."""
+def _dot(T, bits: int, w, t, b, xq, row, half):
+    """int32x16: block ``b``'s exact integer dot products of outputs ``32 t + 16 half + [0, 16)`` with row
+    ``row`` of ``xq``, one VNNI instruction per word. 4 bits: per word, the low nibbles (inputs 0, 2, 4, 6)
+    and the high ones (1, 3, 5, 7) each meet four packed inputs; 8 bits: a word's four bytes meet four
+    consecutive inputs as they are. One expression, not a buffer updated word by word: the compiler cannot
+    tell a local buffer from the inputs it reads, and stored every partial sum (one store per VNNI op)."""
+    from tvm import tirx
 
-    @T.macro
-    def dot_block(w, t, b, xq, i, acc):
-        for l in T.vectorized(GROUP):
-            acc[l] = 0
-        for kw in T.unroll(BLOCK // 8):
-            for h in T.unroll(2):
-                for half in T.unroll(2):
-                    acc[T.ramp(half * 16, 1, 16)] = T.call_llvm_pure_intrin(
-                        "int32x16", VNNI_DOT, acc[T.ramp(half * 16, 1, 16)],
-                        T.reinterpret("int8x64", T.bitwise_and(
-                            T.shift_right(w[t, b * (BLOCK // 8) + kw, T.ramp(half * 16, 1, 16)],
-                                          T.broadcast(T.uint32(4) * T.Cast("uint32", h), 16)),
-                            T.broadcast(T.uint32(0x0F0F0F0F), 16))),
-                        T.reinterpret("int8x64", T.broadcast(
-                            T.reinterpret("int32", xq[i, T.ramp(b * BLOCK + kw * 8 + h * 4, 1, 4)]), 16)))
-
-    return dot_block
+    per = 32 // bits
+    lanes = tirx.Ramp(half * 16, 1, 16)
+    acc = T.broadcast(T.int32(0), 16)
+    for kw in range(BLOCK // per):
+        word = tirx.BufferLoad(w, [t, b * (BLOCK // per) + kw, lanes])
+        for h in range(per // 4):  # 2 nibble planes, or the bytes
+            plane = word if bits == 8 else T.bitwise_and(T.shift_right(word, T.broadcast(T.uint32(4 * h), 16)),
+                                                         T.broadcast(T.uint32(0x0F0F0F0F), 16))
+            four = tirx.BufferLoad(xq, [row, tirx.Ramp(b * BLOCK + kw * per + h * 4, 1, 4)])
+            acc = T.call_llvm_pure_intrin("int32x16", VNNI_DOT, acc, T.reinterpret("int8x64", plane),
+                                          T.reinterpret("int8x64", T.broadcast(T.reinterpret("int32", four), 16)))
+    return acc
 
 
-def gemv_int8_kernel(d_in: int, d_out: int):
-    """Decode with int8 activations: y (1, 1, out) ~= x @ W^T for 4-bit W in the layout above.
+def _add_block(T, y, acc, d, c, dx, total):
+    """float32x16: ``y + acc * (d * dx) + m * sum(x)``, a block's share of 16 outputs. Both kernels use it,
+    so a row gives the same bits in either."""
+    f32 = lambda v: T.Cast("float32x16", v)  # noqa: E731
+    return y + f32(acc) * (f32(d) * T.broadcast(dx, 16)) + f32(c) * T.broadcast(total, 16)
+
+
+def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4):
+    """Decode with int8 activations: y (1, 1, out) ~= x @ W^T for 4- or 8-bit W in the layout above.
 
     x is rounded to int8 per block of 32 (:func:`_quantize_rows`), the block's dot products are exact
-    int32 (:func:`_dot_block`), and the block adds ``acc * d * dx + m * sum(x)`` (the offset term uses the
-    exact float sum). About ten times fewer instructions per weight than the float kernel, whose 4-bit
-    path is bound by arithmetic on one core; this one is bound by memory. Needs AVX512-VNNI.
+    int32 (:func:`_dot`), and the block adds ``acc * d * dx + m * sum(x)`` (the offset term uses the exact
+    float sum). About ten times fewer instructions per weight than the float kernel, whose 4-bit path is
+    bound by arithmetic on one core; this one is bound by memory. Needs AVX512-VNNI.
     """
     from tvm.script import tirx as T
 
     kb, tasks = d_in // BLOCK, d_out // GROUP
-    block_sums, quantize_rows, dot_block = _block_sums(T), _quantize_rows(T, d_in), _dot_block(T)
+    block_sums, quantize_rows = _block_sums(T), _quantize_rows(T, d_in, bits)
 
     @T.prim_func(private=True)
-    def qgemv_i8(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in // 8, GROUP), "uint32"),
+    def qgemv_i8(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in * bits // 32, GROUP), "uint32"),
                  d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"),
                  y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
@@ -352,30 +359,31 @@ def gemv_int8_kernel(d_in: int, d_out: int):
         quantize_rows(x, 1, xq, dx)
         for t in T.parallel(tasks):
             tot = T.decl_buffer((GROUP,), "float32", scope="local")
-            acc = T.decl_buffer((GROUP,), "int32", scope="local")
             for l in T.vectorized(GROUP):
                 tot[l] = T.float32(0)
             for b in range(kb):
-                dot_block(w, t, b, xq, 0, acc)
-                for l in T.vectorized(GROUP):
-                    tot[l] = tot[l] + T.Cast("float32", acc[l]) * (T.Cast("float32", d[t, b, l]) * dx[0, b]) \
-                        + T.Cast("float32", c[t, b, l]) * sums[0, b]
+                for half in T.unroll(2):
+                    tot[T.ramp(half * 16, 1, 16)] = _add_block(
+                        T, tot[T.ramp(half * 16, 1, 16)], _dot(T, bits, w, t, b, xq, 0, half),
+                        d[t, b, T.ramp(half * 16, 1, 16)], c[t, b, T.ramp(half * 16, 1, 16)], dx[0, b], sums[0, b])
             for l in T.vectorized(GROUP):
                 y[0, 0, t * GROUP + l] = tot[l]
 
     return qgemv_i8
 
 
-def gemm_int8_kernel(d_in: int, d_out: int):
+def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4):
     """Prefill / verification with int8 activations, any number of rows: per row, exactly the arithmetic
-    of :func:`gemv_int8_kernel` in the same order, so a row gives the decode kernel's bits."""
+    of :func:`gemv_int8_kernel` in the same order, so a row gives the decode kernel's bits. Each row
+    unpacks the block's words again (from L1): sharing the unpacking across rows kept 16 planes live, and
+    the register spills made it slower (measured)."""
     from tvm.script import tirx as T
 
     kb, tasks = d_in // BLOCK, d_out // GROUP
-    block_sums, quantize_rows, dot_block = _block_sums(T), _quantize_rows(T, d_in), _dot_block(T)
+    block_sums, quantize_rows = _block_sums(T), _quantize_rows(T, d_in, bits)
 
     @T.prim_func(private=True)
-    def qgemm_i8(var_x: T.handle, w: T.Buffer((tasks, d_in // 8, GROUP), "uint32"),
+    def qgemm_i8(var_x: T.handle, w: T.Buffer((tasks, d_in * bits // 32, GROUP), "uint32"),
                  d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"),
                  var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
@@ -389,17 +397,14 @@ def gemm_int8_kernel(d_in: int, d_out: int):
         block_sums(n)
         quantize_rows(x, n, xq, dx)
         for t in T.parallel(tasks):
-            acc = T.decl_buffer((GROUP,), "int32", scope="local")
             for i in range(n):
                 for l in T.vectorized(GROUP):
                     y[0, i, t * GROUP + l] = T.float32(0)
-            for b in range(kb):
-                for i in range(n):
-                    dot_block(w, t, b, xq, i, acc)
-                    for l in T.vectorized(GROUP):
-                        y[0, i, t * GROUP + l] = y[0, i, t * GROUP + l] \
-                            + T.Cast("float32", acc[l]) * (T.Cast("float32", d[t, b, l]) * dx[i, b]) \
-                            + T.Cast("float32", c[t, b, l]) * sums[i, b]
+            for b, i in T.grid(kb, n):
+                for half in T.unroll(2):
+                    y[0, i, T.ramp(t * GROUP + half * 16, 1, 16)] = _add_block(
+                        T, y[0, i, T.ramp(t * GROUP + half * 16, 1, 16)], _dot(T, bits, w, t, b, xq, i, half),
+                        d[t, b, T.ramp(half * 16, 1, 16)], c[t, b, T.ramp(half * 16, 1, 16)], dx[i, b], sums[i, b])
 
     return qgemm_i8
 

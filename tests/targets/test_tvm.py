@@ -415,12 +415,12 @@ needs_vnni = pytest.mark.skipif(not _has_vnni(), reason="int8 activations need A
 
 def _int8_reference(x: np.ndarray, q) -> np.ndarray:
     """numpy's version of the int8-activation kernels: each block of 32 inputs rounded to int8 with scale
-    max|x|/127 (half away from zero), integer dot products with the 4-bit values, then d * dx and the
-    offset over the exact float block sum, block by block."""
+    max|x|/127 (half away from zero), integer dot products with the 4- or 8-bit values, then d * dx and
+    the offset over the exact float block sum, block by block."""
     from edgedec.targets import tvm_quant
 
     rows, k = x.shape
-    v = tvm_quant.unpack(q.words, 4).astype(np.int64)  # (out, k)
+    v = tvm_quant.unpack(q.words, q.bits).astype(np.int64)  # (out, k)
     out = v.shape[0]
     per_block = lambda a: a.astype(np.float32).transpose(0, 2, 1).reshape(out, k // 32)  # noqa: E731
     d, m = per_block(q.scale), per_block(q.offset)
@@ -438,7 +438,8 @@ def _int8_reference(x: np.ndarray, q) -> np.ndarray:
 
 
 @needs_vnni
-def test_int8_activation_kernels_compute_what_they_say_and_rows_give_decode_bits():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int8_activation_kernels_compute_what_they_say_and_rows_give_decode_bits(bits):
     """The VNNI kernels against numpy's emulation of the same rounding (close to float32 accumulation
     order), within a few % of the float product; and every multi-row row equals the decode kernel's bits."""
     import tvm
@@ -449,9 +450,9 @@ def test_int8_activation_kernels_compute_what_they_say_and_rows_give_decode_bits
     target = tvm.target.Target(host_llvm_target(2))
     rng = np.random.default_rng(5)
     k, n_out = 96, 64
-    q = tvm_quant.quantize(rng.standard_normal((n_out, k)).astype(np.float32), 4)
+    q = tvm_quant.quantize(rng.standard_normal((n_out, k)).astype(np.float32), bits)
     build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
-    one, many = build(tvm_quant.gemv_int8_kernel(k, n_out)), build(tvm_quant.gemm_int8_kernel(k, n_out))
+    one, many = build(tvm_quant.gemv_int8_kernel(k, n_out, bits)), build(tvm_quant.gemm_int8_kernel(k, n_out, bits))
     w = [tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)]
     x = rng.standard_normal((1, 5, k)).astype(np.float32)
     x[0, 4] = 0.0  # an all-zero row: scale 0, no division by it
