@@ -218,6 +218,16 @@ def _silu_mul_kernel(d: int):
     return silu_mul
 
 
+def _pairwise_sum(buf, n: int):
+    """buf[0] + ... + buf[n-1] as halves added lane by lane (n a power of two): a tree of depth log2(n),
+    which LLVM turns into a few vector adds, where a running sum is a chain of n - 1 dependent adds."""
+    vals = [buf[l] for l in range(n)]
+    while len(vals) > 1:
+        half = len(vals) // 2
+        vals = [vals[l] + vals[l + half] for l in range(half)]
+    return vals[0]
+
+
 def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
     """Causal GQA attention of n new queries over cache[0:total], parallel over (head, query) pairs.
 
@@ -263,10 +273,7 @@ def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
                 for a in T.unroll(nd):
                     for l in T.vectorized(vl):
                         part[l] = part[l] + q[0, i, h * T.int64(head_dim) + a * vl + l] * kc[0, kvh, j, a * vl + l]
-                st[0] = T.float32(0)
-                for l in T.unroll(vl):
-                    st[0] = st[0] + part[l]
-                score[hi, j] = st[0] * T.float32(scale)
+                score[hi, j] = _pairwise_sum(part, vl) * T.float32(scale)
             for l in T.vectorized(sl):  # pad the last chunk: exp(pad - max) = 0
                 score[hi, length + l] = T.float32(-3.4e38)
             for l in T.vectorized(sl):

@@ -400,11 +400,18 @@ def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4):
             for i in range(n):
                 for l in T.vectorized(GROUP):
                     y[0, i, t * GROUP + l] = T.float32(0)
-            for b, i in T.grid(kb, n):
-                for half in T.unroll(2):
-                    y[0, i, T.ramp(t * GROUP + half * 16, 1, 16)] = _add_block(
-                        T, y[0, i, T.ramp(t * GROUP + half * 16, 1, 16)], _dot(T, bits, w, t, b, xq, i, half),
-                        d[t, b, T.ramp(half * 16, 1, 16)], c[t, b, T.ramp(half * 16, 1, 16)], dx[i, b], sums[i, b])
+            acc = T.decl_buffer((2 * GROUP,), "int32", scope="local")
+            for b, ip in T.grid(kb, (n + 1) // 2):
+                for r in T.unroll(2):  # one basic block: the pair shares the loads and the unpacking
+                    for half in T.unroll(2):
+                        acc[T.ramp(r * GROUP + half * 16, 1, 16)] = _dot(T, bits, w, t, b, xq, T.min(2 * ip + r, n - 1), half)
+                for r in T.unroll(2):
+                    if 2 * ip + r < n:
+                        for half in T.unroll(2):
+                            y[0, 2 * ip + r, T.ramp(t * GROUP + half * 16, 1, 16)] = _add_block(
+                                T, y[0, 2 * ip + r, T.ramp(t * GROUP + half * 16, 1, 16)],
+                                acc[T.ramp(r * GROUP + half * 16, 1, 16)], d[t, b, T.ramp(half * 16, 1, 16)],
+                                c[t, b, T.ramp(half * 16, 1, 16)], dx[2 * ip + r, b], sums[2 * ip + r, b])
 
     return qgemm_i8
 
