@@ -1,8 +1,9 @@
 """Run a ``cpu-tvm`` / ``arm64`` bundle with the TVM runtime (``tvm.runtime`` only: no compiler, no torch).
 
 Same interface as :class:`edgedec.runtime.engine.DecoderSession`: ``forward(ids, logits_rows)``,
-``decode_one(token)``, ``kv`` with ``length``/``capacity``, ``run_s``. The library's ``prefill`` and
-``decode`` functions write new keys/values in place into the cache tensors passed to them, at
+``decode_one(token)``, ``kv`` with ``length``/``capacity``, ``run_s``. The library's ``prefill``, ``decode``
+and ``verify{k}`` (every row's logits, k static) functions write new keys/values in place into the cache
+tensors passed to them, at
 ``[length, length + n)``, and attend over ``[0, length + n)``; rolling back is a smaller ``length``.
 """
 
@@ -115,6 +116,9 @@ class TvmDecoderSession:
         self.params = tvm.runtime.convert(self._load_params(bundle, graph))
         self.kv = TvmKVCache(self.num_layers, arch["num_kv_heads"], arch["head_dim"], capacity)
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
+        # verify{k}: every row's logits at a static k (what speculation calls); older libraries lack them
+        has = self.vm.module.implements_function
+        self._verify = {k: self.vm[f"verify{k}"] for k in range(2, 65) if has(f"verify{k}")}
         self._shape = tvm.runtime.ShapeTuple
         self._tensor = tvm.runtime.tensor
         self._ids1 = tvm.runtime.empty((1, 1), "int32", tvm.cpu())  # (batch, new tokens)
@@ -168,12 +172,16 @@ class TvmDecoderSession:
         if ids.min() < 0 or ids.max() >= self.vocab:
             raise GenerationError(f"token ids must be in [0, {self.vocab})")
         t = time.perf_counter()
-        out = self._prefill(self._tensor(ids.astype(np.int32)), self._tensor(rows), self._shape([start + n]),
-                            self.kv.array, self.params)
-        logits = out.numpy()
+        if n in self._verify and rows.size == n and (rows == np.arange(n)).all():
+            out = self._verify[n](self._tensor(ids.astype(np.int32)), self._shape([start + n]), self.kv.array,
+                                  self.params)
+        else:
+            out = self._prefill(self._tensor(ids.astype(np.int32)), self._tensor(rows), self._shape([start + n]),
+                                self.kv.array, self.params)
+        logits = np.from_dlpack(out)[0]
         self.run_s += time.perf_counter() - t
         self.kv.length = start + n
-        return logits[0]
+        return logits
 
     def decode_one(self, token: int) -> np.ndarray:
         """The hot path: one token at position ``kv.length``; returns logits (vocab,)."""

@@ -9,7 +9,11 @@ Relax module with a few hand-written TIR kernels, under the same KV-cache contra
       prefill(input_ids int32 (1, n), logits_index int32 (m,), R.Shape([total]), caches, params)
           -> logits float32 (1, m, vocab)
       decode(input_ids int32 (1, 1), R.Shape([total]), caches, params) -> logits float32 (1, 1, vocab)
-      check_params(params) -> ()   (prefill and decode skip the weights' shape checks; this does them)
+      verify{k}(input_ids int32 (1, k), R.Shape([total]), caches, params) -> logits float32 (1, k, vocab)
+             for k in VERIFY_ROWS: prefill with every row's logits, at a static k, so the VM plans its
+             memory once and computes no shapes (a dynamic-n prefill of one token costs ~0.4 ms more
+             than decode); what a speculative verification calls
+      check_params(params) -> ()   (the others skip the weights' shape checks; this does them)
     caches   tuple of 2 * layers tensors, float32 (1, kv_heads, capacity, head_dim):
              (key.0, value.0, key.1, value.1, ...). Written IN PLACE (call_tir_inplace) at
              positions [start, total); attention reads [0, total). Rolling back = a smaller total.
@@ -384,6 +388,9 @@ def _te_rope(x, cos, sin, total, heads: int, head_dim: int):
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
+VERIFY_ROWS = range(2, 9)  # verify{k}: a speculative verification of k - 1 drafts, static shapes
+
+
 def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, activations: str = "float"):
     """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring); ``quant="int4"``:
     the weights in :func:`quantized_bits` are block-quantized (:mod:`edgedec.targets.tvm_quant`);
@@ -405,13 +412,15 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
 
     kernels: dict = {}
 
-    def function(name: str, decode: bool):
-        n = tirx.IntImm("int64", 1) if decode else tirx.Var("n", "int64")
+    def function(name: str, rows_static: int | None):
+        """rows_static None: prefill (any n, logits of the rows in logits_index); 1: decode; k > 1: verify{k}."""
+        decode = rows_static == 1
+        n = tirx.IntImm("int64", rows_static) if rows_static else tirx.Var("n", "int64")
         m = tirx.Var("m", "int64")
         total = tirx.Var("total", "int64")
         cap = tirx.Var("capacity", "int64")
         ids = relax.Var("input_ids", relax.TensorType((1, n), "int32"))
-        rows = None if decode else relax.Var("logits_index", relax.TensorType((m,), "int32"))
+        rows = None if rows_static else relax.Var("logits_index", relax.TensorType((m,), "int32"))
         shape = relax.Var("total", relax.ShapeType([total]))
         cache_t = relax.TensorType((1, a.num_kv_heads, cap, a.head_dim), "float32")
         caches = relax.Var("caches", relax.TupleType([cache_t] * (2 * a.num_layers)))
@@ -484,11 +493,13 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
                     h = bb.emit(relax.op.take(h, rows, axis=1))
                 x = bb.emit_te(_te_rms_norm, h, w["norm.weight"], a.rms_norm_eps, primfunc_name_hint="rms_norm")
                 head = "lm_head.weight" if not a.tie_word_embeddings else "embed_tokens.weight"
-                logits = bb.emit_output(linear(x, head, rows=n if decode else m))
+                logits = bb.emit_output(linear(x, head, rows=m if rows is not None else n))
             bb.emit_func_output(logits)
 
-    function("prefill", decode=False)
-    function("decode", decode=True)
+    function("prefill", None)
+    function("decode", 1)
+    for k in VERIFY_ROWS:
+        function(f"verify{k}", k)
     params = relax.Var("params", relax.TupleType([relax.TensorType(*specs[p]) for p in names]))
     with bb.function("check_params", [params]):  # the VM checks each weight's shape and dtype on entry
         bb.emit_func_output(relax.Tuple([]))

@@ -31,6 +31,7 @@ import numpy as np
 from ..errors import ModelError, UnsupportedError
 from ..runtime.tvm_session import PARAM_DTYPES
 from .base import Target
+from .tvm_module import VERIFY_ROWS
 from .tvm_quant import VNNI_FLAG
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,10 @@ class TvmTarget(Target):
                 "prefill": "(input_ids int32 (1, n), logits_index int32 (m,), Shape([total]), caches, params) "
                            "-> logits float32 (1, m, vocab)",
                 "decode": "(input_ids int32 (1, 1), Shape([total]), caches, params) -> logits float32 (1, 1, vocab)",
+                **{f"verify{k}": f"(input_ids int32 (1, {k}), Shape([total]), caches, params) -> logits "
+                                 f"float32 (1, {k}, vocab): prefill with every row's logits, static shapes"
+                   for k in VERIFY_ROWS},
+                "check_params": "(params) -> (): checks every weight's shape and dtype (the others do not)",
             },
             # the prefill function's signature, in the form the ONNX targets use (decode: sequence = 1, no logits_index)
             "inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, "sequence"]},
@@ -323,7 +328,7 @@ def quantization_entry(quant: str | None, report: dict, activations: str = "floa
 
 def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, arch, reference: dict | None = None,
                    seed: int = 0) -> dict:
-    """Run the built library on fixed ids (prefill 9, decode 1, step 2) against the source model's logits;
+    """Run the built library on fixed ids (prefill 9, decode 1, verify2) against the source model's logits;
     with ``reference`` (quantized weights' dequantization, by name), against the source model carrying those
     weights, which is what the library computes."""
     import copy
@@ -354,6 +359,8 @@ def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, ar
         total = tvm.runtime.ShapeTuple([start + n])
         if n == 1:
             out = vm["decode"](chunk, total, caches, params).numpy()
+        elif n in VERIFY_ROWS:
+            out = vm[f"verify{n}"](chunk, total, caches, params).numpy()
         else:
             out = vm["prefill"](chunk, tvm.runtime.tensor(np.arange(n, dtype="int32")), total, caches, params).numpy()
         diffs.append(float(np.abs(out[0] - ref[start:start + n]).max()))
