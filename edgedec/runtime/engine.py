@@ -589,11 +589,28 @@ def candidates(dec, rows: np.ndarray, width: int) -> np.ndarray:
     return top_candidates(rows, width)
 
 
+TOP_CHUNK = 64  # logits per chunk in top_candidates' first pass
+
+
 def top_candidates(rows: np.ndarray, width: int) -> np.ndarray:
-    """The ``width`` most likely next tokens of each row, best first: (rows, width) int32."""
+    """The ``width`` most likely next tokens of each row, best first: (rows, width) int32.
+
+    In two passes when the vocabulary splits into chunks of ``TOP_CHUNK``: each chunk's max (one
+    vectorized pass), then the ``width`` chunks with the largest maxima, which hold the ``width`` largest
+    logits (every chunk holding one of them has a max at least the ``width``-th largest logit, and no
+    other chunk does; a tie with another chunk's max can only swap equal logits). SmolLM2's 49,152 logits:
+    ~4x faster than one argpartition over them, which took ~1 ms a speculative verification."""
+    n, vocab = rows.shape
+    if vocab % TOP_CHUNK or vocab // TOP_CHUNK <= width:
+        ids = np.broadcast_to(np.arange(vocab), rows.shape)
+    else:
+        chunks = rows.reshape(n, vocab // TOP_CHUNK, TOP_CHUNK)
+        best = np.argpartition(chunks.max(-1), -width, axis=-1)[:, -width:]  # (n, width) chunk numbers
+        ids = (best[:, :, None] * TOP_CHUNK + np.arange(TOP_CHUNK)).reshape(n, -1)
+        rows = np.take_along_axis(rows, ids, axis=-1)
     part = np.argpartition(rows, -width, axis=-1)[:, -width:]
     order = np.argsort(-np.take_along_axis(rows, part, axis=-1), axis=-1, kind="stable")
-    return np.take_along_axis(part, order, axis=-1).astype(np.int32)
+    return np.take_along_axis(np.take_along_axis(ids, part, axis=-1), order, axis=-1).astype(np.int32)
 
 
 def _stop_prefix_length(text: str, stop: list[str]) -> int:

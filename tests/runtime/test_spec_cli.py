@@ -102,3 +102,19 @@ def test_bench_warns_when_recycling_picks_candidates_on_the_host(spec_bundle, ti
     r = cli("bench", tiny_llama_bundle, "--prompts", prompts, "--warmup", "0", "--runs", "1", "--new-tokens", "4",
             "--threads", "1", "--spec", "recycling")
     assert r.exit_code == 0 and "warning:" in r.stderr and "picked on the host" in " ".join(r.stderr.split())
+
+
+@pytest.mark.parametrize("vocab", [49152, 1024, 96])
+def test_top_candidates_are_the_largest_logits_best_first(vocab):
+    """The two-pass search (chunk maxima, then the best chunks) returns what a full sort does: the
+    ``width`` largest logits' ids, largest first; with ties, logits of the same values."""
+    from edgedec.runtime.engine import top_candidates
+
+    rng = np.random.default_rng(7)
+    rows = (rng.standard_normal((3, vocab)) * 3).astype(np.float32)
+    for width in (1, 4, 8):
+        np.testing.assert_array_equal(top_candidates(rows, width), np.argsort(-rows, axis=-1)[:, :width])
+    rows[:, [5, vocab - 7, vocab // 2]] = 40.0  # a three-way tie at the top, in different chunks
+    got = top_candidates(rows, 4)
+    np.testing.assert_array_equal(np.take_along_axis(rows, got, -1), -np.sort(-rows, axis=-1)[:, :4])
+    assert {5, vocab - 7, vocab // 2} == set(got[0, :3].tolist())

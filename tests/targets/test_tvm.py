@@ -233,6 +233,33 @@ def test_params_that_do_not_fit_the_library_are_refused_at_load(tvm_llama, tmp_p
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("fixture", ["tvm_llama", "tvm_int4_llama"])
+def test_verify_functions_give_each_row_the_decode_steps_bits(fixture, request):
+    """verify{k} (every row's logits at a static k: what a speculative verification calls) gives row i the
+    bits that i + 1 decode steps give, which is what keeps speculation lossless; prefill (rows out of
+    order, so not verify) agrees; the manifest lists them with check_params."""
+    bundle = request.getfixturevalue(fixture)
+    functions = json.loads((bundle / "manifest.json").read_text())["graphs"]["decoder"]["functions"]
+    assert {"prefill", "decode", "check_params", *(f"verify{k}" for k in range(2, 9))} <= set(functions)
+    dec = Engine.load(bundle, threads=2).decoder
+    assert sorted(dec._verify) == list(range(2, 9))
+    ids = np.random.default_rng(3).integers(0, 300, size=16).tolist()
+    dec.forward(ids[:5])
+    base = dec.kv.length
+    for k in (2, 5, 8):
+        new = ids[5:5 + k]
+        got = dec.forward(new, list(range(k))).copy()
+        dec.kv.length = base
+        steps = []
+        for t in new:
+            steps.append(dec.decode_one(t).copy())
+        dec.kv.length = base
+        np.testing.assert_array_equal(got, np.stack(steps))
+        other = dec.forward(new, list(range(k))[::-1])[::-1]
+        dec.kv.length = base
+        np.testing.assert_allclose(other, got, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------------
 # -q int4 on the TVM targets
 # ---------------------------------------------------------------------------------------------------
