@@ -280,7 +280,7 @@ VNNI_DOT = "llvm.x86.avx512.vpdpbusd.512"  # 16 lanes: lane += sum of 4 products
 def _quantize_rows(T, d_in: int, bits: int):
     """A TVMScript macro, ``quantize_rows(x, rows, xq, dx)``: each row's blocks of 32 inputs rounded to int8
     with their own scale ``dx[i, b] = max|x| / 127``. For 4-bit weights, within a word's 8 inputs the even
-    ones come first, then the odd ones, which is how :func:`_dot_block` finds them (low nibbles, then high
+    ones come first, then the odd ones, which is how :func:`_dot` finds them (low nibbles, then high
     ones); for 8-bit weights they stay in order (a word's four bytes are four consecutive inputs)."""
     kb = d_in // BLOCK
     at = (lambda o: o // 8 * 8 + o % 4 * 2 + o % 8 // 4) if bits == 4 else (lambda o: o)
@@ -374,9 +374,9 @@ def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4):
 
 def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4):
     """Prefill / verification with int8 activations, any number of rows: per row, exactly the arithmetic
-    of :func:`gemv_int8_kernel` in the same order, so a row gives the decode kernel's bits. Each row
-    unpacks the block's words again (from L1): sharing the unpacking across rows kept 16 planes live, and
-    the register spills made it slower (measured)."""
+    of :func:`gemv_int8_kernel` in the same order, so a row gives the decode kernel's bits. Rows go through
+    each block in pairs, in one basic block, so a pair shares each word's load and unpacking (an odd last
+    row pairs with itself; four rows at a time kept 16 unpacked planes live and spilled: slower, measured)."""
     from tvm.script import tirx as T
 
     kb, tasks = d_in // BLOCK, d_out // GROUP
@@ -404,7 +404,8 @@ def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4):
             for b, ip in T.grid(kb, (n + 1) // 2):
                 for r in T.unroll(2):  # one basic block: the pair shares the loads and the unpacking
                     for half in T.unroll(2):
-                        acc[T.ramp(r * GROUP + half * 16, 1, 16)] = _dot(T, bits, w, t, b, xq, T.min(2 * ip + r, n - 1), half)
+                        acc[T.ramp(r * GROUP + half * 16, 1, 16)] = _dot(
+                            T, bits, w, t, b, xq, T.min(2 * ip + r, n - 1), half)
                 for r in T.unroll(2):
                     if 2 * ip + r < n:
                         for half in T.unroll(2):
