@@ -399,32 +399,48 @@ def test_pack_round_trip_and_bad_shapes():
         tvm_quant.quantize(np.zeros((16, 64), np.float32), 4)
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_multi_row_kernel_gives_the_decode_kernels_bits(bits):
-    """Prefill / verification rows (both multi-row paths: few rows, many rows) equal the one-row decode
-    kernel bit for bit, which is what keeps speculation lossless without two-row plain steps; and both
-    equal numpy on the dequantized weights."""
+def _kernel_pair(make_one, make_many, bits: int, seed: int):
+    """A decode kernel and its multi-row twin over a random (64, 96) weight in ``bits``, built for this
+    machine: (one, many, the quantized weight, its tensors, the generator that made it)."""
     import tvm
 
     from edgedec.targets import tvm_quant
     from edgedec.targets.tvm_target import host_llvm_target
 
     target = tvm.target.Target(host_llvm_target(2))
-    rng = np.random.default_rng(3)
-    k, n_out = 96, 64
-    q = tvm_quant.quantize(rng.standard_normal((n_out, k)).astype(np.float32), bits)
+    rng = np.random.default_rng(seed)
+    q = tvm_quant.quantize(rng.standard_normal((64, 96)).astype(np.float32), bits)
     build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
-    one, many = build(tvm_quant.gemv_kernel(k, n_out, bits)), build(tvm_quant.gemm_kernel(k, n_out, bits))
     w = [tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)]
+    return build(make_one(96, 64, bits)), build(make_many(96, 64, bits)), q, w, rng
+
+
+def _rows_with_decode_bits(one, many, w, x: np.ndarray) -> np.ndarray:
+    """x (1, rows, in) through the multi-row kernel, each row checked against the decode kernel's bits."""
+    import tvm
+
+    rows, n_out = x.shape[1], 64
+    y = tvm.runtime.tensor(np.zeros((1, rows, n_out), np.float32))
+    many(tvm.runtime.tensor(x), *w, y)
+    for i in range(rows):
+        yi = tvm.runtime.tensor(np.zeros((1, 1, n_out), np.float32))
+        one(tvm.runtime.tensor(x[:, i:i + 1]), *w, yi)
+        np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
+    return y.numpy()[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_multi_row_kernel_gives_the_decode_kernels_bits(bits):
+    """Prefill / verification rows (both multi-row paths: few rows, many rows) equal the one-row decode
+    kernel bit for bit, which is what keeps speculation lossless without two-row plain steps; and both
+    equal numpy on the dequantized weights."""
+    from edgedec.targets import tvm_quant
+
+    one, many, q, w, rng = _kernel_pair(tvm_quant.gemv_kernel, tvm_quant.gemm_kernel, bits, seed=3)
     for rows in (1, 2, 3, tvm_quant.DIRECT_ROWS + 1, 8):
-        x = rng.standard_normal((1, rows, k)).astype(np.float32)
-        y = tvm.runtime.tensor(np.zeros((1, rows, n_out), np.float32))
-        many(tvm.runtime.tensor(x), *w, y)
-        for i in range(rows):
-            yi = tvm.runtime.tensor(np.zeros((1, 1, n_out), np.float32))
-            one(tvm.runtime.tensor(x[:, i:i + 1]), *w, yi)
-            np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
-        np.testing.assert_allclose(y.numpy()[0], x[0] @ q.dequantize().T, atol=1e-4, rtol=0)
+        x = rng.standard_normal((1, rows, 96)).astype(np.float32)
+        y = _rows_with_decode_bits(one, many, w, x)
+        np.testing.assert_allclose(y, x[0] @ q.dequantize().T, atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -469,29 +485,15 @@ def _int8_reference(x: np.ndarray, q) -> np.ndarray:
 def test_int8_activation_kernels_compute_what_they_say_and_rows_give_decode_bits(bits):
     """The VNNI kernels against numpy's emulation of the same rounding (close to float32 accumulation
     order), within a few % of the float product; and every multi-row row equals the decode kernel's bits."""
-    import tvm
-
     from edgedec.targets import tvm_quant
-    from edgedec.targets.tvm_target import host_llvm_target
 
-    target = tvm.target.Target(host_llvm_target(2))
-    rng = np.random.default_rng(5)
-    k, n_out = 96, 64
-    q = tvm_quant.quantize(rng.standard_normal((n_out, k)).astype(np.float32), bits)
-    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
-    one, many = build(tvm_quant.gemv_int8_kernel(k, n_out, bits)), build(tvm_quant.gemm_int8_kernel(k, n_out, bits))
-    w = [tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)]
-    x = rng.standard_normal((1, 5, k)).astype(np.float32)
+    one, many, q, w, rng = _kernel_pair(tvm_quant.gemv_int8_kernel, tvm_quant.gemm_int8_kernel, bits, seed=5)
+    x = rng.standard_normal((1, 5, 96)).astype(np.float32)
     x[0, 4] = 0.0  # an all-zero row: scale 0, no division by it
-    y = tvm.runtime.tensor(np.zeros((1, 5, n_out), np.float32))
-    many(tvm.runtime.tensor(x), *w, y)
-    for i in range(5):
-        yi = tvm.runtime.tensor(np.zeros((1, 1, n_out), np.float32))
-        one(tvm.runtime.tensor(x[:, i:i + 1]), *w, yi)
-        np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
-    np.testing.assert_allclose(y.numpy()[0], _int8_reference(x[0], q), atol=1e-4, rtol=1e-5)
+    y = _rows_with_decode_bits(one, many, w, x)
+    np.testing.assert_allclose(y, _int8_reference(x[0], q), atol=1e-4, rtol=1e-5)
     exact = x[0] @ q.dequantize().T
-    assert 0 < np.abs(y.numpy()[0] - exact).max() < 0.03 * np.abs(exact).max()
+    assert 0 < np.abs(y - exact).max() < 0.03 * np.abs(exact).max()
 
 
 @pytest.fixture(scope="session")
