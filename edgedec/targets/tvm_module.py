@@ -21,8 +21,8 @@ Relax module with a few hand-written TIR kernels, under the same KV-cache contra
 
 Kernels: projections are GEMVs over (out, in) weights (dlight's CPU GEMV rule vectorizes and
 parallelizes them on the decode path); attention is one hand-written TIR kernel (scores, max, exp,
-weighted values; parallel over heads and query rows), reading the cache in place; rotary embedding uses the same cos/sin
-tables as the ONNX graph (computed in float64, stored in float32).
+weighted values; parallel over heads and query rows), reading the cache in place; rotary embedding uses
+the same cos/sin tables as the ONNX graph (computed in float64, stored in float32).
 """
 
 from __future__ import annotations
@@ -411,6 +411,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
     silu_mul = bb.add_func(_silu_mul_kernel(a.intermediate_size), "silu_mul")
 
     kernels: dict = {}
+    params_type = relax.TupleType([relax.TensorType(*specs[p]) for p in names])
 
     def function(name: str, rows_static: int | None):
         """rows_static None: prefill (any n, logits of the rows in logits_index); 1: decode; k > 1: verify{k}."""
@@ -424,7 +425,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
         shape = relax.Var("total", relax.ShapeType([total]))
         cache_t = relax.TensorType((1, a.num_kv_heads, cap, a.head_dim), "float32")
         caches = relax.Var("caches", relax.TupleType([cache_t] * (2 * a.num_layers)))
-        params = relax.Var("params", relax.TupleType([relax.TensorType(*specs[p]) for p in names]))
+        params = relax.Var("params", params_type)
         args = [ids] + ([rows] if rows is not None else []) + [shape, caches, params]
         def linear(x, wname, bias=None, rows=n):
             d_out, d_in = shapes[wname]
@@ -500,8 +501,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
     function("decode", 1)
     for k in VERIFY_ROWS:
         function(f"verify{k}", k)
-    params = relax.Var("params", relax.TupleType([relax.TensorType(*specs[p]) for p in names]))
-    with bb.function("check_params", [params]):  # the VM checks each weight's shape and dtype on entry
+    with bb.function("check_params", [relax.Var("params", params_type)]):  # the VM checks the weights on entry
         bb.emit_func_output(relax.Tuple([]))
     return bb.get()
 
