@@ -129,7 +129,8 @@ def compile_cmd(
     draft_len: int = typer.Option(4, "--draft-len", help="Tokens drafted per verification (with --spec)."),
     kv: str = typer.Option(
         "fp32", "--kv", help="KV-cache layout: fp32, fp16, int8 or int4 (quantized: static scales calibrated on "
-                             "text; tune with --pass kv-cache:dtype=int4,k_scale=...,v_scale=...)."),
+                             "text; tune with --pass kv-cache:dtype=int4,k_scale=...,v_scale=...). The TVM "
+                             "targets take fp32 or fp16 (half the bytes; faster decoding at long contexts)."),
     kv_window: Optional[int] = typer.Option(
         None, "--kv-window", help="Sink + sliding window: keep the last N tokens (plus --kv-sinks first ones) and "
                                   "generate past the window in constant memory."),

@@ -37,8 +37,12 @@ def import_tvm():
     return tvm
 
 
+KV_DTYPES = ("float32", "float16")  # the manifest's kv_cache.dtype values this runtime allocates
+
+
 class TvmKVCache:
-    """Per layer, two TVM tensors (key, value), each float32 ``(1, kv_heads, capacity, head_dim)``.
+    """Per layer, two TVM tensors (key, value), each ``(1, kv_heads, capacity, head_dim)`` of ``dtype``
+    (float32, or float16 with ``--kv fp16``).
 
     ``views[l][j]`` are numpy views of the same memory (j = 0 keys, 1 values). ``length`` is the
     number of valid positions.
@@ -46,11 +50,11 @@ class TvmKVCache:
 
     window = None  # no sink + window eviction on this backend
 
-    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int):
+    def __init__(self, num_layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: str = "float32"):
         tvm = import_tvm()
 
         self.capacity = capacity
-        self.tensors = [tvm.runtime.empty((1, kv_heads, capacity, head_dim), "float32", tvm.cpu())
+        self.tensors = [tvm.runtime.empty((1, kv_heads, capacity, head_dim), dtype, tvm.cpu())
                         for _ in range(2 * num_layers)]
         self.views = [[np.from_dlpack(self.tensors[2 * l + j]) for j in (0, 1)] for l in range(num_layers)]
         for pair in self.views:
@@ -114,7 +118,11 @@ class TvmDecoderSession:
         except Exception as exc:
             raise BundleError(f"the TVM runtime cannot load {graph['file']}: {exc}") from exc
         self.params = tvm.runtime.convert(self._load_params(bundle, graph))
-        self.kv = TvmKVCache(self.num_layers, arch["num_kv_heads"], arch["head_dim"], capacity)
+        kv_dtype = bundle.manifest["kv_cache"].get("dtype", "float32")
+        if kv_dtype not in KV_DTYPES:
+            raise BundleError(f"the manifest's kv_cache.dtype {kv_dtype!r} is not one this runtime allocates "
+                              f"({', '.join(KV_DTYPES)})")
+        self.kv = TvmKVCache(self.num_layers, arch["num_kv_heads"], arch["head_dim"], capacity, kv_dtype)
         self._prefill, self._decode = self.vm["prefill"], self.vm["decode"]
         # verify{k}: every row's logits at a static k (what speculation calls); older libraries lack them
         has = self.vm.module.implements_function

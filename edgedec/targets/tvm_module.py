@@ -14,7 +14,7 @@ Relax module with a few hand-written TIR kernels, under the same KV-cache contra
              memory once and computes no shapes (a dynamic-n prefill of one token costs ~0.4 ms more
              than decode); what a speculative verification calls
       check_params(params) -> ()   (the others skip the weights' shape checks; this does them)
-    caches   tuple of 2 * layers tensors, float32 (1, kv_heads, capacity, head_dim):
+    caches   tuple of 2 * layers tensors, float32 or float16 (``kv_dtype``) (1, kv_heads, capacity, head_dim):
              (key.0, value.0, key.1, value.1, ...). Written IN PLACE (call_tir_inplace) at
              positions [start, total); attention reads [0, total). Rolling back = a smaller total.
     params   tuple of the weights in :func:`param_names` order (float32, the shapes there).
@@ -167,8 +167,9 @@ def param_shapes(arch: ArchFacts, max_positions: int) -> dict[str, tuple[int, ..
 # --------------------------------------------------------------------------------------------
 # TIR kernels
 # --------------------------------------------------------------------------------------------
-def _kv_write_kernel(kv_heads: int, head_dim: int):
-    """cache[0, h, start + i, d] = new[0, i, h * head_dim + d]: the new keys/values, in place."""
+def _kv_write_kernel(kv_heads: int, head_dim: int, dtype: str = "float32"):
+    """cache[0, h, start + i, d] = new[0, i, h * head_dim + d]: the new keys/values, in place, stored as
+    ``dtype`` (float32, or float16 rounded to nearest)."""
     from tvm.script import tirx as T
 
     @T.prim_func(private=True)
@@ -176,10 +177,10 @@ def _kv_write_kernel(kv_heads: int, head_dim: int):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})  # opaque: never fused
         cap = T.int64()
         n = T.int64()
-        cache = T.match_buffer(var_cache, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
+        cache = T.match_buffer(var_cache, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), dtype)
         new = T.match_buffer(var_new, (T.int64(1), n, T.int64(kv_heads * head_dim)), "float32")
         for h, i, d in T.grid(T.int64(kv_heads), n, T.int64(head_dim)):
-            cache[0, h, start + i, d] = new[0, i, h * T.int64(head_dim) + d]
+            cache[0, h, start + i, d] = T.Cast(dtype, new[0, i, h * T.int64(head_dim) + d])
 
     return kv_write
 
@@ -232,7 +233,7 @@ def _pairwise_sum(buf, n: int):
     return vals[0]
 
 
-def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
+def _attention_kernel(heads: int, kv_heads: int, head_dim: int, dtype: str = "float32"):
     """Causal GQA attention of n new queries over cache[0:total], parallel over (head, query) pairs.
 
     q, out: (1, n, heads * head_dim); caches (1, kv_heads, capacity, head_dim). Query i (position
@@ -257,8 +258,8 @@ def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
         cap = T.int64()
         n = T.int64()
         q = T.match_buffer(var_q, (T.int64(1), n, T.int64(heads * head_dim)), "float32")
-        kc = T.match_buffer(var_k, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
-        vc = T.match_buffer(var_v, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), "float32")
+        kc = T.match_buffer(var_k, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), dtype)
+        vc = T.match_buffer(var_v, (T.int64(1), T.int64(kv_heads), cap, T.int64(head_dim)), dtype)
         out = T.match_buffer(var_out, (T.int64(1), n, T.int64(heads * head_dim)), "float32")
         score = T.alloc_buffer((T.int64(heads) * n, total + T.int64(sl)), "float32")
         for hi in T.parallel(T.int64(heads) * n):
@@ -276,7 +277,7 @@ def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
                     part[l] = T.float32(0)
                 for a in T.unroll(nd):
                     for l in T.vectorized(vl):
-                        part[l] = part[l] + q[0, i, h * T.int64(head_dim) + a * vl + l] * kc[0, kvh, j, a * vl + l]
+                        part[l] = part[l] + q[0, i, h * T.int64(head_dim) + a * vl + l] * T.Cast("float32", kc[0, kvh, j, a * vl + l])
                 score[hi, j] = _pairwise_sum(part, vl) * T.float32(scale)
             for l in T.vectorized(sl):  # pad the last chunk: exp(pad - max) = 0
                 score[hi, length + l] = T.float32(-3.4e38)
@@ -305,7 +306,7 @@ def _attention_kernel(heads: int, kv_heads: int, head_dim: int):
                     for a in T.unroll(nd):
                         for l in T.vectorized(vl):
                             acc[r, a, l] = acc[r, a, l] + score[hi, 2 * jp + r] \
-                                * vc[0, kvh, T.min(2 * jp + r, length - 1), a * vl + l]
+                                * T.Cast("float32", vc[0, kvh, T.min(2 * jp + r, length - 1), a * vl + l])
             for a in T.unroll(nd):
                 for l in T.vectorized(vl):
                     out[0, i, h * T.int64(head_dim) + a * vl + l] = (acc[0, a, l] + acc[1, a, l]) / st[1]
@@ -388,13 +389,16 @@ def _te_rope(x, cos, sin, total, heads: int, head_dim: int):
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
+KV_DTYPES = ("float32", "float16")  # the caches' element types (--kv fp32 / fp16)
 VERIFY_ROWS = range(2, 9)  # verify{k}: a speculative verification of k - 1 drafts, static shapes
 
 
-def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, activations: str = "float"):
+def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, activations: str = "float",
+                 kv_dtype: str = "float32"):
     """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring); ``quant="int4"``:
     the weights in :func:`quantized_bits` are block-quantized (:mod:`edgedec.targets.tvm_quant`);
-    ``activations="int8"``: the kernels of those weights round their inputs to int8 (AVX512-VNNI)."""
+    ``activations="int8"``: the kernels of those weights round their inputs to int8 (AVX512-VNNI);
+    ``kv_dtype``: the caches' element type, float32 or float16 (written rounded, read back as float32)."""
     import tvm
     from tvm import relax, tirx
 
@@ -406,8 +410,10 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
     shapes = param_shapes(a, max_positions)
     bits = quantized_bits(a, max_positions, quant)
     bb = relax.BlockBuilder()
-    kv_write = bb.add_func(_kv_write_kernel(a.num_kv_heads, a.head_dim), "kv_write")
-    attention = bb.add_func(_attention_kernel(a.num_heads, a.num_kv_heads, a.head_dim), "attention")
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
+    kv_write = bb.add_func(_kv_write_kernel(a.num_kv_heads, a.head_dim, kv_dtype), "kv_write")
+    attention = bb.add_func(_attention_kernel(a.num_heads, a.num_kv_heads, a.head_dim, kv_dtype), "attention")
     silu_mul = bb.add_func(_silu_mul_kernel(a.intermediate_size), "silu_mul")
 
     kernels: dict = {}
@@ -423,7 +429,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
         ids = relax.Var("input_ids", relax.TensorType((1, n), "int32"))
         rows = None if rows_static else relax.Var("logits_index", relax.TensorType((m,), "int32"))
         shape = relax.Var("total", relax.ShapeType([total]))
-        cache_t = relax.TensorType((1, a.num_kv_heads, cap, a.head_dim), "float32")
+        cache_t = relax.TensorType((1, a.num_kv_heads, cap, a.head_dim), kv_dtype)
         caches = relax.Var("caches", relax.TupleType([cache_t] * (2 * a.num_layers)))
         params = relax.Var("params", params_type)
         args = [ids] + ([rows] if rows is not None else []) + [shape, caches, params]
@@ -507,7 +513,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
 
 
 def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = False, quant: str | None = None,
-                  activations: str = "float"):
+                  activations: str = "float", kv_dtype: str = "float32"):
     """Compile the module for ``target`` (a tvm.target.Target) into a Relax VM executable.
 
     Pipeline: TVM's CPU default (legalize, fuse the small elementwise/norm kernels, lower); the
@@ -517,7 +523,7 @@ def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = Fals
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    mod = build_module(arch, max_positions, quant, activations)
+    mod = build_module(arch, max_positions, quant, activations, kv_dtype)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, _ctx):

@@ -40,6 +40,9 @@ ALIGN = 64
 # max |logit diff| vs the source with -q int4:activations=int8: rounding the inputs moves SmolLM2-135M's
 # logits by up to 3.6 on the verification ids (perplexity +1.5%); broken kernels move them by far more
 INT8_ACTIVATIONS_TOLERANCE = 5.0
+# max |logit diff| vs the source with --kv fp16: keys and values rounded to float16 move SmolLM2-135M's logits
+# by 0.044 on the verification ids (float32 weights; logits up to ~31)
+FP16_CACHE_TOLERANCE = 0.25
 ORT_ONLY = "it rewrites the ONNX graph for ONNX Runtime (contrib ops / ORT-specific fusion), and the {t} " \
            "target builds its TVM module from the source weights, not from that graph"
 REFUSED = {
@@ -48,7 +51,8 @@ REFUSED = {
             "import; the {t} target runs float32 weights or its own int4 (-q int4)",
     "qdq": "static QDQ is the form NPU compilers take; the {t} target builds float32 kernels from the weights",
     "fuse-norms": ORT_ONLY,
-    "kv-cache": "the {t} runtime keeps a float32 cache; quantized cache layouts are ONNX Runtime kernels",
+    "kv-cache": "the {t} runtime keeps a float32 or float16 cache (--kv fp32 or fp16); the int8/int4 layouts "
+                "are ONNX Runtime kernels",
 }
 OTHER = "it is an ONNX graph pass, and the {t} target builds its TVM module from the source weights"
 
@@ -109,14 +113,20 @@ class TvmTarget(Target):
         self._pending: dict | None = None  # what export() built, for build() to move into the bundle
         self.quant: str | None = None  # "int4": the target quantizes the module's weights itself
         self.activations = "float"  # or "int8" (-q int4:activations=int8): the quantized kernels' inputs
+        self.kv_dtype = "float32"  # or "float16" (--kv fp16): the caches' element type
 
     def take_passes(self, specs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
         """``int4`` (``-q int4``) is this target's own block quantization; every other pass stays for
         :meth:`check_passes` to refuse. Its one option, ``activations`` (``float``, the default, or ``int8``),
-        picks the kernels of the block-quantized weights."""
-        self.quant, self.activations, rest = None, "float", []  # the target object is shared: every compile
-        for name, opts in specs:                                 # states its own quantization
+        picks the kernels of the block-quantized weights. ``kv-cache`` with ``dtype`` fp32 or fp16 (``--kv``)
+        sets the caches' element type; the quantized layouts are refused."""
+        # the target object is shared: every compile states its own quantization and cache
+        self.quant, self.activations, self.kv_dtype, rest = None, "float", "float32", []
+        for name, opts in specs:
             opts = dict(opts)
+            if name == "kv-cache":
+                self.kv_dtype = self._take_kv(opts)
+                continue
             if name != "int4":
                 rest.append((name, opts))
                 continue
@@ -134,6 +144,17 @@ class TvmTarget(Target):
                                        "leave activations=float")
             self.quant, self.activations = "int4", activations
         return rest
+
+    def _take_kv(self, opts: dict) -> str:
+        dtype = str(opts.get("dtype", "fp32"))
+        if dtype not in ("fp32", "fp16") or set(opts) - {"dtype"}:
+            given = ", ".join(f"{k}={v}" for k, v in opts.items()) or "no options"
+            raise UnsupportedError(f"target {self.name} cannot take kv-cache ({given}): "
+                                   + self.refused_passes["kv-cache"])
+        return {"fp32": "float32", "fp16": "float16"}[dtype]
+
+    def kv_cache_entry(self, arch, max_positions: int) -> dict:
+        return {"dtype": "float16", "kv_dtype": "fp16"} if self.kv_dtype == "float16" else {}
 
     def why_no_vnni(self) -> str | None:
         """Why the library this target builds cannot use AVX512-VNNI, or None: it is built for this machine's
@@ -176,14 +197,16 @@ class TvmTarget(Target):
         import tvm
 
         executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict), quant=self.quant,
-                                              activations=self.activations)
+                                              activations=self.activations, kv_dtype=self.kv_dtype)
         files = self.export_library(executable, work)  # the one the runtime loads first
         if self.runs_here():
             verification = verify_library(work / files[0], params, list(specs), hf_model, arch,
-                                          reference if report else None)
+                                          reference if report else None, kv_dtype=self.kv_dtype)
             tolerance = getattr(options, "verify_tolerance", 1e-2)
             if self.activations == "int8":  # rounding the inputs is an approximation, unlike the weights' layout
                 tolerance = max(tolerance, INT8_ACTIVATIONS_TOLERANCE)
+            if self.kv_dtype == "float16":  # and so is rounding the cache
+                tolerance = max(tolerance, FP16_CACHE_TOLERANCE)
             if verification["max_abs_logit_diff"] > tolerance:
                 raise ModelError(f"the TVM library differs from the source model by "
                                  f"{verification['max_abs_logit_diff']:.3g} in logits (tolerance {tolerance}); "
@@ -193,7 +216,7 @@ class TvmTarget(Target):
             log.warning("target %s: the library is not run here (%s); verification recorded as skipped",
                         self.name, verification["skipped"])
         self._pending = {"work": work, "files": files, "table": table, "target": target_dict,
-                         "verification": verification,
+                         "verification": verification, "kv_dtype": self.kv_dtype,
                          "quantization": quantization_entry(self.quant, report, self.activations)}
         return path
 
@@ -226,11 +249,12 @@ class TvmTarget(Target):
             "inputs": [{"name": "input_ids", "dtype": "int32", "shape": [1, "sequence"]},
                        {"name": "logits_index", "dtype": "int32", "shape": ["num_logits"]},
                        {"name": "total", "dtype": "shape", "shape": [1]},
-                       {"name": "caches", "dtype": "float32", "shape": ["2 * num_layers", 1, "kv_heads", "capacity",
-                                                                        "head_dim"]},
+                       {"name": "caches", "dtype": pending["kv_dtype"],
+                        "shape": ["2 * num_layers", 1, "kv_heads", "capacity", "head_dim"]},
                        {"name": "params", "dtype": "float32", "shape": [len(pending["table"])]}],
             "outputs": [{"name": "logits", "dtype": "float32", "shape": [1, "num_logits", "vocab"]}],
-            "caches": "tuple of 2 * num_layers float32 (1, kv_heads, capacity, head_dim): key.0, value.0, key.1, ...; "
+            "caches": f"tuple of 2 * num_layers {pending['kv_dtype']} (1, kv_heads, capacity, head_dim): key.0, "
+                      "value.0, key.1, ...; "
                       "written in place at [total - n, total), attention over [0, total)",
             "params_file": "params.bin",
             "params_layout": "raw little-endian, C order, by each entry's dtype (float32; block-quantized: uint32 "
@@ -327,7 +351,7 @@ def quantization_entry(quant: str | None, report: dict, activations: str = "floa
 
 
 def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, arch, reference: dict | None = None,
-                   seed: int = 0) -> dict:
+                   seed: int = 0, kv_dtype: str = "float32") -> dict:
     """Run the built library on fixed ids (prefill 9, decode 1, verify2) against the source model's logits;
     with ``reference`` (quantized weights' dequantization, by name), against the source model carrying those
     weights, which is what the library computes."""
@@ -351,7 +375,7 @@ def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, ar
         ref = model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
     vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
     params = tvm.runtime.convert([tvm.runtime.tensor(weights[n]) for n in names])
-    caches = tvm.runtime.convert([tvm.runtime.tensor(np.zeros((1, arch.num_kv_heads, 16, arch.head_dim), "float32"))
+    caches = tvm.runtime.convert([tvm.runtime.tensor(np.zeros((1, arch.num_kv_heads, 16, arch.head_dim), kv_dtype))
                                   for _ in range(2 * arch.num_layers)])
     diffs, start = [], 0
     for n in (9, 1, 2):

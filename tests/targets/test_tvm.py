@@ -27,8 +27,8 @@ EM_AARCH64 = 183
 EM_X86_64 = 62
 
 
-def _tvm_bundle(model_dir: Path, out: Path, target: str = "cpu-tvm", passes: tuple = ()) -> Path:
-    compile_model(str(model_dir), out, CompileOptions(target=target, max_context=128, passes=passes))
+def _tvm_bundle(model_dir: Path, out: Path, target: str = "cpu-tvm", passes: tuple = (), kv: str = "fp32") -> Path:
+    compile_model(str(model_dir), out, CompileOptions(target=target, max_context=128, passes=passes, kv=kv))
     return out
 
 
@@ -40,6 +40,11 @@ def tvm_llama(tiny_llama_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tvm_qwen2(tiny_qwen2_dir, tmp_path_factory) -> Path:
     return _tvm_bundle(tiny_qwen2_dir, tmp_path_factory.mktemp("tvm") / "tiny-qwen2-tvm")
+
+
+@pytest.fixture(scope="session")
+def tvm_fp16_kv_llama(tiny_llama_dir, tmp_path_factory) -> Path:
+    return _tvm_bundle(tiny_llama_dir, tmp_path_factory.mktemp("tvm") / "tiny-llama-tvm-kv16", kv="fp16")
 
 
 @pytest.fixture(scope="session")
@@ -233,7 +238,7 @@ def test_params_that_do_not_fit_the_library_are_refused_at_load(tvm_llama, tmp_p
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("fixture", ["tvm_llama", "tvm_int4_llama"])
+@pytest.mark.parametrize("fixture", ["tvm_llama", "tvm_int4_llama", "tvm_fp16_kv_llama"])
 def test_verify_functions_give_each_row_the_decode_steps_bits(fixture, request):
     """verify{k} (every row's logits at a static k: what a speculative verification calls) gives row i the
     bits that i + 1 decode steps give, which is what keeps speculation lossless; prefill (rows out of
@@ -258,6 +263,41 @@ def test_verify_functions_give_each_row_the_decode_steps_bits(fixture, request):
         other = dec.forward(new, list(range(k))[::-1])[::-1]
         dec.kv.length = base
         np.testing.assert_allclose(other, got, rtol=1e-5, atol=1e-5)
+
+
+def test_fp16_cache_holds_the_float32_bundles_keys_rounded(tvm_fp16_kv_llama, tvm_llama):
+    """--kv fp16: the manifest and the runtime's cache are float16 at half the bytes per token; layer 0's keys
+    and values are the float32 bundle's rounded to float16 (nothing before them differs), the logits stay
+    close to the float32 cache's, and speculation is lossless."""
+    m16, m32 = (json.loads((b / "manifest.json").read_text()) for b in (tvm_fp16_kv_llama, tvm_llama))
+    kv16, kv32 = m16["kv_cache"], m32["kv_cache"]
+    assert (kv16["dtype"], kv16["kv_dtype"], kv32["dtype"], kv32["kv_dtype"]) == ("float16", "fp16", "float32", "fp32")
+    assert kv16["bytes_per_token"] * 2 == kv32["bytes_per_token"]
+    caches = next(i for i in m16["graphs"]["decoder"]["inputs"] if i["name"] == "caches")
+    assert caches["dtype"] == "float16" and "float16" in m16["graphs"]["decoder"]["caches"]
+    assert m16["graphs"]["decoder"]["verification"]["max_abs_logit_diff"] < 1e-2
+    a, b = Engine.load(tvm_fp16_kv_llama, threads=2), Engine.load(tvm_llama, threads=2)
+    ids = np.random.default_rng(5).integers(0, 300, size=24).tolist()
+    got, want = a.decoder.forward(ids, list(range(24))), b.decoder.forward(ids, list(range(24)))
+    assert a.decoder.kv.views[0][0].dtype == np.float16 and a.decoder.kv.nbytes * 2 == b.decoder.kv.nbytes
+    for j in (0, 1):
+        np.testing.assert_array_equal(a.decoder.kv.views[0][j][:, :, :24],
+                                      b.decoder.kv.views[0][j][:, :, :24].astype(np.float16))
+    err, scale = np.abs(got - want).max(), np.abs(want).max()
+    assert 0 < err < 1e-2 * scale, (err, scale)  # rounded (not the float32 cache's bits), but close
+    for prompt in PROMPTS[:3]:
+        plain = [t.id for t in a.generate(prompt, max_new_tokens=32, ignore_eos=True, drafter=None)]
+        spec = [t.id for t in a.generate(prompt, max_new_tokens=32, ignore_eos=True, drafter="ngram+recycling")]
+        assert spec == plain, prompt
+
+
+@pytest.mark.parametrize("args, shown", [(["--kv", "int8"], "dtype=int8"), (["--kv", "int4"], "dtype=int4"),
+                                         (["--pass", "kv-cache:dtype=fp16,k_scale=per_tensor"], "k_scale=per_tensor")])
+def test_quantized_cache_layouts_refused_by_tvm(args, shown, tiny_llama_dir, tmp_path, cli, one_line_error):
+    out = tmp_path / "b"
+    r = cli("compile", tiny_llama_dir, "-o", out, "--target", "cpu-tvm", *args)
+    one_line_error(r, f"target cpu-tvm cannot take kv-cache \\(.*{shown}.*\\): .*float32 or float16 cache")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------
