@@ -220,11 +220,44 @@ def test_library_for_a_cpu_with_other_extensions_is_refused(tvm_llama, tmp_path)
         Engine.load(bundle)
 
 
-def test_params_that_do_not_fit_the_library_are_refused_at_load(tvm_llama, tmp_path):
-    """decode does not check the weights' shapes on each call; loading does, once, through prefill. A
-    manifest whose params entry has the right byte count but another shape is refused in one line."""
+def _as_library_before_check_params_and_verify(monkeypatch) -> None:
+    """Make the TVM sessions loaded from now on see their library as one built before ``check_params`` and
+    ``verify{k}`` existed (the module does not list them, and the VM does not give them)."""
+    from edgedec.runtime.tvm_session import import_tvm
+
+    vm_module = import_tvm().runtime.vm
+    real = vm_module.VirtualMachine
+    newer = lambda name: name == "check_params" or name.startswith("verify")  # noqa: E731
+
+    class OldModule:
+        def __init__(self, module):
+            self.module = module
+
+        def implements_function(self, name: str) -> bool:
+            return not newer(name) and self.module.implements_function(name)
+
+    class OldVM(real):
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.module = OldModule(self.module)  # after __init__, which looks its functions up in it
+
+        def __getitem__(self, name: str):
+            if newer(name):
+                raise AttributeError(f"no function {name}")
+            return self.module.module[name]
+
+    monkeypatch.setattr(vm_module, "VirtualMachine", OldVM)
+
+
+@pytest.mark.parametrize("old_library", [False, True])
+def test_params_that_do_not_fit_the_library_are_refused_at_load(old_library, tvm_llama, tmp_path, monkeypatch):
+    """prefill and decode do not check the weights' shapes on each call; loading does, once, through
+    check_params (or, in a library built before it, a one-token prefill). A manifest whose params entry has
+    the right byte count but another shape is refused in one line."""
     from _tiny import copy_bundle, edit_manifest
 
+    if old_library:
+        _as_library_before_check_params_and_verify(monkeypatch)
     bundle = copy_bundle(tvm_llama, tmp_path / "b")
 
     def transpose_one(m):
@@ -236,6 +269,22 @@ def test_params_that_do_not_fit_the_library_are_refused_at_load(tvm_llama, tmp_p
     with pytest.raises(BundleError, match="do not fit the library") as err:
         Engine.load(bundle)
     assert "\n" not in str(err.value)
+
+
+def test_a_library_without_verify_functions_speculates_through_prefill(tvm_llama, monkeypatch):
+    """A library built before verify{k}: verifications run prefill (every row asked for), with the same
+    output as the library that has them, with speculation and without."""
+    new = Engine.load(tvm_llama, threads=2)
+    _as_library_before_check_params_and_verify(monkeypatch)
+    old = Engine.load(tvm_llama, threads=2)
+    assert old.decoder._verify == {} and sorted(new.decoder._verify) == list(range(2, 9))
+    for prompt in PROMPTS[:3]:
+        want = [t.id for t in new.generate(prompt, max_new_tokens=32, ignore_eos=True, drafter=None)]
+        for engine in (old, new):
+            spec = [t.id for t in engine.generate(prompt, max_new_tokens=32, ignore_eos=True,
+                                                  drafter="ngram+recycling")]
+            assert spec == want, prompt
+            assert engine.last_stats.verify_steps > 0
 
 
 @pytest.mark.parametrize("fixture", ["tvm_llama", "tvm_int4_llama", "tvm_fp16_kv_llama"])
