@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import ModelError
 from ..models.arch import ArchFacts
+from ..runtime.tvm_session import KV_DTYPES
 
 
 def param_names(arch: ArchFacts) -> list[str]:
@@ -236,8 +237,10 @@ def _pairwise_sum(buf, n: int):
 def _attention_kernel(heads: int, kv_heads: int, head_dim: int, dtype: str = "float32"):
     """Causal GQA attention of n new queries over cache[0:total], parallel over (head, query) pairs.
 
-    q, out: (1, n, heads * head_dim); caches (1, kv_heads, capacity, head_dim). Query i (position
-    start + i) attends to positions [0, start + i], in three passes with no chain from key to key: every
+    q, out: (1, n, heads * head_dim); caches (1, kv_heads, capacity, head_dim) of ``dtype``, read as
+    float32 (float16 halves the reads, which pay at long contexts, where the cache streams from memory).
+    Query i (position start + i) attends to positions [0, start + i], in three passes with no chain from
+    key to key: every
     key's score (a vector dot product over head_dim), then their max, then ``p = exp(score - max)`` and
     its sum in 16-lane vectors (:func:`_fast_exp`), then the values weighted by p, two keys at a
     time into two accumulators. (An online softmax carried max, sum and a rescale from each key to the
@@ -277,7 +280,8 @@ def _attention_kernel(heads: int, kv_heads: int, head_dim: int, dtype: str = "fl
                     part[l] = T.float32(0)
                 for a in T.unroll(nd):
                     for l in T.vectorized(vl):
-                        part[l] = part[l] + q[0, i, h * T.int64(head_dim) + a * vl + l] * T.Cast("float32", kc[0, kvh, j, a * vl + l])
+                        part[l] = part[l] + q[0, i, h * T.int64(head_dim) + a * vl + l] \
+                            * T.Cast("float32", kc[0, kvh, j, a * vl + l])
                 score[hi, j] = _pairwise_sum(part, vl) * T.float32(scale)
             for l in T.vectorized(sl):  # pad the last chunk: exp(pad - max) = 0
                 score[hi, length + l] = T.float32(-3.4e38)
@@ -389,7 +393,6 @@ def _te_rope(x, cos, sin, total, heads: int, head_dim: int):
 # --------------------------------------------------------------------------------------------
 # The module
 # --------------------------------------------------------------------------------------------
-KV_DTYPES = ("float32", "float16")  # the caches' element types (--kv fp32 / fp16)
 VERIFY_ROWS = range(2, 9)  # verify{k}: a speculative verification of k - 1 drafts, static shapes
 
 
