@@ -69,12 +69,14 @@ class TokenRecyclingDrafter:
     the best candidate ``k`` times. Costs no weights; the table is ``(vocab, width)`` int32.
 
     After "Turning Trash into Treasure: Accelerating Inference of Large Language Models with Token
-    Recycling" (which drafts a tree; this runtime verifies chains, so it follows the top-1 path).
+    Recycling" (which drafts a tree; this runtime verifies chains, so it follows the top-1 path). A chain
+    reads only the best candidate, so ``width`` is 1 by default: the engine then hands over each row's
+    argmax, where a top-4 search over SmolLM2's 49,152 logits cost ~0.13-0.25 ms a row, on every step.
     """
 
     name = "recycling"
 
-    def __init__(self, vocab_size: int, width: int = 4):
+    def __init__(self, vocab_size: int, width: int = 1):
         self.table = np.full((vocab_size, width), -1, np.int32)  # (vocab, width) candidates, -1 = unknown
         self.width = width
 

@@ -601,6 +601,8 @@ def top_candidates(rows: np.ndarray, width: int) -> np.ndarray:
     other chunk does; a tie with another chunk's max can only swap equal logits). SmolLM2's 49,152 logits:
     ~5x faster than one argpartition over them, which took ~1 ms a speculative verification."""
     n, vocab = rows.shape
+    if width == 1:  # what the recycling drafter asks for: each row's argmax (~20 us a row here, not ~130)
+        return rows.argmax(axis=-1).astype(np.int32)[:, None]
     if vocab % TOP_CHUNK or vocab // TOP_CHUNK <= width:
         ids = np.broadcast_to(np.arange(vocab), rows.shape)
     else:
