@@ -58,6 +58,14 @@ def pair(request, tvm_llama, tvm_qwen2, tiny_llama_bundle, tiny_qwen2_bundle):
     return (tvm_llama, tiny_llama_bundle) if request.param == "llama" else (tvm_qwen2, tiny_qwen2_bundle)
 
 
+def _plain_and_spec(engine, prompt, max_new_tokens: int) -> tuple[list[int], list[int]]:
+    """Greedy token ids for ``prompt`` without speculation, then with ngram+recycling."""
+    def run(drafter):
+        return [t.id for t in engine.generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True, drafter=drafter)]
+
+    return run(None), run("ngram+recycling")
+
+
 def e_machine(header: bytes) -> int:
     """ELF e_machine (little-endian, offset 18), after checking the magic and the 64-bit class."""
     assert header[:4] == b"\x7fELF", header[:4]
@@ -81,8 +89,7 @@ def test_speculation_rolls_back_the_tvm_cache(pair):
     tvm_dir, _ = pair
     engine = Engine.load(tvm_dir, threads=2)
     for prompt in PROMPTS[:3]:
-        plain = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=None)]
-        spec = [t.id for t in engine.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter="ngram+recycling")]
+        plain, spec = _plain_and_spec(engine, prompt, 40)
         assert spec == plain
         assert engine.last_stats.verify_steps > 0
 
@@ -335,8 +342,7 @@ def test_fp16_cache_holds_the_float32_bundles_keys_rounded(tvm_fp16_kv_llama, tv
     err, scale = np.abs(got - want).max(), np.abs(want).max()
     assert 0 < err < 1e-2 * scale, (err, scale)  # rounded (not the float32 cache's bits), but close
     for prompt in PROMPTS[:3]:
-        plain = [t.id for t in a.generate(prompt, max_new_tokens=32, ignore_eos=True, drafter=None)]
-        spec = [t.id for t in a.generate(prompt, max_new_tokens=32, ignore_eos=True, drafter="ngram+recycling")]
+        plain, spec = _plain_and_spec(a, prompt, 32)
         assert spec == plain, prompt
 
 
@@ -416,8 +422,7 @@ def test_int4_greedy_matches_transformers_and_speculation_is_lossless(int4_pair,
     for prompt in PROMPTS[:4]:
         ids = engine.encode(prompt)
         want = hf_generate(ref_model, ids, 24)
-        plain = [t.id for t in engine.generate(ids, max_new_tokens=24, ignore_eos=True, drafter=None)]
-        spec = [t.id for t in engine.generate(ids, max_new_tokens=24, ignore_eos=True, drafter="ngram+recycling")]
+        plain, spec = _plain_and_spec(engine, ids, 24)
         assert plain == want, prompt
         assert spec == plain, prompt
         assert len(set(want)) > 3
@@ -609,8 +614,7 @@ def test_int8_activations_bundle_is_close_to_transformers_and_speculates_lossles
     assert 1e-5 < err < 0.15 * scale, (err, scale)  # rounded: not the float bundle's logits, but near them
     assert np.abs(exact - ref).max() < 1e-4
     for prompt in PROMPTS[:4]:
-        plain = [t.id for t in engine.generate(prompt, max_new_tokens=24, ignore_eos=True, drafter=None)]
-        spec = [t.id for t in engine.generate(prompt, max_new_tokens=24, ignore_eos=True, drafter="ngram+recycling")]
+        plain, spec = _plain_and_spec(engine, prompt, 24)
         assert spec == plain, prompt
 
 
