@@ -26,65 +26,14 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ConfigError, ModelError
+from .passes.draft_head import DraftHead  # the head and its file format live with the pass that fuses it
 
 log = logging.getLogger(__name__)
-
-FORMAT = "edgedec-draft-head"
-FORMAT_VERSION = 1
-
-
-@dataclass
-class DraftHead:
-    w1: np.ndarray  # (2 * hidden, hidden) float32: [h ; emb] -> hidden
-    b1: np.ndarray  # (hidden,)
-    w2: np.ndarray  # (hidden, hidden)
-    id_map: np.ndarray  # (K,) int64: kept row -> token id, most frequent first
-    table: np.ndarray  # (K, hidden) float32: the tied head's rows for the kept tokens
-    stats: dict  # coverage, agreement, K search, training figures
-
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, w1=self.w1, b1=self.b1, w2=self.w2, id_map=self.id_map, table=self.table,
-                 meta=np.frombuffer(_json_bytes({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                  "stats": self.stats}), np.uint8))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DraftHead":
-        import json
-
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"draft head file {path} does not exist (make one with `edgedec calibrate draft-head`)")
-        try:
-            z = np.load(path)
-            meta = json.loads(z["meta"].tobytes().decode())
-            head = cls(z["w1"], z["b1"], z["w2"], z["id_map"], z["table"], meta.get("stats", {}))
-        except Exception as exc:
-            raise ConfigError(f"{path} is not an edgedec draft head: {exc}") from exc
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-            raise ConfigError(f"{path} is not an edgedec draft head of version {FORMAT_VERSION}")
-        h = head.w2.shape[0]
-        if head.w1.shape != (2 * h, h) or head.b1.shape != (h,) or head.table.shape != (len(head.id_map), h):
-            raise ConfigError(f"{path}: inconsistent draft head shapes")
-        return head
-
-    def trimmed(self, k: int) -> "DraftHead":
-        return DraftHead(self.w1, self.b1, self.w2, self.id_map[:k], self.table[:k], dict(self.stats, k=k))
-
-
-def _json_bytes(obj) -> bytes:
-    import json
-
-    return json.dumps(obj).encode()
 
 
 def generate_sequences(bundle: str | Path, prompts: list, new_tokens: int, threads: int | None = None,
