@@ -189,7 +189,8 @@ def profile(args):
                     nodes[x["args"].get("op_name")] += 1
         n = len(decode)
         print(f"== {path} skipping {'on' if enabled else 'off'}: {n} decode steps; model_run median "
-              f"{np.median([r['dur'] for r in decode]) / 1e3:.2f} ms; kernel time/step {sum(agg.values()) / n / 1e3:.2f} ms;"
+              f"{np.median([r['dur'] for r in decode]) / 1e3:.2f} ms; "
+              f"kernel time/step {sum(agg.values()) / n / 1e3:.2f} ms;"
               f" kernels launched/step {sum(nodes.values()) / n:.1f} (If counts its branch's kernels too)")
         for op, d in agg.most_common(8):
             print(f"   {op:32s} {d / n:8.0f} us/step  {nodes[op] / n:6.1f} launches/step")

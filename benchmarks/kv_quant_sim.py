@@ -128,7 +128,8 @@ def main() -> None:
         return dequantize(quantize(x, scale[:, None, :], dtype), scale[:, None, :], dtype)
 
     def fake_quant(variant: str, l: int, k: np.ndarray, v: np.ndarray):
-        offset, kt, ks, vt, vs, dtype = layer("centred" if variant in ("keys", "values", "token-values") else variant, l)
+        kind = "centred" if variant in ("keys", "values", "token-values") else variant
+        offset, kt, ks, vt, vs, dtype = layer(kind, l)
         kq = (fq((k - offset[:, None]) @ kt, ks, dtype) @ kt.T + offset[:, None]).astype(np.float32)
         vq = (fq(v @ vt, vs, dtype) @ vt.T).astype(np.float32)
         if variant == "token-values":

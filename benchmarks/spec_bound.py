@@ -52,8 +52,8 @@ def main() -> int:
             counts["drafted"] += st.drafted_tokens
             counts["accepted"] += st.accepted_tokens
         plain = counts["decode_tokens"] - counts["accepted"] - counts["verifications"]
-        cost = lambda slope: plain + counts["verifications"] + slope * counts["drafted"]  # noqa: E731
-        speedups = {str(s): round(counts["decode_tokens"] / cost(s), 3) for s in slopes}
+        steps = {s: plain + counts["verifications"] + s * counts["drafted"] for s in slopes}  # cost at each slope
+        speedups = {str(s): round(counts["decode_tokens"] / steps[s], 3) for s in slopes}
         per = max(counts["verifications"], 1)
         result[path.stem] = {**counts, "accepted_per_verification": round(counts["accepted"] / per, 3),
                              "drafted_per_verification": round(counts["drafted"] / per, 3), "speedup": speedups}

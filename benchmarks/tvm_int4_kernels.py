@@ -70,7 +70,8 @@ def main() -> int:
             row["float_over_int8"] = round(row["float_us"] / row["int8_us"], 2)
         results[name] = row
         print(f"{name:8s} {k:5d}->{n:<5d} " + "  ".join(
-            f"{kind} {row[f'{kind}_us']:7.1f} us ({row[f'{kind}_gb_s']:5.1f} GB/s, rel. error {row[f'{kind}_rel_error']:.1e})"
+            f"{kind} {row[f'{kind}_us']:7.1f} us ({row[f'{kind}_gb_s']:5.1f} GB/s, "
+            f"rel. error {row[f'{kind}_rel_error']:.1e})"
             for kind in kernels) + (f"  float/int8 {row['float_over_int8']:.2f}x" if vnni else ""))
     if not vnni:
         print("this CPU lacks AVX512-VNNI: the int8-activation kernels were not run", file=sys.stderr)

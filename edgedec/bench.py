@@ -66,14 +66,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Sequence
 
 from . import errors
 from .errors import ConfigError, MeasurementError
 
 log = logging.getLogger(__name__)
 
-Prompt = Union[str, dict]  # a plain prompt, or {"messages": [{"role": ..., "content": ...}, ...]}
+Prompt = str | dict  # a plain prompt, or {"messages": [{"role": ..., "content": ...}, ...]}
 
 # Short, varied prompts: questions, code, and summarising a passage.
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -365,7 +365,8 @@ class Worker:
             self.proc.kill()  # hung: it would not exit when asked
             self.close()
             if self.first_pass_s is not None and timeout_s < self.timeout_s:
-                why = f"gave no reply in {timeout_s:.0f}s, {STALL_FACTOR}x its first pass ({self.first_pass_s:.1f}s): stalled"
+                why = (f"gave no reply in {timeout_s:.0f}s, {STALL_FACTOR}x its first pass "
+                       f"({self.first_pass_s:.1f}s): stalled")
             else:
                 why = f"ran past {timeout_s:.0f}s"
             raise MeasurementError(f"the benchmark worker for {self.label} {why}") from None
@@ -490,7 +491,8 @@ def _bundle_bench(bundle: str | Path, name: str, size: int, result: dict) -> Bun
         peak_rss_bytes=int(result["peak_rss_bytes"]), threads=int(result["threads"]), load_s=float(result["load_s"]),
         passes=passes, prompt_tokens=sum(p["prompt_tokens"] for p in first),
         new_tokens=sum(p["new_tokens"] for p in first), speculation=result.get("speculation"),
-        kv_bytes_per_token=int(result.get("kv_bytes_per_token", 0)), kv_cache_bytes=int(result.get("kv_cache_bytes", 0)),
+        kv_bytes_per_token=int(result.get("kv_bytes_per_token", 0)),
+        kv_cache_bytes=int(result.get("kv_cache_bytes", 0)),
         prompt_runs=result["runs"],
     )
 

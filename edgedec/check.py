@@ -90,7 +90,8 @@ def check_model(model: onnx.ModelProto, graph_name: str, rules: RuleSet) -> list
         v = infos.get(name)
         shape = _shape(v) if v is not None else None
         if shape is None:
-            add(where, op, "static-shape", f"tensor {name}: shape unknown after shape inference", rules.static_shapes_source)
+            add(where, op, "static-shape", f"tensor {name}: shape unknown after shape inference",
+                rules.static_shapes_source)
             return
         bad = [d for d in shape if not (isinstance(d, int) and d > 0)]
         if bad:
@@ -100,8 +101,8 @@ def check_model(model: onnx.ModelProto, graph_name: str, rules: RuleSet) -> list
             add(where, op, "rank", f"tensor {name} has rank {len(shape)} > {rules.max_rank}", rules.rank_source)
         dt = _dtype(v.type.tensor_type.elem_type)
         if dt not in rules.tensor_dtypes:
-            add(where, op, "dtype", f"tensor {name} is {dt}; {rules.name} takes {', '.join(sorted(rules.tensor_dtypes))}",
-                rules.dtype_source)
+            takes = ", ".join(sorted(rules.tensor_dtypes))
+            add(where, op, "dtype", f"tensor {name} is {dt}; {rules.name} takes {takes}", rules.dtype_source)
 
     for v in g.input:
         if v.name not in inits:
@@ -140,7 +141,7 @@ def check_bundle(path: str | Path, target: str = "npu", rules: str = "qnn") -> C
     sets = rule_sets(rules)
     bundle = Bundle.open(path)
     result = CheckResult(str(path), target, [r.name for r in sets])
-    for role, entry in bundle.manifest["graphs"].items():
+    for entry in bundle.manifest["graphs"].values():
         file = bundle.file(entry["file"])
         try:
             model = onnx.load(str(file), load_external_data=False)

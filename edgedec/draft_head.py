@@ -142,7 +142,8 @@ def choose_vocab(order: np.ndarray, heldout_targets: np.ndarray, agreement: floa
     best = max(feasible, key=lambda t: t.value)
     k = int(best.params["k"])
     return {"k": k, "coverage": coverage(k), "utility": utility(k), "utility_full_vocab": utility(len(order)),
-            "coverage_full": coverage(k_max), "draft_flops": draft_flops(k), "draft_flops_full": draft_flops(len(order)),
+            "coverage_full": coverage(k_max), "draft_flops": draft_flops(k),
+            "draft_flops_full": draft_flops(len(order)),
             "step_flops": step_flops, "min_coverage": min_coverage, "trials": trials}
 
 

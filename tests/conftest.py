@@ -81,7 +81,8 @@ def _train_tokenizer(out_dir: Path, model_type: str):
     assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
     bos = tok.token_to_id("<s>")
     # the post-processor adds <s>: the same ids with tokenizers (the runtime) and transformers
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", bos)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<|pad|>",
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"])
     fast.chat_template = CHAT_TEMPLATE

@@ -1,7 +1,8 @@
 """FFN skipping on the real model: SmolLM2-135M-Instruct (float32, as in test_smollm2: with int4 weights
 ONNX Runtime's one-token and multi-token kernels differ by up to ~1 logit, so no drafter is token-exact
-there) with the ffn-skip pass (calibrated in the pass). The ffn-skip drafter must be lossless: greedy output identical to decoding without speculation,
-which on this bundle runs the full model. ~3 minutes on 2 cores (one compile)."""
+there) with the ffn-skip pass (calibrated in the pass). The ffn-skip drafter must be lossless: greedy output
+identical to decoding without speculation, which on this bundle runs the full model. ~3 minutes on 2 cores
+(one compile)."""
 
 from __future__ import annotations
 

@@ -36,7 +36,6 @@ import onnx
 import torch
 from torch import nn
 
-from ..errors import ModelError
 from ..models.arch import ArchFacts
 
 log = logging.getLogger(__name__)

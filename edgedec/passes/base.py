@@ -157,7 +157,8 @@ def create_pass(name: str, options: dict | None = None, context: PassContext | N
     fields = {f.name: f for f in dataclasses.fields(cls.config_class)}
     unknown = sorted(set(options) - set(fields))
     if unknown:
-        raise ConfigError(f"pass {name} has no option {', '.join(unknown)}; its options: {', '.join(fields) or '(none)'}")
+        raise ConfigError(f"pass {name} has no option {', '.join(unknown)}; "
+                          f"its options: {', '.join(fields) or '(none)'}")
     return cls(cls.config_class(**options), context)
 
 

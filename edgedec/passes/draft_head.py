@@ -115,7 +115,8 @@ class DraftHeadPass(Pass):
         head = DraftHead.load(self.config.weights)
         if self.config.k:
             if self.config.k > len(head.id_map):
-                raise ConfigError(f"draft-head.k = {self.config.k} exceeds the {len(head.id_map)} tokens the head keeps")
+                raise ConfigError(f"draft-head.k = {self.config.k} exceeds the {len(head.id_map)} tokens "
+                                  "the head keeps")
             head = head.trimmed(self.config.k)
         model = onnx.ModelProto.FromString(model.SerializeToString())
         g = model.graph

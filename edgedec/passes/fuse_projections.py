@@ -50,7 +50,8 @@ class FuseProjectionsPass(Pass):
 
     def requires(self, model) -> None:
         if not any(n.op_type == "MatMul" for n in model.graph.node):
-            raise PassError("no MatMul found: fuse-projections needs the float decoder graph (run it before quantization)")
+            raise PassError("no MatMul found: fuse-projections needs the float decoder graph "
+                            "(run it before quantization)")
 
     def apply(self, model) -> PassResult:
         import onnx

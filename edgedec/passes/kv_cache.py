@@ -186,7 +186,8 @@ class KvCacheConfig(PassConfig):
         if self.samples < 1:
             raise ConfigError(f"kv-cache.samples must be >= 1, got {self.samples}")
         if self.int8_layers < -1:
-            raise ConfigError(f"kv-cache.int8_layers must be -1 (a third of the layers) or >= 0, got {self.int8_layers}")
+            raise ConfigError("kv-cache.int8_layers must be -1 (a third of the layers) or >= 0, "
+                              f"got {self.int8_layers}")
         if self.int8_layers > 0 and self.dtype != "int4":
             raise ConfigError(f"kv-cache.int8_layers mixes int8 layers into an int4 cache; dtype is {self.dtype}")
         if not 16 <= self.sensitivity_tokens <= 8192:
@@ -830,7 +831,8 @@ class KvCachePass(Pass):
         if mixed:  # int8 layers of an int4 cache
             report["int8_layers"] = {
                 "layers": mixed, "bits": 8, "zero_point": 0, "key_range": self.key_range("int8"),
-                "clip": self.clip_rule("int8"), "key_offset": bool(offsets), "formula": "q = clamp(round(x / scale), -128, 127); x = q * scale",
+                "clip": self.clip_rule("int8"), "key_offset": bool(offsets),
+                "formula": "q = clamp(round(x / scale), -128, 127); x = q * scale",
                 "relative_rms_error": {k: errors(k, mixed) for k in ("key", "value")},
             }
         return report
@@ -849,7 +851,8 @@ class KvCachePass(Pass):
         if dtype in QMAX:
             inits = {i.name for i in result.model.graph.initializer}
             for l, node in _attention_nodes(result.model).items():
-                missing = [n for n in (f"kv_scale.key.{l}", f"kv_scale.value.{l}") if n not in inits or n not in node.input]
+                missing = [n for n in (f"kv_scale.key.{l}", f"kv_scale.value.{l}")
+                           if n not in inits or n not in node.input]
                 if missing:
                     raise PassError(f"kv-cache: layer {l}'s attention lacks scale inputs {', '.join(missing)}")
 

@@ -291,7 +291,8 @@ class QdqPass(Pass):
         return PassResult(out, True, {
             "quantized": len(records),
             "settings": c.to_dict(),
-            "calibration": {"text": text_source, "sequences": len(reader), "tokens": getattr(reader, "tokens", len(reader) * c.sequence_length)},
+            "calibration": {"text": text_source, "sequences": len(reader),
+                            "tokens": getattr(reader, "tokens", len(reader) * c.sequence_length)},
             "nodes": counts,
             "max_abs_error": max(r["max_abs_error"] for r in records),
             "head_copies": heads,

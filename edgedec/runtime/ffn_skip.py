@@ -141,7 +141,8 @@ class FfnSkipController:
         names = [f"{SKIP_INPUT}.{l}" for l in ctl.skippable]
         missing = [n for n in names if n not in inputs] + ([COS_OUTPUT] if COS_OUTPUT not in outputs else [])
         if missing:
-            raise BundleError(f"the manifest says the decoder skips FFN blocks but the graph lacks {', '.join(missing)}")
+            raise BundleError("the manifest says the decoder skips FFN blocks but the graph lacks "
+                              f"{', '.join(missing)}")
         ctl._values = [ort.OrtValue.ortvalue_from_numpy(ctl.mask[i:i + 1]) for i in range(len(names))]
         ctl._values.append(ort.OrtValue.ortvalue_from_numpy(ctl.cos))
         for name, value in zip(names, ctl._values):

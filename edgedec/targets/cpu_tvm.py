@@ -2,4 +2,5 @@
 
 from .tvm_target import TvmTarget
 
-TARGET = TvmTarget("cpu-tvm", "Apache TVM (Relax) compiled for this machine's CPU; float32 or int4 weights, in-place KV cache")
+TARGET = TvmTarget("cpu-tvm", "Apache TVM (Relax) compiled for this machine's CPU; float32 or int4 weights, "
+                              "in-place KV cache")

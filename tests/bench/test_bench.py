@@ -58,7 +58,8 @@ def test_missing_prompt_file(tmp_path):
 
 def test_prompt_directory_gives_one_category_per_file(tmp_path):
     chat = {"messages": [{"role": "user", "content": "Why is the sky blue?"}]}
-    (tmp_path / "b_questions.jsonl").write_text(json.dumps(chat) + "\n" + json.dumps({"prompt": "What is rain?"}) + "\n")
+    (tmp_path / "b_questions.jsonl").write_text(json.dumps(chat) + "\n"
+                                                + json.dumps({"prompt": "What is rain?"}) + "\n")
     (tmp_path / "a_code.txt").write_text("def f(x):\n")
     (tmp_path / "notes.md").write_text("not a prompt file\n")
     prompts, categories = bench.load_prompt_set(tmp_path)
@@ -128,7 +129,8 @@ def test_report_has_required_keys_and_sane_values(report, tiny):
     assert d["bundles"][0]["ratios"] == {k: 1.0 for k in d["bundles"][0]["ratios"]}
     assert d["bundles"][0]["round_ratios"] == {m: {"median": 1.0, "min": 1.0, "max": 1.0}
                                                for m in ("decode_tok_s", "ttft_ms", "prefill_tok_s")}
-    by_round = [p["decode_tok_s"] / q["decode_tok_s"] for p, q in zip(report.bundles[1].passes, report.bundles[0].passes)]
+    by_round = [p["decode_tok_s"] / q["decode_tok_s"]
+                for p, q in zip(report.bundles[1].passes, report.bundles[0].passes)]
     assert d["bundles"][1]["round_ratios"]["decode_tok_s"] == {
         "median": pytest.approx(statistics.median(by_round)), "min": min(by_round), "max": max(by_round)}
     assert d["bundles"][1]["ratios"]["size_mb"] == 1.0

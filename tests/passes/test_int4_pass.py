@@ -9,9 +9,9 @@ import quant_graphs as qg
 from edgedec.errors import ConfigError
 from edgedec.passes.base import PassContext, PassError, PassResult, create_pass
 from edgedec.passes.int4 import Int4Config, Int4Pass, source_grids
+from quant_graphs import BODY, NOTHING
 
 GGUF_CONTEXT = PassContext(source={"weight_format": "F32,Q4_1,Q8_0"})
-from quant_graphs import BODY, NOTHING
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +251,8 @@ def test_round_offsets_bias_cancels_the_mean_shift_on_calibration_text(gguf_mode
     ids, _ = calibration_token_ids("t", str(calibration_text), qg.char_tokenizer_json(), qg.MAX_POS)
     ids = ids[:8 * qg.MAX_POS]
     exact = Int4Pass(Int4Config(accuracy_level=0, lm_head="fp32"), GGUF_CONTEXT)(gguf_model).model
-    plan = Int4Pass(Int4Config(accuracy_level=0, lm_head="fp32", round_offsets="*o_proj*"), GGUF_CONTEXT)._plan(("Q4_1", "Q8_0"))
+    config = Int4Config(accuracy_level=0, lm_head="fp32", round_offsets="*o_proj*")
+    plan = Int4Pass(config, GGUF_CONTEXT)._plan(("Q4_1", "Q8_0"))
     means = activation_means(gguf_model, ["attn"], ids, qg.MAX_POS)
     with_bias, _ = quantize_weights(gguf_model, plan, 0, means)
     without, _ = quantize_weights(gguf_model, plan, 0, {})

@@ -156,7 +156,8 @@ def test_cli_run_works_on_the_pristine_copy(bundle_copy, cli):
     assert r.exit_code == 0, r.stderr
     result = json.loads(r.stdout)
     assert result["new_tokens"] <= 4 and result["stop_reason"] in ("length", "eos")
-    assert result["token_ids"] == [t.id for t in Engine.load(bundle_copy, threads=1).generate("def f(x):", max_new_tokens=4)]
+    engine = Engine.load(bundle_copy, threads=1)
+    assert result["token_ids"] == [t.id for t in engine.generate("def f(x):", max_new_tokens=4)]
     r = cli("run", bundle_copy, "--prompt", "hi", "--chat", "--system", "be brief", "-n", "3", "--threads", "1",
             "--json")
     assert r.exit_code == 0, r.stderr
@@ -193,7 +194,8 @@ def test_cli_run_takes_the_prompt_as_argument_option_or_stdin(bundle_copy, cli, 
         (lambda m: m.update(target=None), r"manifest 'target' must be an object"),
         (lambda m: m.update(files=[]), r"manifest lists no files"),
         (lambda m: m["files"]["decoder.onnx"].pop("sha256"), r"bundle file decoder\.onnx does not match its sha256"),
-        (lambda m: m["files"].update({"tokenizer.json": "abc"}), r"manifest file entry .tokenizer\.json. must be an object"),
+        (lambda m: m["files"].update({"tokenizer.json": "abc"}),
+         r"manifest file entry .tokenizer\.json. must be an object"),
     ],
     ids=["arch-list", "graphs-list", "graph-str", "graph-no-file", "no-decoder-role", "tokenizer-str",
          "kv-no-capacity", "target-null", "files-list", "no-sha", "file-entry-str"],

@@ -202,7 +202,8 @@ def test_stop_strings(engine):
     late, early = full[-3:], full[5:7]
     text = engine.generate_text(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, stop=[late, early])
     assert text == full[: min(full.index(late), full.index(early))]
-    assert engine.generate_text(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, stop=early) == full[: full.index(early)]
+    stopped = engine.generate_text(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, stop=early)
+    assert stopped == full[: full.index(early)]
     # a stop string that never appears, or only starts to at the very end, changes nothing
     for never in ("\x00never\x00", full[-2:] + "\x00"):
         assert engine.generate_text(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True, stop=[never]) == full

@@ -269,7 +269,8 @@ def test_int4_cache_spec_bundle_equals_its_no_spec_run(tiny, tmp_path_factory):
     assert eng.bundle.manifest["kv_cache"]["quantization"]["key_offsets_file"]
     for prompt in PROMPTS:
         spec = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True)]
-        assert eng.last_stats.drafter == "ngram" and eng.last_stats.verify_steps > 0  # drafts verified, rejected ones rolled back
+        # drafts verified, rejected ones rolled back
+        assert eng.last_stats.drafter == "ngram" and eng.last_stats.verify_steps > 0
         base = [t.id for t in eng.generate(prompt, max_new_tokens=40, ignore_eos=True, drafter=None)]
         assert spec == base, prompt
 

@@ -19,7 +19,8 @@ from edgedec.runtime import Engine
 engine = Engine.load(sys.argv[1], threads=1)
 text = engine.generate_text("def f(x):", max_new_tokens=8, ignore_eos=True)
 chat = engine.generate_text(
-    engine.codec.encode(engine.codec.apply_chat_template([{"role": "user", "content": "hi"}]), add_special_tokens=False),
+    engine.codec.encode(engine.codec.apply_chat_template([{"role": "user", "content": "hi"}]),
+                        add_special_tokens=False),
     max_new_tokens=4, ignore_eos=True, temperature=0.8, seed=1)
 print(json.dumps({"new_tokens": engine.last_stats.new_tokens,
                   "modules": sorted(m for m in sys.modules if "." not in m or m.startswith("edgedec."))}))

@@ -14,8 +14,9 @@ def npu_bundle(tiny_llama_dir, tmp_path_factory) -> Path:
     from edgedec.compiler.pipeline import CompileOptions, compile_model
 
     out = tmp_path_factory.mktemp("targets") / "tiny-npu"
-    compile_model(str(tiny_llama_dir), out, CompileOptions(target="npu", max_context=NPU_CAPACITY, chunk=NPU_CHUNK,
-                                                           passes=(("qdq", (("samples", 4), ("sequence_length", 32))),)))
+    qdq = ("qdq", (("samples", 4), ("sequence_length", 32)))
+    compile_model(str(tiny_llama_dir), out,
+                  CompileOptions(target="npu", max_context=NPU_CAPACITY, chunk=NPU_CHUNK, passes=(qdq,)))
     return out
 
 

@@ -37,7 +37,8 @@ def test_float16_graph_runs_and_matches_fp32(gpu_bundle, tiny_llama_bundle):
             "total_sequence_length": np.array(n, np.int32), "logits_index": np.arange(n, dtype=np.int64)}
     kv = np.zeros((1, m["num_kv_heads"], cap, m["head_dim"]), np.float16)
     half = dict(feed, **{f"past_{k}.{l}": kv for l in range(m["num_layers"]) for k in ("key", "value")})
-    full = dict(feed, **{f"past_{k}.{l}": kv.astype(np.float32) for l in range(m["num_layers"]) for k in ("key", "value")})
+    full = dict(feed, **{f"past_{k}.{l}": kv.astype(np.float32)
+                         for l in range(m["num_layers"]) for k in ("key", "value")})
     a = fp16.run(["logits"], half)[0]
     b = fp32.run(["logits"], full)[0]
     assert a.dtype == np.float32
