@@ -58,12 +58,19 @@ def pair(request, tvm_llama, tvm_qwen2, tiny_llama_bundle, tiny_qwen2_bundle):
     return (tvm_llama, tiny_llama_bundle) if request.param == "llama" else (tvm_qwen2, tiny_qwen2_bundle)
 
 
-def _plain_and_spec(engine, prompt, max_new_tokens: int) -> tuple[list[int], list[int]]:
-    """Greedy token ids for ``prompt`` without speculation, then with ngram+recycling."""
+def _plain_and_spec(engine, prompt, max_new_tokens: int) -> tuple[list[int], list[int], int]:
+    """Greedy token ids for ``prompt`` without speculation, then with ngram+recycling, and how many drafts
+    were accepted. Asserts that the speculative run drafted and verified (the adaptive policy may pause
+    drafting; a run that never drafts would compare plain decoding with itself). Callers sum the accepted
+    drafts over their prompts and assert the sum is positive."""
     def run(drafter):
         return [t.id for t in engine.generate(prompt, max_new_tokens=max_new_tokens, ignore_eos=True, drafter=drafter)]
 
-    return run(None), run("ngram+recycling")
+    plain, spec = run(None), run("ngram+recycling")
+    s = engine.last_stats
+    assert s.drafter == "ngram+recycling" and s.verify_steps > 0 and s.drafted_tokens > 0, s
+    assert s.accepted_tokens <= s.drafted_tokens
+    return plain, spec, s.accepted_tokens
 
 
 def e_machine(header: bytes) -> int:
@@ -88,10 +95,12 @@ def test_speculation_rolls_back_the_tvm_cache(pair):
     """Chain verification writes drafts into the cache and rolls rejected ones back by length."""
     tvm_dir, _ = pair
     engine = Engine.load(tvm_dir, threads=2)
+    accepted = 0
     for prompt in PROMPTS[:3]:
-        plain, spec = _plain_and_spec(engine, prompt, 40)
+        plain, spec, n = _plain_and_spec(engine, prompt, 40)
         assert spec == plain
-        assert engine.last_stats.verify_steps > 0
+        accepted += n
+    assert accepted > 0
 
 
 def test_logits_match_onnxruntime(pair):
@@ -285,13 +294,17 @@ def test_a_library_without_verify_functions_speculates_through_prefill(tvm_llama
     _as_library_before_check_params_and_verify(monkeypatch)
     old = Engine.load(tvm_llama, threads=2)
     assert old.decoder._verify == {} and sorted(new.decoder._verify) == list(range(2, 9))
+    accepted = {"old": 0, "new": 0}
     for prompt in PROMPTS[:3]:
         want = [t.id for t in new.generate(prompt, max_new_tokens=32, ignore_eos=True, drafter=None)]
-        for engine in (old, new):
+        for name, engine in (("old", old), ("new", new)):
             spec = [t.id for t in engine.generate(prompt, max_new_tokens=32, ignore_eos=True,
                                                   drafter="ngram+recycling")]
             assert spec == want, prompt
-            assert engine.last_stats.verify_steps > 0
+            s = engine.last_stats
+            assert s.verify_steps > 0 and s.drafted_tokens > 0 and s.accepted_tokens <= s.drafted_tokens
+            accepted[name] += s.accepted_tokens
+    assert all(accepted.values()), accepted
 
 
 @pytest.mark.parametrize("fixture", ["tvm_llama", "tvm_int4_llama", "tvm_fp16_kv_llama"])
@@ -341,9 +354,12 @@ def test_fp16_cache_holds_the_float32_bundles_keys_rounded(tvm_fp16_kv_llama, tv
                                       b.decoder.kv.views[0][j][:, :, :24].astype(np.float16))
     err, scale = np.abs(got - want).max(), np.abs(want).max()
     assert 0 < err < 1e-2 * scale, (err, scale)  # rounded (not the float32 cache's bits), but close
+    accepted = 0
     for prompt in PROMPTS[:3]:
-        plain, spec = _plain_and_spec(a, prompt, 32)
+        plain, spec, n = _plain_and_spec(a, prompt, 32)
         assert spec == plain, prompt
+        accepted += n
+    assert accepted > 0
 
 
 @pytest.mark.parametrize("args, shown", [(["--kv", "int8"], "dtype=int8"), (["--kv", "int4"], "dtype=int4"),
@@ -419,13 +435,16 @@ def test_int4_greedy_matches_transformers_and_speculation_is_lossless(int4_pair,
     bundle, model_dir = int4_pair
     ref_model = _dequantized_hf(load_hf, model_dir)
     engine = Engine.load(bundle, threads=2)
+    accepted = 0
     for prompt in PROMPTS[:4]:
         ids = engine.encode(prompt)
         want = hf_generate(ref_model, ids, 24)
-        plain, spec = _plain_and_spec(engine, ids, 24)
+        plain, spec, n = _plain_and_spec(engine, ids, 24)
         assert plain == want, prompt
         assert spec == plain, prompt
         assert len(set(want)) > 3
+        accepted += n
+    assert accepted > 0
 
 
 def test_int4_manifest_params_and_size(tvm_int4_llama, tvm_llama):
@@ -613,9 +632,12 @@ def test_int8_activations_bundle_is_close_to_transformers_and_speculates_lossles
     err, scale = np.abs(got - ref).max(), np.abs(ref).max()
     assert 1e-5 < err < 0.15 * scale, (err, scale)  # rounded: not the float bundle's logits, but near them
     assert np.abs(exact - ref).max() < 1e-4
+    accepted = 0
     for prompt in PROMPTS[:4]:
-        plain, spec = _plain_and_spec(engine, prompt, 24)
+        plain, spec, n = _plain_and_spec(engine, prompt, 24)
         assert spec == plain, prompt
+        accepted += n
+    assert accepted > 0
 
 
 @pytest.mark.parametrize("target,option,message", [
