@@ -38,7 +38,7 @@ JSON written by ``edgedec bench --json`` (:meth:`BenchReport.to_dict`)::
          "peak_rss_mb": 210.5, "size_mb": 98.7, "kv_bytes_per_token": 184320, "kv_cache_mb": 377.5,
          "threads": 2, "load_s": 0.4, "prompt_tokens": 250, "new_tokens": 384,
          "runs": [{"decode_tok_s": ..., "ttft_ms": ..., "prefill_tok_s": ...}, ...],
-         "speculation": null,            # reserved: mean accepted tokens per verify step, when drafting
+         "speculation": null,            # with --spec: drafter, verify_steps, accepted_tokens, ... (else null)
          "ratios": {"decode_tok_s": 1.0, "ttft_ms": 1.0, "prefill_tok_s": 1.0, "peak_rss_mb": 1.0,
                     "size_mb": 1.0},     # this bundle / the first bundle, per metric (medians)
          "round_ratios": {"decode_tok_s": {"median": 1.0, "min": 1.0, "max": 1.0}, ...},
@@ -221,7 +221,7 @@ class BundleBench:
     passes: list[dict]  # per timed pass: decode_tok_s, ttft_ms, prefill_tok_s
     prompt_tokens: int  # per pass
     new_tokens: int  # per pass
-    speculation: dict | None = None  # reserved: mean accepted tokens per verify step, when drafting
+    speculation: dict | None = None  # with a drafter: bench_worker._speculation's figures (else None)
     kv_bytes_per_token: int = 0  # KV-cache bytes one token occupies (all layers, keys and values)
     kv_cache_bytes: int = 0  # the KV-cache buffer the runtime allocated
     prompt_runs: list[list[dict]] = field(default_factory=list)  # per timed pass, the worker's per-prompt figures

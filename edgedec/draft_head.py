@@ -3,7 +3,7 @@
 The verifier already computes, at every position t it runs, the final hidden state ``h_t`` from which
 its head picks ``x_{t+1}``. A small head on top of it can guess the token after that, ``x_{t+2}``, in the
 same graph run, so the next verification checks two tokens for little more than the price of one
-(one forward over 2 tokens costs ~1.09x one token on these CPUs; see DESIGN.md). The head, in the
+(one forward over 2 tokens costs ~1.09x one token on these CPUs, measured on SmolLM2 int4). The head, in the
 spirit of EAGLE/Hydra heads, sees the hidden state and the embedding of the token the verifier chose::
 
     z = h + W2 · silu(W1 · [h ; emb(x_{t+1})] + b1)          # (hidden,)

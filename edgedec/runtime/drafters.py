@@ -315,8 +315,8 @@ class DraftLengthPolicy:
     ``cost`` starts at the drafter's ``cost_per_token`` and then follows what the engine measures
     (:meth:`timed_plain`, :meth:`timed_verify`), because it depends on the machine more than on the
     model: with SmolLM2 int4 on 2 cores a pass over k + 1 tokens took 1.16 (k=1), 1.63 (k=3) and 2.62
-    (k=7) plain steps on one AVX2 machine, 1.09 (k=1) to 1.46 (k=7) on the one shared/DESIGN.md was
-    measured on. The cost needs plain steps to compare with: after ``calibrate_every`` drafts without
+    (k=7) plain steps on one AVX2 machine, 1.09 (k=1) to 1.46 (k=7) on another (the project's design
+    notes). The cost needs plain steps to compare with: after ``calibrate_every`` drafts without
     one, the policy asks for one (k = 0) instead of a draft. Until a plain step is timed, it keeps the prior.
     """
 

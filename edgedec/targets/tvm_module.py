@@ -19,8 +19,8 @@ Relax module with a few hand-written TIR kernels, under the same KV-cache contra
              positions [start, total); attention reads [0, total). Rolling back = a smaller total.
     params   tuple of the weights in :func:`param_names` order (float32, the shapes there).
 
-Kernels: projections are GEMVs over (out, in) weights (dlight's CPU GEMV rule vectorizes and
-parallelizes them on the decode path); attention is one hand-written TIR kernel (scores, max, exp,
+Kernels: projections are hand-scheduled GEMVs over (out, in) weights (:func:`_linear_kernel`,
+:mod:`.tvm_quant`); attention is one hand-written TIR kernel (scores, max, exp,
 weighted values; parallel over heads and query rows), reading the cache in place; rotary embedding uses
 the same cos/sin tables as the ONNX graph (computed in float64, stored in float32).
 """
