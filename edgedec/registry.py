@@ -114,7 +114,3 @@ PASSES: dict[str, dict] = {
         "requires": ["onnxruntime", "tokenizers"],
     },
 }
-
-
-def target_names() -> list[str]:
-    return list(TARGETS)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import ast
 import logging
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -203,13 +202,6 @@ class ExportDecoder(nn.Module):
             h = h + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         h = self.norm(h.index_select(1, logits_index))
         return (self.lm_head(h), *presents)
-
-
-@dataclass
-class ExportResult:
-    path: Path  # the .onnx file (weights in path + ".data")
-    max_abs_logit_diff: float  # ONNX Runtime vs the source model, on fixed inputs
-    verify_tokens: int
 
 
 def input_names(num_layers: int) -> list[str]:

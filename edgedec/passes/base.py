@@ -116,12 +116,10 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return total
 
 
-def run_passes(model: onnx.ModelProto, passes: list[Pass], on_pass=None) -> tuple[onnx.ModelProto, list[dict]]:
+def run_passes(model: onnx.ModelProto, passes: list[Pass]) -> tuple[onnx.ModelProto, list[dict]]:
     """Run ``passes`` in order; return the final model and the pass log for the manifest."""
     log, ran = [], []
     for p in passes:
-        if on_pass:
-            on_pass(p.name)
         size_before = model_bytes(model)
         t = time.perf_counter()
         try:

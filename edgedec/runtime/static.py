@@ -63,7 +63,7 @@ class StaticKVCache:
 class _StaticGraph:
     """One static graph (chunk C) with its bound buffers; past_* are bound to the shared host cache."""
 
-    def __init__(self, model_path: Path, arch: dict, kv_buffer: np.ndarray | None, threads: int, providers):
+    def __init__(self, model_path: Path, arch: dict, threads: int, providers):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -93,7 +93,6 @@ class _StaticGraph:
         self.logits = np.zeros((1, c, vocab), np.float32)  # (batch, C, vocab)
         self.new = np.zeros((self.num_layers, 2, 1, kvh, c, d), np.float32)  # (layer, k/v, batch, kv, C, D)
         self.causal = np.where(np.arange(c)[None, :] <= np.arange(c)[:, None], 0.0, MASK_VALUE).astype(np.float32)
-        self.kv_buffer = kv_buffer
 
     def bind(self, kv_buffer: np.ndarray) -> None:
         import onnxruntime as ort
@@ -136,7 +135,7 @@ class StaticDecoderSession:
 
     def __init__(self, model_paths: Sequence[Path], arch: dict, capacity: int | None, threads: int,
                  providers: Sequence[str] = ("CPUExecutionProvider",)):
-        graphs = [_StaticGraph(p, arch, None, threads, providers) for p in model_paths]
+        graphs = [_StaticGraph(p, arch, threads, providers) for p in model_paths]
         caps = {g.capacity for g in graphs}
         if len(caps) != 1:
             raise BundleError(f"the static graphs disagree on the cache size: {sorted(caps)}")
