@@ -137,12 +137,14 @@ def head_engine(smollm2_bundle, tmp_path_factory):
 
 def _lossless(eng, drafters):
     """Greedy output with each drafter equals the output without; every drafter made drafts and had some
-    accepted (the adaptive policy may pause drafting, and a run that never drafts compares plain with plain)."""
+    accepted. The draft length is fixed: the adaptive policy may pause drafting, and a run that never
+    drafts compares plain decoding with itself."""
     accepted = dict.fromkeys(drafters, 0)
     for prompt in SPEC_PROMPTS:
         base = [t.id for t in eng.generate(prompt, max_new_tokens=SPEC_TOKENS, ignore_eos=True, drafter=None)]
         for drafter in drafters:
-            spec = [t.id for t in eng.generate(prompt, max_new_tokens=SPEC_TOKENS, ignore_eos=True, drafter=drafter)]
+            spec = [t.id for t in eng.generate(prompt, max_new_tokens=SPEC_TOKENS, ignore_eos=True, drafter=drafter,
+                                               adaptive_draft=False)]
             assert spec == base, (prompt[:30], drafter)
             s = eng.last_stats
             assert s.drafter == drafter and s.verify_steps > 0 and s.drafted_tokens > 0, (prompt[:30], drafter, s)
