@@ -1,0 +1,134 @@
+"""Source-aware quantization of k-quants and the legacy GGUF formats: exact per-block forms decoded from a
+GGUF's own blocks (checked bit for bit against gguf-py's dequantization), found again from the float weights
+the passes and the TVM targets see, and what each target keeps of them."""
+
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, dequantize, quantize
+
+from edgedec.models import gguf_blocks as gb
+
+QUANTIZABLE = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")  # gguf-py quantizes these; the k-quants it only reads
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+
+
+def random_blocks(type_name: str, rows: int, K: int, seed: int) -> np.ndarray:
+    """(rows, bytes) raw blocks of ``type_name`` for a (rows, K) tensor: gguf-py's quantizer where it has one,
+    else random bytes with sane float16 super-block scales (every code, sub-scale and min is valid)."""
+    rng = np.random.default_rng(seed)
+    qtype = GGMLQuantizationType[type_name]
+    if type_name in QUANTIZABLE:
+        w = (rng.standard_normal((rows, K)) * rng.uniform(0.01, 0.2, (rows, 1))).astype(np.float32)
+        return quantize(w, qtype)
+    per_block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, (rows * K // per_block, size), dtype=np.uint8)
+    d = lambda n: rng.uniform(1e-4, 3e-3, n).astype(np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
+    n = raw.shape[0]
+    if type_name == "Q6_K":
+        raw[:, 208:210] = d(n)
+    else:  # d, dmin
+        raw[:, 0:2], raw[:, 2:4] = d(n), d(n)
+    return raw.reshape(rows, -1)
+
+
+def gguf_values(raw: np.ndarray, type_name: str) -> np.ndarray:
+    return dequantize(raw, GGMLQuantizationType[type_name]).reshape(raw.shape[0], -1)
+
+
+@pytest.mark.parametrize("type_name", QUANTIZABLE + K_QUANTS)
+def test_decoded_forms_are_gguf_dequantization_bit_for_bit(type_name):
+    raw = random_blocks(type_name, 64, 512, seed=len(type_name) + ord(type_name[1]))
+    q, scale, offset = gb.decode(raw, type_name)
+    ref = gguf_values(raw, type_name)
+    got = gb.reconstruct(q, scale, offset)
+    assert float(np.abs(got - ref).max()) == 0.0
+    assert np.array_equal(got, ref)
+    block = {"Q6_K": 16}.get(type_name, 32)
+    assert scale.shape == (64, 512 // block) and q.dtype == np.int8
+    lo, hi = {"Q4_0": (-8, 7), "Q4_1": (0, 15), "Q5_0": (-16, 15), "Q5_1": (0, 31), "Q8_0": (-127, 127),
+              "Q4_K": (0, 15), "Q5_K": (0, 31), "Q6_K": (-32, 31)}[type_name]
+    assert lo <= q.min() and q.max() <= hi
+    assert (offset is not None) == (type_name in ("Q4_1", "Q5_1", "Q4_K", "Q5_K"))
+
+
+def test_k_quant_forms_need_float32_scales():
+    """d * sc of a Q4_K block is generally not a float16 value: the exact form keeps float32 scales."""
+    q, scale, offset = gb.decode(random_blocks("Q4_K", 64, 512, seed=3), "Q4_K")
+    assert (scale.astype(np.float16).astype(np.float32) != scale).any()
+    assert (offset.astype(np.float16).astype(np.float32) != offset).any()
+
+
+@pytest.fixture(scope="module")
+def small_gguf(tmp_path_factory):
+    """A GGUF with one tensor per format (rows = outputs, K = inputs), as llama.cpp lays them out."""
+    path = tmp_path_factory.mktemp("gguf") / "mixed.gguf"
+    writer = GGUFWriter(str(path), "qwen2")
+    tensors = {}
+    for i, type_name in enumerate(QUANTIZABLE + K_QUANTS):
+        raw = random_blocks(type_name, 96, 512, seed=100 + i)
+        tensors[f"blk.0.{type_name.lower()}.weight"] = (type_name, raw)
+        writer.add_tensor(f"blk.0.{type_name.lower()}.weight", raw, raw_dtype=GGMLQuantizationType[type_name])
+    writer.add_tensor("blk.0.norm.weight", np.ones(512, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path, tensors
+
+
+def test_tensor_table_matches_gguf_reader(small_gguf):
+    path, _ = small_gguf
+    reader = GGUFReader(str(path))
+    table = gb.tensor_table(path)
+    assert [(n, t, list(s), o) for n, t, s, o in table] == \
+        [(t.name, t.tensor_type.name, [int(x) for x in t.shape], t.data_offset) for t in reader.tensors]
+
+
+def test_index_lists_every_block_quantized_row(small_gguf):
+    path, tensors = small_gguf
+    index = gb.exact_blocks(path)
+    assert len(index) == 96 * len(tensors)  # the F32 norm is not indexed
+    assert index.types() == {t: 1 for t in QUANTIZABLE + K_QUANTS}
+
+
+@pytest.mark.parametrize("type_name", QUANTIZABLE + K_QUANTS)
+def test_lookup_is_exact_for_each_format(small_gguf, type_name):
+    path, tensors = small_gguf
+    index = gb.exact_blocks(path)
+    _, raw = tensors[f"blk.0.{type_name.lower()}.weight"]
+    w = np.ascontiguousarray(gguf_values(raw, type_name).T)  # (K, N): a MatMul weight
+    form = index.lookup(w)
+    assert form is not None and form.sources == {type_name: 96}
+    assert float(np.abs(form.dequantize() - w).max()) == 0.0
+    assert form.block == (16 if type_name == "Q6_K" else 32)
+    assert form.bits == (4 if type_name in ("Q4_0", "Q4_1", "Q4_K") else 8)
+    assert index.lookup_out_in(w.T) is not None
+
+
+def test_lookup_finds_fused_permuted_and_mixed_weights(small_gguf):
+    """q/k/v fused along N from different formats, columns permuted: one form, blocks of the smallest."""
+    path, tensors = small_gguf
+    index = gb.exact_blocks(path)
+    parts = [gguf_values(tensors[f"blk.0.{t.lower()}.weight"][1], t) for t in ("Q4_K", "Q6_K", "Q5_0")]
+    w = np.ascontiguousarray(np.concatenate(parts).T)
+    perm = np.random.default_rng(0).permutation(w.shape[1])
+    w = np.ascontiguousarray(w[:, perm])
+    form = index.lookup(w)
+    assert form is not None and form.sources == {"Q4_K": 96, "Q6_K": 96, "Q5_0": 96}
+    assert form.block == 16 and form.offset is not None and form.bits == 8
+    assert float(np.abs(form.dequantize() - w).max()) == 0.0
+
+
+def test_lookup_reports_why_not(small_gguf):
+    path, tensors = small_gguf
+    index = gb.exact_blocks(path)
+    w = np.ascontiguousarray(gguf_values(tensors["blk.0.q4_k.weight"][1], "Q4_K").T)
+    changed = w.copy()
+    changed[100, 5] = np.nextafter(changed[100, 5], np.float32(1))  # one ulp inside a column: keys still match
+    form, why = index.find(changed)
+    assert form is None and why == "1 of 96 columns found in the GGUF are not reproduced exactly"
+    other = w.copy()
+    other[0, 7] += 1.0
+    assert index.find(other) == (None, "1 of 96 columns are no GGUF row")
+    assert index.find(w[:256])[1] == "96 of 96 columns are no GGUF row"  # a slice along K is no row
+    assert "not a 2-D float32" in index.find(w.astype(np.float64))[1]
