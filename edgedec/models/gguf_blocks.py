@@ -142,13 +142,13 @@ FORMATS = {
 def decode(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Rows of raw GGUF blocks (rows, bytes) -> q (rows, values) int8, scale and offset (rows, values /
     block) float32 (offset None for formats without one)."""
-    per_block, block, fn = FORMATS[type_name]
+    fn = FORMATS[type_name][2]
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     size = GGML_QUANT_SIZES[GGMLQuantizationType[type_name]][1]
     rows = raw.shape[0]
     q, scale, offset = fn(np.ascontiguousarray(raw).reshape(-1, size))
-    shape = lambda a: a.reshape(rows, -1)  # noqa: E731
+    shape = lambda a: a.reshape(rows, -1)
     return shape(q), shape(scale).astype(np.float32), None if offset is None else shape(offset).astype(np.float32)
 
 
@@ -229,7 +229,7 @@ class BlockForm:
         if self.block % block:
             raise ValueError(f"block {block} does not divide {self.block}")
         r = self.block // block
-        rep = lambda a: None if a is None else np.repeat(a, r, axis=1)  # noqa: E731
+        rep = lambda a: None if a is None else np.repeat(a, r, axis=1)
         return BlockForm(self.q, rep(self.scale), rep(self.offset), block, dict(self.sources))
 
 

@@ -4,7 +4,14 @@ the passes and the TVM targets see, and what each target keeps of them."""
 
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFWriter, dequantize, quantize
+from gguf import (
+    GGML_QUANT_SIZES,
+    GGMLQuantizationType,
+    GGUFReader,
+    GGUFWriter,
+    dequantize,
+    quantize,
+)
 
 from edgedec.models import gguf_blocks as gb
 
@@ -22,7 +29,7 @@ def random_blocks(type_name: str, rows: int, K: int, seed: int) -> np.ndarray:
         return quantize(w, qtype)
     per_block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, (rows * K // per_block, size), dtype=np.uint8)
-    d = lambda n: rng.uniform(1e-4, 3e-3, n).astype(np.float16).view(np.uint8).reshape(n, 2)  # noqa: E731
+    d = lambda n: rng.uniform(1e-4, 3e-3, n).astype(np.float16).view(np.uint8).reshape(n, 2)
     n = raw.shape[0]
     if type_name == "Q6_K":
         raw[:, 208:210] = d(n)
@@ -53,7 +60,7 @@ def test_decoded_forms_are_gguf_dequantization_bit_for_bit(type_name):
 
 def test_k_quant_forms_need_float32_scales():
     """d * sc of a Q4_K block is generally not a float16 value: the exact form keeps float32 scales."""
-    q, scale, offset = gb.decode(random_blocks("Q4_K", 64, 512, seed=3), "Q4_K")
+    _, scale, offset = gb.decode(random_blocks("Q4_K", 64, 512, seed=3), "Q4_K")
     assert (scale.astype(np.float16).astype(np.float32) != scale).any()
     assert (offset.astype(np.float16).astype(np.float32) != offset).any()
 
