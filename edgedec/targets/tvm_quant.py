@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..models.gguf_blocks import BlockForm
 from ..passes import blockwise as bw
 
 BLOCK = 32  # inputs per block (one scale and one offset)
@@ -47,10 +48,14 @@ class QuantLinear:
     """One weight in the layout above."""
 
     words: np.ndarray  # (out/32, in/per, 32) uint32
-    scale: np.ndarray  # (out/32, in/32, 32) float16
-    offset: np.ndarray  # (out/32, in/32, 32) float16
+    scale: np.ndarray  # (out/32, in/32, 32) float16, or float32 (an exact k-quant source)
+    offset: np.ndarray  # (out/32, in/32, 32) like scale
     bits: int
-    kind: str  # "Q4_1", "Q8_0", "rtn", ...
+    kind: str  # "Q4_1", "Q8_0", "rtn", "exact Q4_K", ...
+
+    @property
+    def scale_dtype(self) -> str:
+        return str(self.scale.dtype)
 
     def dequantize(self) -> np.ndarray:
         """The (out, in) float32 weight the kernels compute with."""
@@ -62,13 +67,24 @@ def fits(shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and shape[0] % GROUP == 0 and shape[1] % BLOCK == 0
 
 
-def quantize(w: np.ndarray, bits: int) -> QuantLinear:
-    """An (out, in) float weight: its GGUF grid re-expressed when it lies on one, else rounded to nearest."""
+def quantize(w: np.ndarray, bits: int, form: BlockForm | None = None, widen: bool = True) -> QuantLinear:
+    """An (out, in) float weight in ``bits`` bits: its source's exact form (``form``, from
+    :mod:`edgedec.models.gguf_blocks`) when this layout holds it, else its GGUF legacy grid re-expressed when
+    it lies on one, else rounded to nearest. ``widen``: a source with more than ``bits`` bits per code
+    (Q5_0, Q8_0, Q6_K as a projection) is stored in 8 bits instead (exact where its blocks are 32 wide)."""
     if not fits(w.shape):
         raise ValueError(f"a {w.shape} weight does not fit blocks of {BLOCK} inputs x groups of {GROUP} outputs")
+    note = ""
+    if form is not None:
+        want = max(bits, form.bits or 8) if widen else bits
+        exact = from_form(form, want, w)
+        if exact is not None:
+            return exact
+        note = f" ({form.kind} source: {why_not_exact(form, want)})"
+        bits = want
     wt = np.ascontiguousarray(w.T, dtype=np.float32)  # blockwise works on (K, N) MatMul weights
     grids = ("Q4_0", "Q4_1") if bits == 4 else ("Q8_0",)
-    q = bw.recover_grid(wt, grids) or bw.rtn(wt, bits, BLOCK, symmetric=bits == 8)
+    q = bw.recover_grid(wt, grids) or _rtn(wt, bits)
     # (q - z) s + o = s q + (o - z s): in float64, so that a GGUF grid's m comes back exactly
     d = q.scales.astype(np.float64)
     m = (0.0 if q.offsets is None else q.offsets.astype(np.float64)) - q.zero_point_values() * d
@@ -77,9 +93,66 @@ def quantize(w: np.ndarray, bits: int) -> QuantLinear:
     if not (np.isfinite(d16).all() and np.isfinite(m16).all()):
         raise ValueError("a block scale or offset is beyond float16's range")
     out, kb = q.scales.shape
-    words = pack(q.q.astype(np.int32).reshape(out, kb * BLOCK), bits)
-    lanes = lambda a: np.ascontiguousarray(a.reshape(out // GROUP, GROUP, kb).transpose(0, 2, 1))  # noqa: E731
-    return QuantLinear(words, lanes(d16), lanes(m16), bits, q.kind)
+    return QuantLinear(pack(q.q.astype(np.int32).reshape(out, kb * BLOCK), bits), _lanes(d16, out), _lanes(m16, out),
+                       bits, q.kind + note)
+
+
+def _rtn(wt: np.ndarray, bits: int) -> bw.BlockQuant:
+    """Round to nearest (asymmetric for 4 bits, symmetric for 8); a symmetric block is rounded against the
+    float16 scale the kernels use, so that its offset ``-2^(bits-1) d`` is exact too."""
+    q = bw.rtn(wt, bits, BLOCK, symmetric=bits == 8)
+    if q.zero_points is not None:
+        return q
+    with np.errstate(over="ignore"):
+        d16 = q.scales.astype(np.float16).astype(np.float32)
+    if not np.isfinite(d16).all():
+        return q  # refused below
+    safe = np.where(d16 == 0, 1.0, d16).astype(np.float32)
+    mid = 1 << (bits - 1)
+    codes = np.clip(np.rint(bw.blocks(wt, BLOCK) / safe[..., None]) + mid, 0, (1 << bits) - 1)
+    return bw.BlockQuant(codes.astype(np.uint8), d16, None, bits, wt.shape[0], kind="rtn")
+
+
+def _lanes(a: np.ndarray, out: int) -> np.ndarray:
+    """(out, in/32) per-block values -> (out/32, in/32, 32), the kernels' order."""
+    return np.ascontiguousarray(a.reshape(out // GROUP, GROUP, -1).transpose(0, 2, 1))
+
+
+def why_not_exact(form: BlockForm, bits: int) -> str:
+    if form.block != BLOCK:
+        return f"blocks of {form.block}, this layout has {BLOCK}"
+    if form.bits is None or form.bits > bits:
+        return f"codes {form.q_range} need more than {bits} bits"
+    return "its scale and offset do not give it back exactly"
+
+
+def from_form(form: BlockForm, bits: int, w: np.ndarray | None = None) -> QuantLinear | None:
+    """An exact source form (K = in, N = out) in this layout, or None where it cannot be held exactly.
+
+    Codes become unsigned: ``u = q - lo`` with ``lo = 0`` for a form with non-negative codes (Q4_1, Q4_K:
+    ``d = scale``, ``m = offset``, the kernel's ``d*u + m`` is the source's float32 arithmetic) and
+    ``lo = -2^(bits-1)`` for signed ones (Q4_0, Q5_0, Q8_0: ``m = -2^(bits-1) * scale``, a power of two times
+    a float16 value, exact, and ``d*u + m`` is exact too). Scale and offset are stored as float16 where that
+    holds them exactly (every legacy format), else as float32 (k-quants: ``d*sc`` has up to 17 significant
+    bits). The result is checked against ``w`` (out, in), or against the form's own dequantization."""
+    if form.block != BLOCK or form.bits is None or form.bits > bits or not fits((form.N, form.K)):
+        return None
+    lo, _ = form.q_range
+    lo = 0 if lo >= 0 else -(1 << (bits - 1))
+    u = form.q.astype(np.int32) - lo
+    if u.min() < 0 or u.max() >= 1 << bits:
+        return None
+    d = form.scale
+    m = (np.zeros_like(d) if form.offset is None else form.offset) + np.float32(lo) * d  # d*(u + lo) + offset
+    with np.errstate(over="ignore"):
+        small = (d.astype(np.float16).astype(np.float32) == d).all() and (m.astype(np.float16).astype(np.float32) == m).all()
+    dtype = np.float16 if small else np.float32
+    out = form.N
+    q = QuantLinear(pack(u, bits), _lanes(d.astype(dtype), out), _lanes(m.astype(dtype), out), bits, f"exact {form.kind}")
+    ref = form.dequantize().T if w is None else w
+    if not np.array_equal(q.dequantize(), ref):
+        return None
+    return q
 
 
 def pack(v: np.ndarray, bits: int) -> np.ndarray:
@@ -136,7 +209,7 @@ def _block_sums(T):
     return block_sums
 
 
-def gemv_kernel(d_in: int, d_out: int, bits: int):
+def gemv_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
     """Decode: y (1, 1, out) = x (1, 1, in) @ W^T, W in the layout above.
 
     Parallel over groups of 32 outputs (4 registers of 8 lanes: four independent FMA chains hide the FMA
@@ -152,7 +225,7 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
 
     @T.prim_func(private=True)
     def qgemv(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
-              d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"),
+              d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype),
               y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         sums = T.alloc_buffer((1, kb), "float32")  # each block's input sum, once, before the tasks split
@@ -185,7 +258,7 @@ def gemv_kernel(d_in: int, d_out: int, bits: int):
     return qgemv
 
 
-def gemm_kernel(d_in: int, d_out: int, bits: int):
+def gemm_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
     """Prefill / verification: y (1, n, out) = x (1, n, in) @ W^T for any n.
 
     Each task unpacks a block of its 32 outputs' weights once into a small float buffer and runs the rows
@@ -221,7 +294,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int):
 
     @T.prim_func(private=True)
     def qgemm(var_x: T.handle, w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
-              d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"), var_y: T.handle):
+              d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(var_x, (T.int64(1), n, T.int64(d_in)), "float32")
@@ -333,7 +406,7 @@ def _add_block(T, y, acc, d, c, dx, total):
     return y + f32(acc) * (f32(d) * T.broadcast(dx, 16)) + f32(c) * T.broadcast(total, 16)
 
 
-def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4):
+def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4, scale_dtype: str = "float16"):
     """Decode with int8 activations: y (1, 1, out) ~= x @ W^T for 4- or 8-bit W in the layout above.
 
     x is rounded to int8 per block of 32 (:func:`_quantize_rows`), the block's dot products are exact
@@ -348,7 +421,7 @@ def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4):
 
     @T.prim_func(private=True)
     def qgemv_i8(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in * bits // 32, GROUP), "uint32"),
-                 d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"),
+                 d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype),
                  y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         sums = T.alloc_buffer((1, kb), "float32")
@@ -372,7 +445,7 @@ def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4):
     return qgemv_i8
 
 
-def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4):
+def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4, scale_dtype: str = "float16"):
     """Prefill / verification with int8 activations, any number of rows: per row, exactly the arithmetic
     of :func:`gemv_int8_kernel` in the same order, so a row gives the decode kernel's bits. Rows go through
     each block in pairs, in one basic block, so a pair shares each word's load and unpacking (an odd last
@@ -384,7 +457,7 @@ def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4):
 
     @T.prim_func(private=True)
     def qgemm_i8(var_x: T.handle, w: T.Buffer((tasks, d_in * bits // 32, GROUP), "uint32"),
-                 d: T.Buffer((tasks, kb, GROUP), "float16"), c: T.Buffer((tasks, kb, GROUP), "float16"),
+                 d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype),
                  var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
@@ -417,7 +490,7 @@ def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4):
     return qgemm_i8
 
 
-def embed_kernel(vocab: int, hidden: int, bits: int):
+def embed_kernel(vocab: int, hidden: int, bits: int, scale_dtype: str = "float16"):
     """out (1, n, hidden) = the dequantized rows ``ids`` (n,) of a (vocab, hidden) table in the layout above."""
     from tvm.script import tirx as T
 
@@ -425,7 +498,7 @@ def embed_kernel(vocab: int, hidden: int, bits: int):
 
     @T.prim_func(private=True)
     def qembed(var_ids: T.handle, w: T.Buffer((groups, hidden // per, GROUP), "uint32"),
-               d: T.Buffer((groups, kb, GROUP), "float16"), c: T.Buffer((groups, kb, GROUP), "float16"),
+               d: T.Buffer((groups, kb, GROUP), scale_dtype), c: T.Buffer((groups, kb, GROUP), scale_dtype),
                var_out: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()

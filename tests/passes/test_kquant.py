@@ -139,3 +139,79 @@ def test_lookup_reports_why_not(small_gguf):
     assert index.find(other) == (None, "1 of 96 columns are no GGUF row")
     assert index.find(w[:256])[1] == "96 of 96 columns are no GGUF row"  # a slice along K is no row
     assert "not a 2-D float32" in index.find(w.astype(np.float64))[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The TVM targets' layout (edgedec.targets.tvm_quant): blocks of 32, float16 or float32 scale and offset
+# ---------------------------------------------------------------------------------------------------
+def _form(small_gguf, type_name):
+    path, tensors = small_gguf
+    w = np.ascontiguousarray(gguf_values(tensors[f"blk.0.{type_name.lower()}.weight"][1], type_name).T)
+    return gb.exact_blocks(path).lookup(w), np.ascontiguousarray(w.T)  # form, (out, in)
+
+
+@pytest.mark.parametrize("type_name, bits, scale_dtype", [
+    ("Q4_0", 4, "float16"), ("Q4_1", 4, "float16"), ("Q4_K", 4, "float32"),
+    ("Q5_0", 8, "float16"), ("Q5_1", 8, "float16"), ("Q5_K", 8, "float32"), ("Q8_0", 8, "float16")])
+def test_tvm_layout_holds_each_32_block_form_exactly(small_gguf, type_name, bits, scale_dtype):
+    """Requested 4 bits: a 4-bit source stays 4-bit, a wider one is widened to 8 (exact); float16 scales
+    where they hold the source's, float32 for the k-quants' d*sc."""
+    from edgedec.targets import tvm_quant
+
+    form, w = _form(small_gguf, type_name)
+    q = tvm_quant.quantize(w, 4, form)
+    assert (q.kind, q.bits, q.scale_dtype) == (f"exact {type_name}", bits, scale_dtype)
+    assert float(np.abs(q.dequantize() - w).max()) == 0.0
+    narrow = tvm_quant.quantize(w, 4, form, widen=False)  # a draft may keep 4 bits: rounded, and says why
+    if bits == 8:
+        assert narrow.bits == 4 and narrow.kind.startswith("rtn (") and "need more than 4 bits" in narrow.kind
+        assert float(np.abs(narrow.dequantize() - w).max()) > 0
+
+
+def test_tvm_layout_cannot_hold_q6_k_blocks_of_16(small_gguf):
+    """Q6_K's scales change every 16 inputs; the layout's blocks are 32: rounded to 8 bits, error recorded."""
+    from edgedec.targets import tvm_quant
+
+    form, w = _form(small_gguf, "Q6_K")
+    q = tvm_quant.quantize(w, 4, form)
+    assert q.bits == 8 and q.kind == "rtn (Q6_K source: blocks of 16, this layout has 32)"
+    err = np.abs(q.dequantize() - w).reshape(96, -1, 32).max(-1)
+    step = np.abs(w).reshape(96, -1, 32).max(-1) / 128  # 8-bit rounding: half a step per block, plus the
+    assert err.max() > 0 and np.median(err / step) <= 0.57  # float16 scale's rounding (128 * 2^-11 steps);
+    assert (err <= 1.07 * step).all()  # a block holding both +max and -max clips one of them by a step
+
+
+def _kernels(bits, scale_dtype):
+    import tvm
+
+    from edgedec.targets import tvm_quant
+    from edgedec.targets.tvm_target import host_llvm_target
+
+    target = tvm.target.Target(host_llvm_target(2))
+    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
+    return (build(tvm_quant.gemv_kernel(512, 96, bits, scale_dtype)),
+            build(tvm_quant.gemm_kernel(512, 96, bits, scale_dtype)))
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0"])
+def test_tvm_kernels_with_source_scales_compute_the_exact_weight(small_gguf, type_name):
+    """The decode and multi-row kernels on an exact k-quant (float32 scales) / Q5_0 (8 bits) weight:
+    numpy's product with the GGUF's dequantized weight, and each row the decode kernel's bits."""
+    pytest.importorskip("tvm")
+    import tvm
+
+    from edgedec.targets import tvm_quant
+
+    form, w = _form(small_gguf, type_name)
+    q = tvm_quant.quantize(w, 4, form)
+    one, many = _kernels(q.bits, q.scale_dtype)
+    args = [tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)]
+    x = np.random.default_rng(7).standard_normal((1, 5, 512)).astype(np.float32)
+    y = tvm.runtime.tensor(np.zeros((1, 5, 96), np.float32))
+    many(tvm.runtime.tensor(x), *args, y)
+    ref = x[0].astype(np.float64) @ w.T.astype(np.float64)
+    np.testing.assert_allclose(y.numpy()[0], ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    for i in range(5):
+        yi = tvm.runtime.tensor(np.zeros((1, 1, 96), np.float32))
+        one(tvm.runtime.tensor(x[:, i:i + 1]), *args, yi)
+        np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
