@@ -215,3 +215,93 @@ def test_tvm_kernels_with_source_scales_compute_the_exact_weight(small_gguf, typ
         yi = tvm.runtime.tensor(np.zeros((1, 1, 96), np.float32))
         one(tvm.runtime.tensor(x[:, i:i + 1]), *args, yi)
         np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The ORT cpu target (int4 pass: MatMulNBits, 8 bits where the source has more than 4, block-sum offsets)
+# ---------------------------------------------------------------------------------------------------
+ORT_TYPES = ("Q4_K", "Q6_K", "Q5_0", "Q8_0", "Q4_0")  # the 0.5B and 1.5B Qwen GGUFs' types, and a legacy one
+
+
+def _matmul_graph(weights: dict):
+    """x (1, n, 512) -> one MatMul per (512, 96) weight, each an output (through an Identity: a MatMul that
+    writes a graph output is the LM head)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [n for name in weights for n in (helper.make_node("MatMul", ["x", name], [f"m.{name}"]),
+                                              helper.make_node("Identity", [f"m.{name}"], [f"y.{name}"]))]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n", 512])],
+        [helper.make_tensor_value_info(f"y.{name}", TensorProto.FLOAT, [1, "n", 96]) for name in weights],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
+
+
+def _run(model, x):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+@pytest.fixture(scope="module")
+def ort_case(small_gguf):
+    path, tensors = small_gguf
+    weights = {f"layers.0.{t.lower()}.weight": np.ascontiguousarray(
+        gguf_values(tensors[f"blk.0.{t.lower()}.weight"][1], t).T) for t in ORT_TYPES}
+    context = {"kind": "gguf", "path": str(path), "weight_format": ",".join(ORT_TYPES + ("F32",))}
+    return _matmul_graph(weights), context
+
+
+def test_int4_pass_re_expresses_k_quants_and_q5_0_exactly(ort_case):
+    from edgedec.passes.base import PassContext
+    from edgedec.passes.int4 import Int4Config, Int4Pass
+
+    model, source = ort_case
+    report = Int4Pass(Int4Config(), PassContext(source=source))(model).report
+    records = {r["weight"].split(".")[2].upper(): r for r in report["tensors"]}
+    assert {t: (r["method"], r["bits"], r["block_size"], r["max_abs_error"]) for t, r in records.items()} == {
+        "Q4_K": ("exact Q4_K grid", 4, 32, 0.0), "Q6_K": ("exact Q6_K grid", 8, 16, 0.0),
+        "Q5_0": ("exact Q5_0 grid", 8, 32, 0.0), "Q8_0": ("exact Q8_0 grid", 8, 32, 0.0),
+        "Q4_0": ("exact Q4_0 grid", 4, 32, 0.0)}
+    assert records["Q4_K"]["zero_points"] == "float (block-sum correction)"
+    assert report["settings"]["source_blocks"] is True
+    assert any("stored exactly in 8 bits" in n for n in report["notes"])
+    # Q6_K in 8 bits reads more than its 6.56 bits per weight: the record says how much
+    assert records["Q6_K"]["bytes_after"] == 96 * 512 + 96 * 32 * 4
+
+
+@pytest.mark.parametrize("accuracy_level, tolerance", [(0, 2e-6), (4, 0.02)])
+def test_int4_pass_k_quants_run_on_onnxruntime(ort_case, accuracy_level, tolerance):
+    """Float activations: the exact weights give the float graph's outputs up to summation order; int8
+    activations (the default): within their rounding."""
+    from edgedec.passes.base import PassContext
+    from edgedec.passes.int4 import Int4Config, Int4Pass
+
+    model, source = ort_case
+    out_model = Int4Pass(Int4Config(accuracy_level=accuracy_level, lm_head="fp32"), PassContext(source=source))(model).model
+    x = np.random.default_rng(11).standard_normal((1, 3, 512)).astype(np.float32)
+    for got, ref in zip(_run(out_model, x), _run(model, x)):
+        assert np.abs(got - ref).max() <= tolerance * np.abs(ref).max()
+
+
+def test_int4_pass_records_weights_without_a_source_form(ort_case):
+    """A weight that is no GGUF row is re-rounded, and its record says why; source_grid=never reads no blocks."""
+    from edgedec.passes.base import PassContext
+    from edgedec.passes.int4 import Int4Config, Int4Pass
+    from onnx import numpy_helper
+
+    model, source = ort_case
+    changed = type(model)()
+    changed.CopyFrom(model)
+    init = changed.graph.initializer[0]
+    w = numpy_helper.to_array(init).copy()
+    w[0, 3] += 0.5
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    report = Int4Pass(Int4Config(), PassContext(source=source))(changed).report
+    rec = next(r for r in report["tensors"] if r["weight"] == init.name)
+    assert rec["method"] == "rtn" and rec["source"] == "no exact source form: 1 of 96 columns are no GGUF row"
+    assert rec["max_abs_error"] > 0
+    assert any("1 weights had no exact form" in n for n in report["notes"])
+    never = Int4Pass(Int4Config(source_grid="never"), PassContext(source=source))(model).report
+    assert never["settings"]["source_blocks"] is False and set(never["by_method"]) == {"rtn"}
