@@ -127,7 +127,7 @@ class TvmTarget(Target):
         picks the kernels of the block-quantized weights. ``kv-cache`` with ``dtype`` fp32 or fp16 (``--kv``)
         sets the caches' element type; the quantized layouts are refused."""
         # the target object is shared: every compile states its own quantization and cache
-        self.quant, self.activations, self.kv_dtype, rest = None, "float", "float32", []
+        self.quant, self.activations, self.kv_dtype, self.widen, rest = None, "float", "float32", True, []
         for name, opts in specs:
             opts = dict(opts)
             if name == "kv-cache":
@@ -136,11 +136,12 @@ class TvmTarget(Target):
             if name != "int4":
                 rest.append((name, opts))
                 continue
-            unknown = sorted(set(opts) - {"activations"})
+            unknown = sorted(set(opts) - {"activations", "widen"})
             if unknown:
-                raise UnsupportedError(f"target {self.name} takes int4 with one option, activations=float|int8 (got "
-                                       f"{', '.join(unknown)}): its kernels use 4-bit projections and an 8-bit "
-                                       "embedding / head, blocks of 32, exact on GGUF Q4_0/Q4_1/Q8_0 sources")
+                raise UnsupportedError(f"target {self.name} takes int4 with two options, activations=float|int8 and "
+                                       f"widen=true|false (got {', '.join(unknown)}): its kernels use 4-bit "
+                                       "projections and an 8-bit embedding / head, blocks of 32, exact on GGUF "
+                                       "sources (widen=true: 8 bits where the source has more than 4)")
             activations = str(opts.get("activations", "float"))
             if activations not in ("float", "int8"):
                 raise UnsupportedError(f"int4 activations must be float or int8, not {activations!r}")
@@ -148,7 +149,10 @@ class TvmTarget(Target):
             if why_not:
                 raise UnsupportedError(f"int4:activations=int8 needs AVX512-VNNI ({VNNI_FLAG}): {why_not}; "
                                        "leave activations=float")
-            self.quant, self.activations = "int4", activations
+            widen = str(opts.get("widen", "true")).lower()
+            if widen not in ("true", "false"):
+                raise UnsupportedError(f"int4 widen must be true or false, not {widen!r}")
+            self.quant, self.activations, self.widen = "int4", activations, widen == "true"
         return rest
 
     def _take_kv(self, opts: dict) -> str:
@@ -196,7 +200,7 @@ class TvmTarget(Target):
         weights = tvm_module.weights_from_hf(hf_model, arch, max_positions)
         bits = tvm_module.quantized_bits(arch, max_positions, self.quant)
         blocks = gguf_blocks.exact_blocks(self.source_gguf) if bits and self.source_gguf else None
-        params, reference, report = tvm_module.quantize_weights(weights, bits, blocks)
+        params, reference, report = tvm_module.quantize_weights(weights, bits, blocks, self.widen)
         del blocks
         layouts = tvm_module.layouts_of(report)  # an exact source may need 8 bits or float32 scales
         specs = tvm_module.param_specs(arch, max_positions, self.quant, layouts)
