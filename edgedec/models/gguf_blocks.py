@@ -107,6 +107,19 @@ def _k_scales(b):
     return d[:, None] * sc.astype(np.float32), -(dmin[:, None] * m.astype(np.float32))
 
 
+def k_factors(raw: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of Q4_K / Q5_K super-blocks (rows, bytes) -> d, dmin (rows, K/256) float32 (float16 values) and
+    the 6-bit sc, m (rows, K/32) uint8: the form's ``scale = d*sc`` and ``offset = -(dmin*m)`` in two levels."""
+    from gguf.quants import Q4_K
+
+    rows = raw.shape[0]
+    size = {"Q4_K": 144, "Q5_K": 176}[type_name]
+    b = np.ascontiguousarray(raw).reshape(-1, size)
+    sc, m = Q4_K.get_scale_min(np.ascontiguousarray(b[:, 4:16]))
+    return (_f16(b[:, 0:2]).reshape(rows, -1), _f16(b[:, 2:4]).reshape(rows, -1),
+            sc.astype(np.uint8).reshape(rows, -1), m.astype(np.uint8).reshape(rows, -1))
+
+
 def _q4_k(b):
     scale, offset = _k_scales(b)
     return _nibbles(b[:, 16:], 32).astype(np.int8), scale, offset
@@ -195,6 +208,9 @@ class BlockForm:
     offset: np.ndarray | None  # (N, K // block) float32, None: no offset
     block: int
     sources: dict = field(default_factory=dict)  # GGUF type -> columns taken from it
+    # Q4_K / Q5_K only: the two levels, scale = d[:, b // 8] * sc and offset = -(dmin[:, b // 8] * m):
+    # (d, dmin (N, K/256) float32 holding float16 values, sc, m (N, K/32) uint8 of 6 bits), else None
+    factors: tuple | None = None
 
     @property
     def K(self) -> int:
@@ -230,7 +246,7 @@ class BlockForm:
             raise ValueError(f"block {block} does not divide {self.block}")
         r = self.block // block
         rep = lambda a: None if a is None else np.repeat(a, r, axis=1)
-        return BlockForm(self.q, rep(self.scale), rep(self.offset), block, dict(self.sources))
+        return BlockForm(self.q, rep(self.scale), rep(self.offset), block, dict(self.sources))  # no factors
 
 
 @dataclass
@@ -332,6 +348,9 @@ class BlockIndex:
         q = np.empty((N, K), np.int8)
         scale = np.empty((N, K // block), np.float32)
         offset = np.zeros((N, K // block), np.float32) if with_offset else None
+        two_level = set(types) <= {"Q4_K", "Q5_K"}
+        factors = (np.empty((N, K // 256), np.float32), np.empty((N, K // 256), np.float32),
+                   np.empty((N, K // 32), np.uint8), np.empty((N, K // 32), np.uint8)) if two_level else None
 
         def fill(cols: np.ndarray, cands: np.ndarray) -> None:
             for i in np.unique(cands >> 32):
@@ -346,6 +365,9 @@ class BlockIndex:
                     scale[cc] = np.repeat(ts, r, axis=1)
                     if offset is not None:
                         offset[cc] = 0.0 if to is None else np.repeat(to, r, axis=1)
+                    if factors is not None:
+                        for part, got in zip(factors, k_factors(t.raw[rows[start:start + VERIFY_CHUNK]], t.type_name)):
+                            part[cc] = got
 
         def wrong(cols: np.ndarray) -> np.ndarray:
             bad = []
@@ -377,7 +399,7 @@ class BlockIndex:
         for i in np.unique(tid):
             name = self.tensors[int(i)].type_name
             sources[name] = sources.get(name, 0) + int((tid == i).sum())
-        form = BlockForm(q, scale, offset, block, sources)
+        form = BlockForm(q, scale, offset, block, sources, factors)
         return form, ""
 
 

@@ -98,8 +98,7 @@ def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None,
         bits, scale_dtype = chosen[name]
         (d_out, d_in), per, group = shapes[name], 32 // bits, tvm_quant.GROUP
         out[f"{name}.words"] = ((d_out // group, d_in // per, group), "uint32")
-        out[f"{name}.scale"] = ((d_out // group, d_in // 32, group), scale_dtype)
-        out[f"{name}.offset"] = ((d_out // group, d_in // 32, group), scale_dtype)
+        out[f"{name}.scale"], out[f"{name}.offset"] = tvm_quant.scale_buffers(d_out // group, d_in // 32, scale_dtype)
     return out
 
 
@@ -476,7 +475,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
             if wname in bits:
                 wbits, sdt = chosen[wname]
                 key = ("q", decode, d_in, d_out, wbits, sdt)
-                suffix = "" if sdt == "float16" else "_f32s"  # float32 scales (an exact k-quant source)
+                suffix = {"float16": "", "float32": "_f32s", "k": "_kq"}[sdt]  # an exact k-quant source: _kq
                 if key not in kernels and activations == "int8":
                     make = tvm_quant.gemv_int8_kernel if decode else tvm_quant.gemm_int8_kernel
                     kernels[key] = bb.add_func(make(d_in, d_out, wbits, sdt), f"q{wbits}_linear_i8{suffix}")

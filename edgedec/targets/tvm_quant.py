@@ -55,7 +55,8 @@ class QuantLinear:
 
     @property
     def scale_dtype(self) -> str:
-        return str(self.scale.dtype)
+        """float16, float32, or k (two levels: see :func:`scale_buffers`)."""
+        return "k" if self.scale.dtype == np.uint16 else str(self.scale.dtype)
 
     def dequantize(self) -> np.ndarray:
         """The (out, in) float32 weight the kernels compute with."""
@@ -133,8 +134,9 @@ def from_form(form: BlockForm, bits: int, w: np.ndarray | None = None) -> QuantL
     ``d = scale``, ``m = offset``, the kernel's ``d*u + m`` is the source's float32 arithmetic) and
     ``lo = -2^(bits-1)`` for signed ones (Q4_0, Q5_0, Q8_0: ``m = -2^(bits-1) * scale``, a power of two times
     a float16 value, exact, and ``d*u + m`` is exact too). Scale and offset are stored as float16 where that
-    holds them exactly (every legacy format), else as float32 (k-quants: ``d*sc`` has up to 17 significant
-    bits). The result is checked against ``w`` (out, in), or against the form's own dequantization."""
+    holds them exactly (every legacy format); a k-quant's (``d*sc`` has up to 17 significant bits) in its two
+    levels (:func:`scale_buffers`' ``k``: 4.625 bits per weight, as the source), else as float32. The result
+    is checked against ``w`` (out, in), or against the form's own dequantization."""
     if form.block != BLOCK or form.bits is None or form.bits > bits or not fits((form.N, form.K)):
         return None
     lo, _ = form.q_range
@@ -146,9 +148,17 @@ def from_form(form: BlockForm, bits: int, w: np.ndarray | None = None) -> QuantL
     m = (np.zeros_like(d) if form.offset is None else form.offset) + np.float32(lo) * d  # d*(u + lo) + offset
     with np.errstate(over="ignore"):
         small = (d.astype(np.float16).astype(np.float32) == d).all() and (m.astype(np.float16).astype(np.float32) == m).all()
-    dtype = np.float16 if small else np.float32
     out = form.N
-    q = QuantLinear(pack(u, bits), _lanes(d.astype(dtype), out), _lanes(m.astype(dtype), out), bits, f"exact {form.kind}")
+    if small:
+        scale, offset = _lanes(d.astype(np.float16), out), _lanes(m.astype(np.float16), out)
+    elif form.factors is not None and lo == 0 and form.K % (SUPER * BLOCK) == 0:  # a k-quant: its two levels
+        dd, dmin, sc, mm = form.factors
+        scale = _lanes(sc.astype(np.uint16) | (mm.astype(np.uint16) << np.uint16(8)), out)
+        offset = np.ascontiguousarray(np.stack([_lanes(dd.astype(np.float16), out),
+                                                _lanes((-dmin).astype(np.float16), out)], axis=2))
+    else:
+        scale, offset = _lanes(d, out), _lanes(m, out)  # float32
+    q = QuantLinear(pack(u, bits), scale, offset, bits, f"exact {form.kind}")
     ref = form.dequantize().T if w is None else w
     if not np.array_equal(q.dequantize(), ref):
         return None
@@ -176,16 +186,57 @@ def unpack(words: np.ndarray, bits: int) -> np.ndarray:
 
 
 def dequantize(words: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: int) -> np.ndarray:
+    """The (out, in) float32 weight: ``fl(fl(d * q) + m)`` per block, d and m as the kernels compute them."""
     v = unpack(words, bits).astype(np.float32)
     out, k = v.shape
     per_block = lambda a: a.astype(np.float32).transpose(0, 2, 1).reshape(out, k // BLOCK)  # noqa: E731
-    d, c = per_block(scale), per_block(offset)
+    if scale.dtype == np.uint16:  # two levels: d * sc and (-dmin) * m, in float32
+        sup = lambda a: np.repeat(a.astype(np.float32).transpose(0, 2, 1).reshape(out, -1), SUPER, axis=1)  # noqa: E731
+        d = sup(offset[:, :, 0]) * per_block(scale & np.uint16(0xFF))
+        c = sup(offset[:, :, 1]) * per_block(scale >> np.uint16(8))
+    else:
+        d, c = per_block(scale), per_block(offset)
     return (v.reshape(out, k // BLOCK, BLOCK) * d[..., None] + c[..., None]).reshape(out, k)
 
 
 # --------------------------------------------------------------------------------------------
 # TIR kernels
 # --------------------------------------------------------------------------------------------
+SCALE_DTYPES = ("float16", "float32", "k")  # the scale / offset layouts below
+SUPER = 8  # blocks of 32 per k-quant super-block (256 inputs): one d and one dmin
+
+
+def scale_buffers(tasks: int, kb: int, scale_dtype: str) -> tuple[tuple[tuple, str], tuple[tuple, str]]:
+    """((shape, dtype) of W.scale, (shape, dtype) of W.offset) for a weight of ``tasks`` groups of 32 outputs
+    and ``kb`` blocks of 32 inputs: float16 / float32 d and m per block, or ``k``, the two levels of a k-quant
+    source (``scale`` uint16: sc | m << 8 per block; ``offset`` float16 (tasks, kb/8, 2, 32): d, -dmin per
+    super-block of 256 inputs)."""
+    if scale_dtype == "k":
+        return ((tasks, kb, GROUP), "uint16"), ((tasks, kb // SUPER, 2, GROUP), "float16")
+    if scale_dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+    return ((tasks, kb, GROUP), scale_dtype), ((tasks, kb, GROUP), scale_dtype)
+
+
+def _scale(T, scale_dtype: str, d, c, t, b, j, lanes: int = 1):
+    """float32 (x lanes): block ``b``'s scale for output lane(s) ``j`` of task ``t``; a k-quant source's is
+    ``d * sc``, exact in float32 (11 + 6 significant bits), which is gguf's own arithmetic."""
+    ft = "float32" if lanes == 1 else f"float32x{lanes}"
+    if scale_dtype != "k":
+        return T.Cast(ft, d[t, b, j])
+    mask = T.uint16(0xFF) if lanes == 1 else T.broadcast(T.uint16(0xFF), lanes)
+    return T.Cast(ft, c[t, b // SUPER, 0, j]) * T.Cast(ft, T.bitwise_and(d[t, b, j], mask))
+
+
+def _offset(T, scale_dtype: str, d, c, t, b, j, lanes: int = 1):
+    """float32 (x lanes): block ``b``'s offset; a k-quant source's is ``(-dmin) * m``, exact in float32."""
+    ft = "float32" if lanes == 1 else f"float32x{lanes}"
+    if scale_dtype != "k":
+        return T.Cast(ft, c[t, b, j])
+    eight = T.uint16(8) if lanes == 1 else T.broadcast(T.uint16(8), lanes)
+    return T.Cast(ft, c[t, b // SUPER, 1, j]) * T.Cast(ft, T.shift_right(d[t, b, j], eight))
+
+
 def _field(T, word, bits: int, p):
     """Bit field p of a uint32 word, as float32. ``p`` is an unrolled loop variable, so the shift is a
     constant; the field is converted as a signed int (x86 has no vector unsigned convert before AVX-512)."""
@@ -222,10 +273,11 @@ def gemv_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
     words_per_block = BLOCK // per
     g_n = GROUP // LANES
     block_sums = _block_sums(T)
+    (d_shape, d_dtype), (c_shape, c_dtype) = scale_buffers(tasks, kb, scale_dtype)
 
     @T.prim_func(private=True)
     def qgemv(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
-              d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype),
+              d: T.Buffer(d_shape, d_dtype), c: T.Buffer(c_shape, c_dtype),
               y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         sums = T.alloc_buffer((1, kb), "float32")  # each block's input sum, once, before the tasks split
@@ -249,8 +301,8 @@ def gemv_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
                                     * x[0, 0, b * BLOCK + kw * per + p]
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
-                        tot[g, l] = tot[g, l] + acc[g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
-                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[0, b]
+                        tot[g, l] = tot[g, l] + acc[g, l] * _scale(T, scale_dtype, d, c, t, b, g * LANES + l) \
+                            + _offset(T, scale_dtype, d, c, t, b, g * LANES + l) * sums[0, b]
             for g in T.unroll(g_n):
                 for l in T.vectorized(LANES):
                     y[0, 0, t * GROUP + g * LANES + l] = tot[g, l]
@@ -274,6 +326,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
     words_per_block = BLOCK // per
     g_n = GROUP // LANES
     block_sums = _block_sums(T)
+    (d_shape, d_dtype), (c_shape, c_dtype) = scale_buffers(tasks, kb, scale_dtype)
 
     @T.macro(hygienic=False)
     def zero_pair():
@@ -283,18 +336,18 @@ def gemm_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
                     acc[r, g, l] = T.float32(0)
 
     @T.macro(hygienic=False)
-    def add_pair():  # y[row] += acc * d + m * (the row's block sum), for the pair's rows that exist
+    def add_pair(sdt):  # y[row] += acc * d + m * (the row's block sum), for the pair's rows that exist
         for r in T.unroll(2):
             if 2 * ip + r < n:
                 for g in T.unroll(g_n):
                     for l in T.vectorized(LANES):
                         y[0, 2 * ip + r, t * GROUP + g * LANES + l] = y[0, 2 * ip + r, t * GROUP + g * LANES + l] \
-                            + acc[r, g, l] * T.Cast("float32", d[t, b, g * LANES + l]) \
-                            + T.Cast("float32", c[t, b, g * LANES + l]) * sums[2 * ip + r, b]
+                            + acc[r, g, l] * _scale(T, sdt, d, c, t, b, g * LANES + l) \
+                            + _offset(T, sdt, d, c, t, b, g * LANES + l) * sums[2 * ip + r, b]
 
     @T.prim_func(private=True)
     def qgemm(var_x: T.handle, w: T.Buffer((tasks, d_in // per, GROUP), "uint32"),
-              d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype), var_y: T.handle):
+              d: T.Buffer(d_shape, d_dtype), c: T.Buffer(c_shape, c_dtype), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
         x = T.match_buffer(var_x, (T.int64(1), n, T.int64(d_in)), "float32")
@@ -324,7 +377,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
                                         for l in T.vectorized(LANES):
                                             acc[r, g, l] = acc[r, g, l] + wv[g, l] \
                                                 * x[0, T.min(2 * ip + r, n - 1), b * BLOCK + kw * per + p]
-                        add_pair()
+                        add_pair(scale_dtype)  # a macro sees only its caller's names: pass the layout
                     continue
                 for kw in T.unroll(words_per_block):
                     for p in T.unroll(per):
@@ -338,7 +391,7 @@ def gemm_kernel(d_in: int, d_out: int, bits: int, scale_dtype: str = "float16"):
                             for g in T.unroll(g_n):
                                 for l in T.vectorized(LANES):
                                     acc[r, g, l] = acc[r, g, l] + wf[j, g, l] * x[0, T.min(2 * ip + r, n - 1), b * BLOCK + j]
-                    add_pair()
+                    add_pair(scale_dtype)
 
     return qgemm
 
@@ -400,10 +453,9 @@ def _dot(T, bits: int, w, t, b, xq, row, half):
 
 
 def _add_block(T, y, acc, d, c, dx, total):
-    """float32x16: ``y + acc * (d * dx) + m * sum(x)``, a block's share of 16 outputs. Both kernels use it,
-    so a row gives the same bits in either."""
-    f32 = lambda v: T.Cast("float32x16", v)  # noqa: E731
-    return y + f32(acc) * (f32(d) * T.broadcast(dx, 16)) + f32(c) * T.broadcast(total, 16)
+    """float32x16: ``y + acc * (d * dx) + m * sum(x)``, a block's share of 16 outputs (``d``, ``m``: float32x16
+    from :func:`_scale` / :func:`_offset`). Both kernels use it, so a row gives the same bits in either."""
+    return y + T.Cast("float32x16", acc) * (d * T.broadcast(dx, 16)) + c * T.broadcast(total, 16)
 
 
 def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4, scale_dtype: str = "float16"):
@@ -418,10 +470,11 @@ def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4, scale_dtype: str = "f
 
     kb, tasks = d_in // BLOCK, d_out // GROUP
     block_sums, quantize_rows = _block_sums(T), _quantize_rows(T, d_in, bits)
+    (d_shape, d_dtype), (c_shape, c_dtype) = scale_buffers(tasks, kb, scale_dtype)
 
     @T.prim_func(private=True)
     def qgemv_i8(x: T.Buffer((1, 1, d_in), "float32"), w: T.Buffer((tasks, d_in * bits // 32, GROUP), "uint32"),
-                 d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype),
+                 d: T.Buffer(d_shape, d_dtype), c: T.Buffer(c_shape, c_dtype),
                  y: T.Buffer((1, 1, d_out), "float32")):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         sums = T.alloc_buffer((1, kb), "float32")
@@ -438,7 +491,8 @@ def gemv_int8_kernel(d_in: int, d_out: int, bits: int = 4, scale_dtype: str = "f
                 for half in T.unroll(2):
                     tot[T.ramp(half * 16, 1, 16)] = _add_block(
                         T, tot[T.ramp(half * 16, 1, 16)], _dot(T, bits, w, t, b, xq, 0, half),
-                        d[t, b, T.ramp(half * 16, 1, 16)], c[t, b, T.ramp(half * 16, 1, 16)], dx[0, b], sums[0, b])
+                        _scale(T, scale_dtype, d, c, t, b, T.ramp(half * 16, 1, 16), 16),
+                        _offset(T, scale_dtype, d, c, t, b, T.ramp(half * 16, 1, 16), 16), dx[0, b], sums[0, b])
             for l in T.vectorized(GROUP):
                 y[0, 0, t * GROUP + l] = tot[l]
 
@@ -454,10 +508,11 @@ def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4, scale_dtype: str = "f
 
     kb, tasks = d_in // BLOCK, d_out // GROUP
     block_sums, quantize_rows = _block_sums(T), _quantize_rows(T, d_in, bits)
+    (d_shape, d_dtype), (c_shape, c_dtype) = scale_buffers(tasks, kb, scale_dtype)
 
     @T.prim_func(private=True)
     def qgemm_i8(var_x: T.handle, w: T.Buffer((tasks, d_in * bits // 32, GROUP), "uint32"),
-                 d: T.Buffer((tasks, kb, GROUP), scale_dtype), c: T.Buffer((tasks, kb, GROUP), scale_dtype),
+                 d: T.Buffer(d_shape, d_dtype), c: T.Buffer(c_shape, c_dtype),
                  var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
@@ -484,8 +539,10 @@ def gemm_int8_kernel(d_in: int, d_out: int, bits: int = 4, scale_dtype: str = "f
                         for half in T.unroll(2):
                             y[0, 2 * ip + r, T.ramp(t * GROUP + half * 16, 1, 16)] = _add_block(
                                 T, y[0, 2 * ip + r, T.ramp(t * GROUP + half * 16, 1, 16)],
-                                acc[T.ramp(r * GROUP + half * 16, 1, 16)], d[t, b, T.ramp(half * 16, 1, 16)],
-                                c[t, b, T.ramp(half * 16, 1, 16)], dx[2 * ip + r, b], sums[2 * ip + r, b])
+                                acc[T.ramp(r * GROUP + half * 16, 1, 16)],
+                                _scale(T, scale_dtype, d, c, t, b, T.ramp(half * 16, 1, 16), 16),
+                                _offset(T, scale_dtype, d, c, t, b, T.ramp(half * 16, 1, 16), 16),
+                                dx[2 * ip + r, b], sums[2 * ip + r, b])
 
     return qgemm_i8
 
@@ -495,10 +552,11 @@ def embed_kernel(vocab: int, hidden: int, bits: int, scale_dtype: str = "float16
     from tvm.script import tirx as T
 
     per, kb, groups = 32 // bits, hidden // BLOCK, vocab // GROUP
+    (d_shape, d_dtype), (c_shape, c_dtype) = scale_buffers(groups, kb, scale_dtype)
 
     @T.prim_func(private=True)
     def qembed(var_ids: T.handle, w: T.Buffer((groups, hidden // per, GROUP), "uint32"),
-               d: T.Buffer((groups, kb, GROUP), scale_dtype), c: T.Buffer((groups, kb, GROUP), scale_dtype),
+               d: T.Buffer(d_shape, d_dtype), c: T.Buffer(c_shape, c_dtype),
                var_out: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": 8})
         n = T.int64()
@@ -509,7 +567,7 @@ def embed_kernel(vocab: int, hidden: int, bits: int, scale_dtype: str = "float16
             word = w[row // GROUP, k // per, row % GROUP]
             field = T.bitwise_and(T.shift_right(word, T.Cast("uint32", (k % per) * bits)), T.uint32((1 << bits) - 1))
             out[0, i, k] = T.Cast("float32", T.reinterpret("int32", field)) \
-                * T.Cast("float32", d[row // GROUP, k // BLOCK, row % GROUP]) \
-                + T.Cast("float32", c[row // GROUP, k // BLOCK, row % GROUP])
+                * _scale(T, scale_dtype, d, c, row // GROUP, k // BLOCK, row % GROUP) \
+                + _offset(T, scale_dtype, d, c, row // GROUP, k // BLOCK, row % GROUP)
 
     return qembed

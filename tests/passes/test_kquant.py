@@ -151,11 +151,11 @@ def _form(small_gguf, type_name):
 
 
 @pytest.mark.parametrize("type_name, bits, scale_dtype", [
-    ("Q4_0", 4, "float16"), ("Q4_1", 4, "float16"), ("Q4_K", 4, "float32"),
-    ("Q5_0", 8, "float16"), ("Q5_1", 8, "float16"), ("Q5_K", 8, "float32"), ("Q8_0", 8, "float16")])
+    ("Q4_0", 4, "float16"), ("Q4_1", 4, "float16"), ("Q4_K", 4, "k"),
+    ("Q5_0", 8, "float16"), ("Q5_1", 8, "float16"), ("Q5_K", 8, "k"), ("Q8_0", 8, "float16")])
 def test_tvm_layout_holds_each_32_block_form_exactly(small_gguf, type_name, bits, scale_dtype):
     """Requested 4 bits: a 4-bit source stays 4-bit, a wider one is widened to 8 (exact); float16 scales
-    where they hold the source's, float32 for the k-quants' d*sc."""
+    where they hold the source's, the k-quants' two levels (d, sc) for their d*sc."""
     from edgedec.targets import tvm_quant
 
     form, w = _form(small_gguf, type_name)
@@ -181,7 +181,7 @@ def test_tvm_layout_cannot_hold_q6_k_blocks_of_16(small_gguf):
     assert (err <= 1.07 * step).all()  # a block holding both +max and -max clips one of them by a step
 
 
-def _kernels(bits, scale_dtype):
+def _kernels(bits, scale_dtype, int8=False):
     import tvm
 
     from edgedec.targets import tvm_quant
@@ -189,32 +189,80 @@ def _kernels(bits, scale_dtype):
 
     target = tvm.target.Target(host_llvm_target(2))
     build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
-    return (build(tvm_quant.gemv_kernel(512, 96, bits, scale_dtype)),
-            build(tvm_quant.gemm_kernel(512, 96, bits, scale_dtype)))
+    one, many = ((tvm_quant.gemv_int8_kernel, tvm_quant.gemm_int8_kernel) if int8 else
+                 (tvm_quant.gemv_kernel, tvm_quant.gemm_kernel))
+    return build(one(512, 96, bits, scale_dtype)), build(many(512, 96, bits, scale_dtype))
 
 
-@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_0"])
-def test_tvm_kernels_with_source_scales_compute_the_exact_weight(small_gguf, type_name):
-    """The decode and multi-row kernels on an exact k-quant (float32 scales) / Q5_0 (8 bits) weight:
-    numpy's product with the GGUF's dequantized weight, and each row the decode kernel's bits."""
-    pytest.importorskip("tvm")
+def _run_kernels(q, x, int8=False):
+    """(rows, 96) from the multi-row kernel, each row checked equal to the decode kernel's bits."""
     import tvm
+
+    one, many = _kernels(q.bits, q.scale_dtype, int8)
+    args = [tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)]
+    rows = x.shape[1]
+    y = tvm.runtime.tensor(np.zeros((1, rows, 96), np.float32))
+    many(tvm.runtime.tensor(x), *args, y)
+    for i in range(rows):
+        yi = tvm.runtime.tensor(np.zeros((1, 1, 96), np.float32))
+        one(tvm.runtime.tensor(x[:, i:i + 1]), *args, yi)
+        np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
+    return y.numpy()[0]
+
+
+@pytest.mark.parametrize("type_name, factors, scale_dtype", [
+    ("Q4_K", True, "k"), ("Q4_K", False, "float32"), ("Q5_K", True, "k"), ("Q5_0", False, "float16")])
+def test_tvm_kernels_with_source_scales_compute_the_exact_weight(small_gguf, type_name, factors, scale_dtype):
+    """The decode and multi-row kernels on an exact k-quant (two levels, or float32 scales) / Q5_0 (8 bits)
+    weight: numpy's product with the GGUF's dequantized weight, and each row the decode kernel's bits."""
+    pytest.importorskip("tvm")
+    import dataclasses
 
     from edgedec.targets import tvm_quant
 
     form, w = _form(small_gguf, type_name)
-    q = tvm_quant.quantize(w, 4, form)
-    one, many = _kernels(q.bits, q.scale_dtype)
-    args = [tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)]
+    q = tvm_quant.quantize(w, 4, form if factors else dataclasses.replace(form, factors=None))
+    assert q.scale_dtype == scale_dtype and float(np.abs(q.dequantize() - w).max()) == 0.0
     x = np.random.default_rng(7).standard_normal((1, 5, 512)).astype(np.float32)
-    y = tvm.runtime.tensor(np.zeros((1, 5, 96), np.float32))
-    many(tvm.runtime.tensor(x), *args, y)
     ref = x[0].astype(np.float64) @ w.T.astype(np.float64)
-    np.testing.assert_allclose(y.numpy()[0], ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
-    for i in range(5):
-        yi = tvm.runtime.tensor(np.zeros((1, 1, 96), np.float32))
-        one(tvm.runtime.tensor(x[:, i:i + 1]), *args, yi)
-        np.testing.assert_array_equal(y.numpy()[0, i], yi.numpy()[0, 0])
+    np.testing.assert_allclose(_run_kernels(q, x), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_tvm_two_level_scales_give_the_float32_layouts_bits(small_gguf, int8):
+    """d*sc and (-dmin)*m computed in the kernel are exact, so the two-level layout (4.6 bits per weight)
+    gives the float32 layout's (6 bits) outputs bit for bit, with float and with int8 activations."""
+    pytest.importorskip("tvm")
+    import dataclasses
+
+    from edgedec.targets import tvm_quant
+    from edgedec.targets.tvm_target import host_cpu_flags
+
+    if int8 and tvm_quant.VNNI_FLAG not in host_cpu_flags():
+        pytest.skip("int8 activations need AVX512-VNNI")
+    form, w = _form(small_gguf, "Q4_K")
+    two, flat = tvm_quant.quantize(w, 4, form), tvm_quant.quantize(w, 4, dataclasses.replace(form, factors=None))
+    assert (two.scale_dtype, flat.scale_dtype) == ("k", "float32")
+    assert (two.scale.nbytes + two.offset.nbytes) * 8 == 2.5 * (flat.scale.nbytes + flat.offset.nbytes)  # B/block
+    x = np.random.default_rng(8).standard_normal((1, 6, 512)).astype(np.float32)
+    np.testing.assert_array_equal(_run_kernels(two, x, int8), _run_kernels(flat, x, int8))
+
+
+def test_tvm_embedding_kernel_reads_two_level_rows(small_gguf):
+    pytest.importorskip("tvm")
+    import tvm
+
+    from edgedec.targets import tvm_quant
+    from edgedec.targets.tvm_target import host_llvm_target
+
+    form, w = _form(small_gguf, "Q4_K")  # a (96, 512) table: 96 tokens of 512
+    q = tvm_quant.quantize(w, 4, form)
+    f = tvm_quant.embed_kernel(96, 512, 4, q.scale_dtype).with_attr("global_symbol", "main")
+    embed = tvm.tirx.build(f, target=tvm.target.Target(host_llvm_target(2)))["main"]
+    ids = np.array([0, 95, 17, 17], np.int32)
+    out = tvm.runtime.tensor(np.zeros((1, 4, 512), np.float32))
+    embed(tvm.runtime.tensor(ids), *(tvm.runtime.tensor(a) for a in (q.words, q.scale, q.offset)), out)
+    np.testing.assert_array_equal(out.numpy()[0], w[ids])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -305,3 +353,15 @@ def test_int4_pass_records_weights_without_a_source_form(ort_case):
     assert any("1 weights had no exact form" in n for n in report["notes"])
     never = Int4Pass(Int4Config(source_grid="never"), PassContext(source=source))(model).report
     assert never["settings"]["source_blocks"] is False and set(never["by_method"]) == {"rtn"}
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
+def test_k_quant_forms_carry_their_two_levels(small_gguf, type_name):
+    """d*sc and dmin*m of a k-quant form, recomputed in float32 from its two levels, are its scale and offset."""
+    form, _ = _form(small_gguf, type_name)
+    d, dmin, sc, m = form.factors
+    assert d.shape == dmin.shape == (96, 2) and sc.shape == m.shape == (96, 16) and sc.max() < 64 and m.max() < 64
+    assert np.array_equal(np.repeat(d, 8, axis=1) * sc.astype(np.float32), form.scale)
+    assert np.array_equal(-(np.repeat(dmin, 8, axis=1) * m.astype(np.float32)), form.offset)
+    assert np.array_equal(d.astype(np.float16).astype(np.float32), d)
+    assert _form(small_gguf, "Q6_K")[0].factors is None
