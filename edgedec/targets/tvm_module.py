@@ -95,11 +95,18 @@ def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None,
         if name not in chosen:
             out[name] = (shapes[name], "float32")
             continue
-        bits, scale_dtype = chosen[name]
-        (d_out, d_in), per, group = shapes[name], 32 // bits, tvm_quant.GROUP
-        out[f"{name}.words"] = ((d_out // group, d_in // per, group), "uint32")
-        out[f"{name}.scale"], out[f"{name}.offset"] = tvm_quant.scale_buffers(d_out // group, d_in // 32, scale_dtype)
+        out.update(quant_param_specs(name, shapes[name], *chosen[name]))
     return out
+
+
+def quant_param_specs(name: str, shape: tuple, bits: int, scale_dtype: str = "float16") -> dict[str, tuple[tuple, str]]:
+    """{part: (shape, dtype)} of one block-quantized (out, in) weight ``name``: its words, scale and offset."""
+    from . import tvm_quant
+
+    (d_out, d_in), per, group = shape, 32 // bits, tvm_quant.GROUP
+    scale, offset = tvm_quant.scale_buffers(d_out // group, d_in // 32, scale_dtype)
+    return {f"{name}.words": ((d_out // group, d_in // per, group), "uint32"), f"{name}.scale": scale,
+            f"{name}.offset": offset}
 
 
 def resolve_layouts(arch: ArchFacts, max_positions: int, quant: str | None,
