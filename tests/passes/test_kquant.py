@@ -365,3 +365,84 @@ def test_k_quant_forms_carry_their_two_levels(small_gguf, type_name):
     assert np.array_equal(-(np.repeat(dmin, 8, axis=1) * m.astype(np.float32)), form.offset)
     assert np.array_equal(d.astype(np.float16).astype(np.float32), d)
     assert _form(small_gguf, "Q6_K")[0].factors is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# End to end: a tiny Llama written as a quantized GGUF (q/k rows permuted as llama.cpp does), loaded by
+# transformers, compiled for cpu (ONNX) and cpu-tvm: every projection found in the file's own blocks
+# ---------------------------------------------------------------------------------------------------
+E2E_TYPES = {"attn_q": "Q5_0", "attn_k": "Q4_0", "attn_v": "Q8_0", "attn_output": "Q5_0", "ffn_gate": "Q5_1",
+             "ffn_up": "Q4_1", "ffn_down": "Q5_0"}  # the tiny model's 64 / 128 inputs take only blocks of 32
+
+
+@pytest.fixture(scope="module")
+def quantized_tiny_gguf(tiny_llama_dir, tmp_path_factory):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    import gguf
+
+    spec = importlib.util.spec_from_file_location("tests_root_conftest", Path(__file__).parents[1] / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)  # tests/conftest.py's GGUF writer (this folder has its own)
+    sys.modules[spec.name] = conftest
+    spec.loader.exec_module(conftest)
+
+    original = gguf.GGUFWriter.add_tensor
+
+    def add_tensor(self, name, tensor, raw_shape=None, raw_dtype=None, tensor_endianess=None):
+        kind = name.split(".")[-2] if name.startswith("blk.") else ""
+        if kind in E2E_TYPES:
+            qtype = GGMLQuantizationType[E2E_TYPES[kind]]
+            return original(self, name, quantize(tensor, qtype), raw_dtype=qtype)
+        return original(self, name, tensor, raw_shape, raw_dtype, tensor_endianess)
+
+    gguf.GGUFWriter.add_tensor = add_tensor
+    try:
+        return conftest._write_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-llama.mixed.gguf")
+    finally:
+        gguf.GGUFWriter.add_tensor = original
+
+
+def _quant_report(bundle):
+    import json
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    return m
+
+
+def test_tiny_quantized_gguf_compiles_exactly_for_cpu_tvm(quantized_tiny_gguf, tmp_path):
+    pytest.importorskip("tvm")
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+
+    out = tmp_path / "tvm"
+    compile_model(str(quantized_tiny_gguf), out, CompileOptions(target="cpu-tvm", passes=(("int4", {}),)))
+    graph = _quant_report(out)["graphs"]["decoder"]
+    q = graph["quantization"]
+    kinds = {k: v for k, v in q["kinds"].items()}
+    assert kinds == {"exact Q5_0 8-bit": {"weights": 6, "max_abs_error": 0.0},
+                     "exact Q4_0 4-bit": {"weights": 2, "max_abs_error": 0.0},
+                     "exact Q8_0 8-bit": {"weights": 2, "max_abs_error": 0.0},
+                     "exact Q5_1 8-bit": {"weights": 2, "max_abs_error": 0.0},
+                     "exact Q4_1 4-bit": {"weights": 2, "max_abs_error": 0.0},
+                     "rtn 8-bit": {"weights": 1, "max_abs_error": q["kinds"]["rtn 8-bit"]["max_abs_error"]}}
+    assert q["bits"]["layers.0.self_attn.q_proj.weight"] == 8  # Q5_0 widened
+    assert q["kinds"]["rtn 8-bit"]["max_abs_error"] > 0  # the F32 embedding table is rounded, as before
+
+
+def test_tiny_quantized_gguf_compiles_exactly_for_cpu(quantized_tiny_gguf, tmp_path):
+    from edgedec.compiler.pipeline import CompileOptions, compile_model
+
+    out = tmp_path / "cpu"
+    compile_model(str(quantized_tiny_gguf), out, CompileOptions(passes=(("int4", {}),)))
+    log = next(p for p in _quant_report(out)["passes"] if p["pass"] == "int4")
+    methods = {r["weight"].replace("layers.1.", "layers.0."): (r["method"], r["bits"], r["max_abs_error"])
+               for r in log["report"]["tensors"]}
+    assert methods == {  # q/k/v and gate/up fused along N: one form from several formats, in 8 bits
+        "layers.0.self_attn.qkv_proj.weight": ("exact Q4_0+Q5_0+Q8_0 grid", 8, 0.0),
+        "layers.0.self_attn.o_proj.weight": ("exact Q5_0 grid", 8, 0.0),
+        "layers.0.mlp.gate_proj+layers.0.mlp.up_proj.weight": ("exact Q4_1+Q5_1 grid", 8, 0.0),
+        "layers.0.mlp.down_proj.weight": ("exact Q5_0 grid", 8, 0.0),
+        "lm_head.weight": ("rtn", 8, methods["lm_head.weight"][2])}  # the F32 tied table: no source blocks
+    head = next(r for r in log["report"]["tensors"] if r["weight"] == "lm_head.weight")
+    assert head["source"] == "no exact source form: 384 of 384 columns are no GGUF row"
