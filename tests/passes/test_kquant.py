@@ -188,7 +188,7 @@ def _kernels(bits, scale_dtype, int8=False):
     from edgedec.targets.tvm_target import host_llvm_target
 
     target = tvm.target.Target(host_llvm_target(2))
-    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
+    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]
     one, many = ((tvm_quant.gemv_int8_kernel, tvm_quant.gemm_int8_kernel) if int8 else
                  (tvm_quant.gemv_kernel, tvm_quant.gemm_kernel))
     return build(one(512, 96, bits, scale_dtype)), build(many(512, 96, bits, scale_dtype))
@@ -335,9 +335,10 @@ def test_int4_pass_k_quants_run_on_onnxruntime(ort_case, accuracy_level, toleran
 
 def test_int4_pass_records_weights_without_a_source_form(ort_case):
     """A weight that is no GGUF row is re-rounded, and its record says why; source_grid=never reads no blocks."""
+    from onnx import numpy_helper
+
     from edgedec.passes.base import PassContext
     from edgedec.passes.int4 import Int4Config, Int4Pass
-    from onnx import numpy_helper
 
     model, source = ort_case
     changed = type(model)()
