@@ -95,8 +95,9 @@ class Int4Config(PassConfig):
                                    "(llama.cpp's scale search) or hqq (half-quadratic, float zero points)")
     lm_head: str = option("int8", "the LM head and the embedding table tied to it: fp32 (left as is), int8 or "
                                   "int4 (one quantized table read by MatMulNBits and GatherBlockQuantized)")
-    source_grid: str = option("auto", "re-express weights lying on a GGUF Q4_0/Q4_1/Q8_0 grid exactly: auto "
-                                      "(when the source is such a GGUF), always, never")
+    source_grid: str = option("auto", "re-express a GGUF source's weights exactly: Q4_0/Q4_1/Q8_0 grids, and "
+                                      "k-quants/Q5_0 from the file's own blocks (Q4_K 4-bit; Q5_0, Q6_K, Q8_0 "
+                                      "8-bit): auto (when the source is such a GGUF), always, never (re-round)")
     round_offsets: str = option("", "balanced, fast, or glob patterns of weight names separated by spaces (e.g. "
                                     "'*o_proj* *layers.1?.mlp.down_proj*'): weights whose float "
                                     "zero points (Q4_1 grid, HQQ) are rounded to integers, with a calibrated "

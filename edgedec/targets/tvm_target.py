@@ -359,6 +359,10 @@ def quantization_entry(quant: str | None, report: dict, activations: str = "floa
                        "float32 block sum; float32 elsewhere",
         "bits": {name: r["bits"] for name, r in report.items()},
         "kinds": kinds,
+        # every weight that is not its source's exact re-expression, with what it lost (a GGUF source's
+        # Q6_K, which this layout's blocks of 32 cannot hold; a float source's weights, all rounded)
+        "lossy": {name: {k: r[k] for k in ("kind", "max_abs_error", "source") if k in r}
+                  for name, r in report.items() if r["max_abs_error"] > 0},
         "max_abs_error": max((r["max_abs_error"] for r in report.values()), default=0.0),
     }
 

@@ -429,6 +429,8 @@ def test_tiny_quantized_gguf_compiles_exactly_for_cpu_tvm(quantized_tiny_gguf, t
                      "rtn 8-bit": {"weights": 1, "max_abs_error": q["kinds"]["rtn 8-bit"]["max_abs_error"]}}
     assert q["bits"]["layers.0.self_attn.q_proj.weight"] == 8  # Q5_0 widened
     assert q["kinds"]["rtn 8-bit"]["max_abs_error"] > 0  # the F32 embedding table is rounded, as before
+    assert list(q["lossy"]) == ["embed_tokens.weight"]  # and is the one weight recorded as losing something
+    assert q["lossy"]["embed_tokens.weight"]["source"] == "not found in the GGUF: 384 of 384 columns are no GGUF row"
 
 
 def test_tiny_quantized_gguf_compiles_exactly_for_cpu(quantized_tiny_gguf, tmp_path):
