@@ -15,6 +15,11 @@ values in one uint32 word; ``out % 32 == 0``, ``in % 32 == 0``)::
 
     W[n, k] = d * q + m,   q in [0, 2^bits)
 
+or, where float16 cannot hold a GGUF source's own scales exactly (:func:`scale_buffers`): float32 d and m,
+or a k-quant's two levels, ``scale`` uint16 (sc | m << 8 per block) and ``offset`` float16
+(out / 32, in / 256, 2, 32) (d, -dmin per 256 inputs), with d = d*sc and m = (-dmin)*m computed in
+float32 by the kernels (exact, as gguf computes them).
+
 A kernel task owns 32 consecutive outputs: four AVX2 registers of eight lanes, four independent FMA chains.
 For each input value it broadcasts the value, extracts 32 fields with a shift and a mask and accumulates;
 the block's offset is applied once per block through the sum of its 32 inputs (``y += d * sum(q x) +
@@ -23,7 +28,10 @@ which is what lets the hardware prefetcher stream it (measured: 1.9x faster from
 per task, ``(out/8, in/per, 8)``). Scale and offset are float16, as GGUF stores them.
 
 GGUF re-expression: Q4_1 ``d*q + m`` as it is; Q4_0 ``d*(q-8)`` -> ``m = -8d``; Q8_0 ``d*v`` (v signed)
--> ``q = v + 128``, ``m = -128d``; all exact in float16. Weights on no source grid are rounded to
+-> ``q = v + 128``, ``m = -128d``; all exact in float16. Sources with other formats are read from the
+GGUF's own blocks (:mod:`edgedec.models.gguf_blocks`, :func:`from_form`): Q4_K in 4 bits with its two
+levels, Q5_0 / Q5_1 / Q5_K (and Q8_0) in 8 bits, exact; Q6_K, whose scales change every 16 inputs, cannot
+be held by blocks of 32 and is rounded to 8 bits (docs/quantization.md). Weights on no source grid are rounded to
 nearest, asymmetric for 4 bits and symmetric for 8 (ONNX Runtime's conventions,
 :mod:`edgedec.passes.blockwise`), with d and m then rounded to float16 (the kernels compute with those).
 """
