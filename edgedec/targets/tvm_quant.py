@@ -166,7 +166,7 @@ def from_form(form: BlockForm, bits: int, w: np.ndarray | None = None) -> QuantL
                                                 _lanes((-dmin).astype(np.float16), out)], axis=2))
     else:
         scale, offset = _lanes(d, out), _lanes(m, out)  # float32
-    q = QuantLinear(pack(u, bits), scale, offset, bits, f"exact {form.kind}")
+    q = QuantLinear(pack(u, bits), scale, offset, bits, form.kind)  # as the legacy grids: the source type
     ref = form.dequantize().T if w is None else w
     if not np.array_equal(q.dequantize(), ref):
         return None

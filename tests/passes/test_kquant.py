@@ -160,7 +160,7 @@ def test_tvm_layout_holds_each_32_block_form_exactly(small_gguf, type_name, bits
 
     form, w = _form(small_gguf, type_name)
     q = tvm_quant.quantize(w, 4, form)
-    assert (q.kind, q.bits, q.scale_dtype) == (f"exact {type_name}", bits, scale_dtype)
+    assert (q.kind, q.bits, q.scale_dtype) == (type_name, bits, scale_dtype)  # the source type, as the legacy grids
     assert float(np.abs(q.dequantize() - w).max()) == 0.0
     narrow = tvm_quant.quantize(w, 4, form, widen=False)  # a draft may keep 4 bits: rounded, and says why
     if bits == 8:
@@ -421,11 +421,11 @@ def test_tiny_quantized_gguf_compiles_exactly_for_cpu_tvm(quantized_tiny_gguf, t
     graph = _quant_report(out)["graphs"]["decoder"]
     q = graph["quantization"]
     kinds = {k: v for k, v in q["kinds"].items()}
-    assert kinds == {"exact Q5_0 8-bit": {"weights": 6, "max_abs_error": 0.0},
-                     "exact Q4_0 4-bit": {"weights": 2, "max_abs_error": 0.0},
-                     "exact Q8_0 8-bit": {"weights": 2, "max_abs_error": 0.0},
-                     "exact Q5_1 8-bit": {"weights": 2, "max_abs_error": 0.0},
-                     "exact Q4_1 4-bit": {"weights": 2, "max_abs_error": 0.0},
+    assert kinds == {"Q5_0 8-bit": {"weights": 6, "max_abs_error": 0.0},
+                     "Q4_0 4-bit": {"weights": 2, "max_abs_error": 0.0},
+                     "Q8_0 8-bit": {"weights": 2, "max_abs_error": 0.0},
+                     "Q5_1 8-bit": {"weights": 2, "max_abs_error": 0.0},
+                     "Q4_1 4-bit": {"weights": 2, "max_abs_error": 0.0},
                      "rtn 8-bit": {"weights": 1, "max_abs_error": q["kinds"]["rtn 8-bit"]["max_abs_error"]}}
     assert q["bits"]["layers.0.self_attn.q_proj.weight"] == 8  # Q5_0 widened
     assert q["kinds"]["rtn 8-bit"]["max_abs_error"] > 0  # the F32 embedding table is rounded, as before
