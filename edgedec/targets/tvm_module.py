@@ -86,8 +86,6 @@ def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None,
     ``W.words`` / ``W.scale`` / ``W.offset`` (layout in :mod:`edgedec.targets.tvm_quant`). ``layouts``
     ({weight: (bits, scale dtype)}, from :func:`layouts_of` once the weights are quantized) overrides the
     default of :func:`quantized_bits` bits with float16 scales (an exact source may need 8 bits or float32)."""
-    from . import tvm_quant
-
     shapes = param_shapes(arch, max_positions)
     chosen = resolve_layouts(arch, max_positions, quant, layouts)
     out = {}

@@ -199,7 +199,9 @@ def dequantize(words: np.ndarray, scale: np.ndarray, offset: np.ndarray, bits: i
     out, k = v.shape
     per_block = lambda a: a.astype(np.float32).transpose(0, 2, 1).reshape(out, k // BLOCK)  # noqa: E731
     if scale.dtype == np.uint16:  # two levels: d * sc and (-dmin) * m, in float32
-        sup = lambda a: np.repeat(a.astype(np.float32).transpose(0, 2, 1).reshape(out, -1), SUPER, axis=1)  # noqa: E731
+        def sup(a):  # (out/32, in/256, 32) per super-block -> (out, in/32)
+            return np.repeat(a.astype(np.float32).transpose(0, 2, 1).reshape(out, -1), SUPER, axis=1)
+
         d = sup(offset[:, :, 0]) * per_block(scale & np.uint16(0xFF))
         c = sup(offset[:, :, 1]) * per_block(scale >> np.uint16(8))
     else:
