@@ -122,6 +122,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             loaded = sources.load(model)
         timings["load_s"] = time.perf_counter() - t
         arch = loaded.arch
+        if hasattr(target, "use_source"):  # a target that reads the source's own quantization (tvm_target)
+            target.use_source(loaded.source.to_dict())
         max_positions = min(arch.max_position_embeddings,
                             options.max_context or target.default_max_context or DEFAULT_MAX_CONTEXT)
         if options.kv_window is not None and options.kv_sinks + options.kv_window > max_positions:

@@ -22,8 +22,10 @@ Layouts, as ``MatMulNBits`` (and, for a tied embedding, ``GatherBlockQuantized``
     offsets       (N, k_blocks)                          float32 (exact source grids only)
 
 Quantizers: ``rtn`` (round to nearest, ORT's conventions), ``k_quant`` and ``hqq`` (ONNX Runtime's
-implementations; HQQ's float zero points travel as offsets), and ``recover_grid``, which finds the
-GGUF Q4_0 / Q4_1 / Q8_0 grid a dequantized tensor lies on and re-expresses it without loss.
+implementations; HQQ's float zero points travel as offsets), ``recover_grid``, which finds the
+GGUF Q4_0 / Q4_1 / Q8_0 grid a dequantized tensor lies on and re-expresses it without loss, and
+``from_form``, which re-expresses the exact per-block form read from the GGUF's own blocks
+(:mod:`edgedec.models.gguf_blocks`: k-quants, Q5_0, ...), in 8 bits where the source has more than 4.
 """
 
 from __future__ import annotations
@@ -311,3 +313,32 @@ def recover_grid(w: np.ndarray, formats: tuple[str, ...] = ("Q4_0", "Q4_1", "Q8_
         if found is not None:
             return found
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Exact source forms read from the GGUF's own blocks (k-quants, Q5_0, ...): edgedec.models.gguf_blocks
+# ------------------------------------------------------------------------------------------------
+def from_form(form, bits: int) -> BlockQuant | None:
+    """A :class:`edgedec.models.gguf_blocks.BlockForm` (``w = fl(fl(scale * q) + offset)`` per block) as a
+    ``bits``-bit BlockQuant that dequantizes to the same float32 values, or None where it cannot.
+
+    ``(u - z) * scale + offset`` with ``u - z = q`` exactly: signed codes that fit ``[-2^(bits-1),
+    2^(bits-1))`` take ``u = q + 2^(bits-1)`` and the default zero point (Q4_0, Q5_0 and Q6_K in 8 bits,
+    Q8_0); non-negative ones take ``u = q`` and uint8 zero points 0 (Q4_1 and Q4_K in 4 bits, Q5_1 and Q5_K
+    in 8). Scales stay float32 (MatMulNBits' scales are float32: ``d * sc`` needs no rounding), offsets
+    travel through the block-sum correction. The block is the form's (32, or 16 for Q6_K)."""
+    if form.block not in BLOCK_SIZES:
+        return None
+    lo, hi = form.q_range
+    mid, top = 1 << (bits - 1), (1 << bits) - 1
+    q = form.q.astype(np.int16)
+    if -mid <= lo and hi < mid:
+        u, zp = q + mid, None
+    elif lo >= 0 and hi <= top:
+        u, zp = q, np.zeros(form.scale.shape, np.uint8)
+    else:
+        return None
+    N, K = form.q.shape
+    return BlockQuant(u.astype(np.uint8).reshape(N, K // form.block, form.block), form.scale.astype(np.float32), zp,
+                      bits, K, offsets=None if form.offset is None else form.offset.astype(np.float32),
+                      kind=form.kind)

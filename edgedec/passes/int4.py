@@ -95,8 +95,9 @@ class Int4Config(PassConfig):
                                    "(llama.cpp's scale search) or hqq (half-quadratic, float zero points)")
     lm_head: str = option("int8", "the LM head and the embedding table tied to it: fp32 (left as is), int8 or "
                                   "int4 (one quantized table read by MatMulNBits and GatherBlockQuantized)")
-    source_grid: str = option("auto", "re-express weights lying on a GGUF Q4_0/Q4_1/Q8_0 grid exactly: auto "
-                                      "(when the source is such a GGUF), always, never")
+    source_grid: str = option("auto", "re-express a GGUF source's weights exactly: Q4_0/Q4_1/Q8_0 grids, and "
+                                      "k-quants/Q5_0 from the file's own blocks (Q4_K 4-bit; Q5_0, Q6_K, Q8_0 "
+                                      "8-bit): auto (when the source is such a GGUF), always, never (re-round)")
     round_offsets: str = option("", "balanced, fast, or glob patterns of weight names separated by spaces (e.g. "
                                     "'*o_proj* *layers.1?.mlp.down_proj*'): weights whose float "
                                     "zero points (Q4_1 grid, HQQ) are rounded to integers, with a calibrated "
@@ -176,10 +177,35 @@ class Int4Pass(Pass):
                     return None
                 if c.lm_head == "int8":  # 8-bit: RTN is within a fraction of a percent; the grid is exact
                     return WeightPlan(8, c.block_size, c.symmetric, "rtn", tuple(g for g in grids if g == "Q8_0"))
+                return WeightPlan(4, c.block_size, c.symmetric, c.algorithm, tuple(g for g in grids if g != "Q8_0"),
+                                  widen=False)  # lm_head=int4 asks for a 4-bit table: a wider source is rounded
             return WeightPlan(4, c.block_size, c.symmetric, c.algorithm, tuple(g for g in grids if g != "Q8_0"),
                               round_offsets=self._rounded(use))
 
         return plan
+
+    _blocks_read = False
+
+    def _source_blocks(self):
+        """The source GGUF's own blocks (:mod:`edgedec.models.gguf_blocks`), for weights on none of the legacy
+        grids (k-quants, Q5_0, ...): read when ``source_grid`` is auto and the source lists such a type, or
+        always; None otherwise."""
+        from ..models import gguf_blocks
+
+        src = self.context.source
+        path = src.get("path")
+        self._blocks_read = False
+        if self.config.source_grid == "never" or src.get("kind") != "gguf" or not path or not Path(path).is_file():
+            return None
+        listed = {t.strip().upper() for t in str(src.get("weight_format", "")).split(",")}
+        if self.config.source_grid == "auto" and not listed & (set(gguf_blocks.FORMATS) - set(GGUF_GRIDS)):
+            return None
+        try:
+            blocks = gguf_blocks.exact_blocks(path)
+        except (OSError, ValueError) as exc:
+            raise PassError(f"int4: cannot read the blocks of the source GGUF {path}: {exc}") from exc
+        self._blocks_read = True
+        return blocks
 
     def _means(self, model: onnx.ModelProto, uses: list[WeightUse]) -> tuple[dict[str, np.ndarray], dict]:
         """Mean over calibration tokens of every activation read by a weight ``round_offsets`` names."""
@@ -203,6 +229,7 @@ class Int4Pass(Pass):
         weight_format = str(self.context.source.get("weight_format", ""))
         grids = source_grids(c.source_grid, weight_format)
         uses = weight_uses(GraphIndex.of(model))
+        heads = {u.name for u in uses if u.is_table}
         found = [re.search(r"layers\.(\d+)\.", u.name) for u in uses]
         self._layers = max((int(m[1]) + 1 for m in found if m), default=0)
         for p in self._patterns:
@@ -211,7 +238,9 @@ class Int4Pass(Pass):
                 raise PassError(f"int4.round_offsets: {p!r} matches no weight (presets: {', '.join(ROUND_PRESETS)}; "
                                 f"weight names look like {body[0] if body else uses[0].name})")
         means, calibration = self._means(model, uses)
-        out, records = quantize_weights(model, self._plan(grids), c.accuracy_level, means)
+        blocks = self._source_blocks()
+        out, records = quantize_weights(model, self._plan(grids), c.accuracy_level, means, blocks)
+        del blocks
         if not records:
             return PassResult(model, False, {"quantized": 0, "note": "no float weight left to quantize"})
         by_method: dict[str, int] = {}
@@ -220,7 +249,8 @@ class Int4Pass(Pass):
         report = {
             "quantized": len(records),
             "by_method": by_method,
-            "settings": {**c.to_dict(), "source_grids": list(grids), "source_weight_format": weight_format},
+            "settings": {**c.to_dict(), "source_grids": list(grids), "source_weight_format": weight_format,
+                         "source_blocks": bool(self._blocks_read)},
             "max_abs_error": max(r["max_abs_error"] for r in records),
             "bytes_before": sum(r["bytes_before"] for r in records),
             "bytes_after": sum(r["bytes_after"] for r in records),
@@ -232,7 +262,15 @@ class Int4Pass(Pass):
         if grids and any(not r["method"].startswith(("exact", "Q4_1")) and r["bits"] == 4 for r in records):
             notes.append(f"some weights were not on a source grid and were re-quantized with {c.algorithm}")
         if any(r["method"].startswith("exact") and r["block_size"] != c.block_size for r in records):
-            notes.append(f"weights on a GGUF grid keep its blocks of {bw.GGUF_BLOCK}, not block_size {c.block_size}")
+            notes.append(f"weights on a GGUF grid keep its blocks of {bw.GGUF_BLOCK} (Q6_K: 16), not block_size "
+                         f"{c.block_size}")
+        if any(r["method"].startswith("exact") and r["bits"] > (8 if r["gathers"] or r["weight"] in heads else 4)
+               for r in records):
+            notes.append("weights whose source has more than 4 bits per code (Q5_0, Q6_K, Q8_0) are stored exactly "
+                         "in 8 bits; source_grid=never re-rounds them to 4")
+        missed = [r for r in records if "source" in r]
+        if missed:
+            notes.append(f"{len(missed)} weights had no exact form in the source GGUF (see each record's source)")
         if notes:
             report["notes"] = notes
         return PassResult(out, True, report)

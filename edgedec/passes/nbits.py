@@ -49,6 +49,7 @@ class WeightPlan:
     algorithm: str = "rtn"
     grids: tuple[str, ...] = ()  # GGUF grids to look for first ("Q4_0", "Q4_1", "Q8_0"), in this order
     round_offsets: bool = False  # fold float offsets into integer zero points (no block-sum correction)
+    widen: bool = True  # an exact source form with more bits than ``bits`` is stored in 8 bits (else re-rounded)
 
 
 @dataclass
@@ -93,9 +94,14 @@ def weight_uses(idx: GraphIndex) -> list[WeightUse]:
 
 
 def quantize_weights(model: onnx.ModelProto, plan: Callable[[WeightUse], WeightPlan | None],
-                     accuracy_level: int, means: dict[str, np.ndarray] | None = None
+                     accuracy_level: int, means: dict[str, np.ndarray] | None = None, blocks=None
                      ) -> tuple[onnx.ModelProto, list[dict]]:
     """Return a rewritten copy of ``model`` and one record per quantized weight.
+
+    ``blocks``: a :class:`edgedec.models.gguf_blocks.BlockIndex` of the source GGUF. A weight on none of the
+    plan's legacy grids is looked up there, and its exact form re-expressed (:func:`blockwise.from_form`, in
+    ``max(bits, the form's)`` bits when the plan widens, its source's blocks of 32 or 16); a weight it does
+    not find is quantized from its float values, and the record says why (``source``).
 
     ``plan(use)`` says how to quantize each weight, or None to leave it in float. ``means`` maps
     activations to their mean over calibration tokens (K,): a weight whose offsets are rounded away
@@ -113,6 +119,16 @@ def quantize_weights(model: onnx.ModelProto, plan: Callable[[WeightUse], WeightP
         gathers, block_size, notes = _table_blocks(use, p.block_size)
         q = bw.recover_grid(w, p.grids) if p.grids else None
         source = q.kind if q is not None and q.bits == p.bits else None
+        missed = ""
+        if source is None and blocks is not None:
+            form, missed = blocks.find(w)
+            q = None
+            if form is not None and (form.bits or 8) > p.bits and not p.widen:
+                missed = f"its {form.kind} codes need {form.bits or 'more than 8'} bits, the plan has {p.bits}"
+            elif form is not None and (not gathers or use.K % form.block == 0):
+                q = bw.from_form(form, max(p.bits, form.bits or 8))
+                missed = "" if q is not None else f"its {form.kind} form has codes {form.q_range}"
+            source = q.kind if q is not None else None
         if source is None:
             q = bw.quantize(w, p.bits, block_size, p.symmetric, p.algorithm)
         biased = 0
@@ -141,6 +157,9 @@ def quantize_weights(model: onnx.ModelProto, plan: Callable[[WeightUse], WeightP
         }
         if shift is not None:
             record["bias_correction"] = f"{biased} of {len(use.matmuls)} MatMuls"
+        if missed:
+            record["source"] = f"no exact source form: {missed}"
+            log.info("%s: no exact source form (%s); %s", use.name, missed, record["method"])
         if notes:
             record["notes"] = notes
             for note in notes:

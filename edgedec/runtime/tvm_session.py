@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 
-PARAM_DTYPES = {"float32": "<f4", "uint32": "<u4", "float16": "<f2"}  # params.bin entries by the manifest's dtype
+PARAM_DTYPES = {"float32": "<f4", "uint32": "<u4", "float16": "<f2", "uint16": "<u2"}  # params.bin entries by the manifest's dtype
 
 
 def import_tvm():

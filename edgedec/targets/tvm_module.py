@@ -27,6 +27,7 @@ the same cos/sin tables as the ONNX graph (computed in float64, stored in float3
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -34,6 +35,8 @@ import numpy as np
 from ..errors import ModelError
 from ..models.arch import ArchFacts
 from ..runtime.tvm_session import KV_DTYPES
+
+log = logging.getLogger(__name__)
 
 
 def param_names(arch: ArchFacts) -> list[str]:
@@ -77,29 +80,57 @@ def quantized_bits(arch: ArchFacts, max_positions: int, quant: str | None) -> di
     return {n: b for n, b in wanted.items() if tvm_quant.fits(shapes[n])}
 
 
-def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None) -> dict[str, tuple[tuple, str]]:
+def param_specs(arch: ArchFacts, max_positions: int, quant: str | None = None,
+                layouts: dict[str, tuple[int, str]] | None = None) -> dict[str, tuple[tuple, str]]:
     """{name: (shape, dtype)} of the module's parameters in call order; a quantized weight ``W`` becomes
-    ``W.words`` / ``W.scale`` / ``W.offset`` (layout in :mod:`edgedec.targets.tvm_quant`)."""
-    from . import tvm_quant
-
+    ``W.words`` / ``W.scale`` / ``W.offset`` (layout in :mod:`edgedec.targets.tvm_quant`). ``layouts``
+    ({weight: (bits, scale dtype)}, from :func:`layouts_of` once the weights are quantized) overrides the
+    default of :func:`quantized_bits` bits with float16 scales (an exact source may need 8 bits or float32)."""
     shapes = param_shapes(arch, max_positions)
-    bits = quantized_bits(arch, max_positions, quant)
+    chosen = resolve_layouts(arch, max_positions, quant, layouts)
     out = {}
     for name in param_names(arch):
-        if name not in bits:
+        if name not in chosen:
             out[name] = (shapes[name], "float32")
             continue
-        (d_out, d_in), per, group = shapes[name], 32 // bits[name], tvm_quant.GROUP
-        out[f"{name}.words"] = ((d_out // group, d_in // per, group), "uint32")
-        out[f"{name}.scale"] = ((d_out // group, d_in // 32, group), "float16")
-        out[f"{name}.offset"] = ((d_out // group, d_in // 32, group), "float16")
+        out.update(quant_param_specs(name, shapes[name], *chosen[name]))
     return out
 
 
-def quantize_weights(weights: dict[str, np.ndarray], bits: dict[str, int]):
+def quant_param_specs(name: str, shape: tuple, bits: int, scale_dtype: str = "float16") -> dict[str, tuple[tuple, str]]:
+    """{part: (shape, dtype)} of one block-quantized (out, in) weight ``name``: its words, scale and offset."""
+    from . import tvm_quant
+
+    (d_out, d_in), per, group = shape, 32 // bits, tvm_quant.GROUP
+    scale, offset = tvm_quant.scale_buffers(d_out // group, d_in // 32, scale_dtype)
+    return {f"{name}.words": ((d_out // group, d_in // per, group), "uint32"), f"{name}.scale": scale,
+            f"{name}.offset": offset}
+
+
+def resolve_layouts(arch: ArchFacts, max_positions: int, quant: str | None,
+                    layouts: dict[str, tuple[int, str]] | None = None) -> dict[str, tuple[int, str]]:
+    """{weight: (bits, scale dtype)} of the block-quantized weights: :func:`quantized_bits` with float16
+    scales, overridden by ``layouts`` for the weights it names."""
+    chosen = {n: (b, "float16") for n, b in quantized_bits(arch, max_positions, quant).items()}
+    for name, layout in (layouts or {}).items():
+        if name in chosen:
+            chosen[name] = (int(layout[0]), str(layout[1]))
+    return chosen
+
+
+def layouts_of(report: dict) -> dict[str, tuple[int, str]]:
+    """{weight: (bits, scale dtype)} from :func:`quantize_weights`' report."""
+    return {name: (r["bits"], r["scale_dtype"]) for name, r in report.items()}
+
+
+def quantize_weights(weights: dict[str, np.ndarray], bits: dict[str, int], blocks=None, widen: bool = True):
     """Replace each weight in ``bits`` by its three quantized tensors. Returns (params, reference, report):
     ``reference`` is ``weights`` with the quantized ones replaced by what the kernels compute with
-    (their dequantization), for verifying the library; ``report`` lists kind and error per weight."""
+    (their dequantization), for verifying the library; ``report`` lists per weight its bits, scale dtype,
+    kind and max error (0.0: exact). ``blocks``: a :class:`edgedec.models.gguf_blocks.BlockIndex` of the
+    source GGUF, whose exact forms are used where the layout holds them (``widen``: in 8 bits where the
+    source has more than the default 4; see :func:`edgedec.targets.tvm_quant.quantize`); a weight it does
+    not find is quantized from its float values, and the report says why."""
     from . import tvm_quant
 
     params, reference, report = {}, dict(weights), {}
@@ -107,14 +138,20 @@ def quantize_weights(weights: dict[str, np.ndarray], bits: dict[str, int]):
         if name not in bits:
             params[name] = w
             continue
+        form, why = blocks.find(np.ascontiguousarray(w.T)) if blocks is not None else (None, "")
         try:
-            q = tvm_quant.quantize(w, bits[name])
+            q = tvm_quant.quantize(w, bits[name], form, widen)
         except ValueError as exc:  # e.g. a block scale beyond float16's range
             raise ModelError(f"cannot quantize {name} to {bits[name]} bits: {exc}") from exc
         params.update({f"{name}.words": q.words, f"{name}.scale": q.scale, f"{name}.offset": q.offset})
         reference[name] = q.dequantize()
-        report[name] = {"bits": bits[name], "kind": q.kind,
+        report[name] = {"bits": q.bits, "scale_dtype": q.scale_dtype, "kind": q.kind,
                         "max_abs_error": float(np.abs(reference[name] - w).max())}
+        if form is not None:
+            report[name]["source"] = form.kind
+        elif why:
+            report[name]["source"] = f"not found in the GGUF: {why}"
+            log.info("%s: no exact source form (%s); %s", name, why, q.kind)
     return params, reference, report
 
 
@@ -397,21 +434,23 @@ VERIFY_ROWS = range(2, 9)  # verify{k}: a speculative verification of k - 1 draf
 
 
 def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, activations: str = "float",
-                 kv_dtype: str = "float32"):
+                 kv_dtype: str = "float32", layouts: dict[str, tuple[int, str]] | None = None):
     """The Relax IRModule with ``prefill`` and ``decode`` (see the module docstring); ``quant="int4"``:
     the weights in :func:`quantized_bits` are block-quantized (:mod:`edgedec.targets.tvm_quant`);
     ``activations="int8"``: the kernels of those weights round their inputs to int8 (AVX512-VNNI);
-    ``kv_dtype``: the caches' element type, float32 or float16 (written rounded, read back as float32)."""
+    ``kv_dtype``: the caches' element type, float32 or float16 (written rounded, read back as float32);
+    ``layouts``: per weight (bits, scale dtype) where not the default (:func:`param_specs`)."""
     import tvm
     from tvm import relax, tirx
 
     from . import tvm_quant
 
     a = arch
-    specs = param_specs(a, max_positions, quant)
+    specs = param_specs(a, max_positions, quant, layouts)
     names = list(specs)
     shapes = param_shapes(a, max_positions)
-    bits = quantized_bits(a, max_positions, quant)
+    chosen = resolve_layouts(a, max_positions, quant, layouts)
+    bits = {n: b for n, (b, _) in chosen.items()}
     bb = relax.BlockBuilder()
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}, got {kv_dtype!r}")
@@ -439,13 +478,15 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
         def linear(x, wname, bias=None, rows=n):
             d_out, d_in = shapes[wname]
             if wname in bits:
-                key = ("q", decode, d_in, d_out, bits[wname])
+                wbits, sdt = chosen[wname]
+                key = ("q", decode, d_in, d_out, wbits, sdt)
+                suffix = {"float16": "", "float32": "_f32s", "k": "_kq"}[sdt]  # an exact k-quant source: _kq
                 if key not in kernels and activations == "int8":
                     make = tvm_quant.gemv_int8_kernel if decode else tvm_quant.gemm_int8_kernel
-                    kernels[key] = bb.add_func(make(d_in, d_out, bits[wname]), f"q{bits[wname]}_linear_i8")
+                    kernels[key] = bb.add_func(make(d_in, d_out, wbits, sdt), f"q{wbits}_linear_i8{suffix}")
                 elif key not in kernels:
                     make = tvm_quant.gemv_kernel if decode else tvm_quant.gemm_kernel
-                    kernels[key] = bb.add_func(make(d_in, d_out, bits[wname]), f"q{bits[wname]}_linear")
+                    kernels[key] = bb.add_func(make(d_in, d_out, wbits, sdt), f"q{wbits}_linear{suffix}")
                 y = bb.emit(relax.call_tir(kernels[key], [x, *(w[f"{wname}.{part}"] for part in QUANT_PARTS)],
                                            relax.TensorType((1, rows, d_out), "float32")))
                 return y if bias is None else bb.emit(relax.op.add(y, bias))
@@ -464,8 +505,8 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
             with bb.dataflow():
                 w = {p: bb.emit(relax.TupleGetItem(params, i)) for i, p in enumerate(names)}
                 if "embed_tokens.weight" in bits:
-                    embed = bb.add_func(tvm_quant.embed_kernel(a.vocab_size, a.hidden_size, bits["embed_tokens.weight"]),
-                                        "q_embed")
+                    embed = bb.add_func(tvm_quant.embed_kernel(a.vocab_size, a.hidden_size,
+                                                               *chosen["embed_tokens.weight"]), "q_embed")
                     h = bb.emit(relax.call_tir(embed, [relax.op.reshape(ids, [n]),
                                                        *(w[f"embed_tokens.weight.{part}"] for part in QUANT_PARTS)],
                                                relax.TensorType((1, n, a.hidden_size), "float32")))
@@ -516,7 +557,8 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
 
 
 def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = False, quant: str | None = None,
-                  activations: str = "float", kv_dtype: str = "float32"):
+                  activations: str = "float", kv_dtype: str = "float32",
+                  layouts: dict[str, tuple[int, str]] | None = None):
     """Compile the module for ``target`` (a tvm.target.Target) into a Relax VM executable.
 
     Pipeline: TVM's CPU default (legalize, fuse the small elementwise/norm kernels, lower); the
@@ -526,7 +568,7 @@ def build_library(arch: ArchFacts, max_positions: int, target, tune: bool = Fals
     from tvm import relax
     from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
 
-    mod = build_module(arch, max_positions, quant, activations, kv_dtype)
+    mod = build_module(arch, max_positions, quant, activations, kv_dtype, layouts)
 
     @tvm.transform.module_pass(opt_level=0)
     def pipeline(mod, _ctx):

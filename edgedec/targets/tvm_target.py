@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ModelError, UnsupportedError
+from ..models import gguf_blocks
 from ..runtime.tvm_session import PARAM_DTYPES
 from .base import Target
 from .tvm_module import VERIFY_ROWS
@@ -114,6 +115,11 @@ class TvmTarget(Target):
         self.quant: str | None = None  # "int4": the target quantizes the module's weights itself
         self.activations = "float"  # or "int8" (-q int4:activations=int8): the quantized kernels' inputs
         self.kv_dtype = "float32"  # or "float16" (--kv fp16): the caches' element type
+        self.source_gguf: str | None = None  # the source GGUF, whose own blocks int4 re-expresses exactly
+
+    def use_source(self, source: dict) -> None:
+        """The pipeline's ``SourceInfo.to_dict()``, before :meth:`export`: a GGUF source's own blocks."""
+        self.source_gguf = source.get("path") if source.get("kind") == "gguf" else None
 
     def take_passes(self, specs: list[tuple[str, dict]]) -> list[tuple[str, dict]]:
         """``int4`` (``-q int4``) is this target's own block quantization; every other pass stays for
@@ -121,7 +127,7 @@ class TvmTarget(Target):
         picks the kernels of the block-quantized weights. ``kv-cache`` with ``dtype`` fp32 or fp16 (``--kv``)
         sets the caches' element type; the quantized layouts are refused."""
         # the target object is shared: every compile states its own quantization and cache
-        self.quant, self.activations, self.kv_dtype, rest = None, "float", "float32", []
+        self.quant, self.activations, self.kv_dtype, self.widen, rest = None, "float", "float32", True, []
         for name, opts in specs:
             opts = dict(opts)
             if name == "kv-cache":
@@ -130,11 +136,12 @@ class TvmTarget(Target):
             if name != "int4":
                 rest.append((name, opts))
                 continue
-            unknown = sorted(set(opts) - {"activations"})
+            unknown = sorted(set(opts) - {"activations", "widen"})
             if unknown:
-                raise UnsupportedError(f"target {self.name} takes int4 with one option, activations=float|int8 (got "
-                                       f"{', '.join(unknown)}): its kernels use 4-bit projections and an 8-bit "
-                                       "embedding / head, blocks of 32, exact on GGUF Q4_0/Q4_1/Q8_0 sources")
+                raise UnsupportedError(f"target {self.name} takes int4 with two options, activations=float|int8 and "
+                                       f"widen=true|false (got {', '.join(unknown)}): its kernels use 4-bit "
+                                       "projections and an 8-bit embedding / head, blocks of 32, exact on GGUF "
+                                       "sources (widen=true: 8 bits where the source has more than 4)")
             activations = str(opts.get("activations", "float"))
             if activations not in ("float", "int8"):
                 raise UnsupportedError(f"int4 activations must be float or int8, not {activations!r}")
@@ -142,7 +149,10 @@ class TvmTarget(Target):
             if why_not:
                 raise UnsupportedError(f"int4:activations=int8 needs AVX512-VNNI ({VNNI_FLAG}): {why_not}; "
                                        "leave activations=float")
-            self.quant, self.activations = "int4", activations
+            widen = str(opts.get("widen", "true")).lower()
+            if widen not in ("true", "false"):
+                raise UnsupportedError(f"int4 widen must be true or false, not {widen!r}")
+            self.quant, self.activations, self.widen = "int4", activations, widen == "true"
         return rest
 
     def _take_kv(self, opts: dict) -> str:
@@ -188,16 +198,19 @@ class TvmTarget(Target):
         work = out_path.parent / "tvm"
         work.mkdir(parents=True, exist_ok=True)
         weights = tvm_module.weights_from_hf(hf_model, arch, max_positions)
-        specs = tvm_module.param_specs(arch, max_positions, self.quant)
         bits = tvm_module.quantized_bits(arch, max_positions, self.quant)
-        params, reference, report = tvm_module.quantize_weights(weights, bits)
+        blocks = gguf_blocks.exact_blocks(self.source_gguf) if bits and self.source_gguf else None
+        params, reference, report = tvm_module.quantize_weights(weights, bits, blocks, self.widen)
+        del blocks
+        layouts = tvm_module.layouts_of(report)  # an exact source may need 8 bits or float32 scales
+        specs = tvm_module.param_specs(arch, max_positions, self.quant, layouts)
         table = _write_params(params, specs, work / "params.bin")
         target_dict = self.llvm_target()
         log.info("building the TVM module for %s", target_dict)
         import tvm
 
         executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict), quant=self.quant,
-                                              activations=self.activations, kv_dtype=self.kv_dtype)
+                                              activations=self.activations, kv_dtype=self.kv_dtype, layouts=layouts)
         files = self.export_library(executable, work)  # the one the runtime loads first
         if self.runs_here():
             verification = verify_library(work / files[0], params, list(specs), hf_model, arch,
@@ -337,8 +350,8 @@ def quantization_entry(quant: str | None, report: dict, activations: str = "floa
     return {
         "scheme": quant,
         "layout": "W (out, in) -> W.words uint32 (out/32, in*bits/32, 32): word [o, kw, j] holds in bits "
-                  "[bits*p, bits*(p+1)) the unsigned q of W[32*o+j, (32/bits)*kw+p]; W.scale, W.offset float16 "
-                  "(out/32, in/32, 32): d and m of block (32*o+j, b); W[n, k] = d*q + m (blocks of 32 along in)",
+                  "[bits*p, bits*(p+1)) the unsigned q of W[32*o+j, (32/bits)*kw+p]; W.scale, W.offset float16, or "
+                  "float32 for an exact k-quant source (the table's dtype) (out/32, in/32, 32): d and m of block (32*o+j, b); W[n, k] = d*q + m (blocks of 32 along in)",
         "activations": "float32" if activations == "float" else
                        "int8 for the block-quantized weights (4-bit projections, 8-bit head): each call "
                        "rounds its input to int8 per block of 32 "
@@ -346,6 +359,10 @@ def quantization_entry(quant: str | None, report: dict, activations: str = "floa
                        "float32 block sum; float32 elsewhere",
         "bits": {name: r["bits"] for name, r in report.items()},
         "kinds": kinds,
+        # every weight that is not its source's exact re-expression, with what it lost (a GGUF source's
+        # Q6_K, which this layout's blocks of 32 cannot hold; a float source's weights, all rounded)
+        "lossy": {name: {k: r[k] for k in ("kind", "max_abs_error", "source") if k in r}
+                  for name, r in report.items() if r["max_abs_error"] > 0},
         "max_abs_error": max((r["max_abs_error"] for r in report.values()), default=0.0),
     }
 

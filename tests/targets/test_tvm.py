@@ -646,7 +646,8 @@ def test_int8_activations_bundle_is_close_to_transformers_and_speculates_lossles
     ("arm64", "activations=int8", "needs AVX512-VNNI .+ x86 extension"),
     ("cpu-tvm", "activations=int8", "needs AVX512-VNNI .+ this machine's CPU lacks it"),  # on a CPU without it
     ("cpu-tvm", "activations=int4", "must be float or int8"),
-    ("cpu-tvm", "block_size=64", "takes int4 with one option"),
+    ("cpu-tvm", "block_size=64", "takes int4 with two options"),
+    ("cpu-tvm", "widen=maybe", "int4 widen must be true or false, not 'maybe'"),
 ])
 def test_int4_option_errors(target, option, message, tiny_llama_dir, tmp_path, cli, one_line_error, monkeypatch):
     """The TVM targets' int4 takes one option, activations=float|int8, and int8 only where VNNI is."""
