@@ -84,10 +84,10 @@ def verify_bundle(bundle_dir: str | Path, reference: Reference, tolerance: float
                          f"(tolerance {tolerance}); refusing to write a wrong bundle")
     return {
         "max_abs_logit_diff": worst,
-        "tokens": int(len(reference.ids)),
+        "tokens": len(reference.ids),
         "reference": reference.description,
         "subject": subject,
-        "steps": "prefill {} rows, decode 1, verify {} rows".format(STEPS[0], STEPS[2]),
+        "steps": f"prefill {STEPS[0]} rows, decode 1, verify {STEPS[2]} rows",
         "per_step": [round(d, 6) for d in result["per_step"]],
         "tolerance": tolerance,
         "logit_scale": float(np.abs(reference.logits).max()),

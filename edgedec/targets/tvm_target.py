@@ -190,12 +190,12 @@ class TvmTarget(Target):
         place, by its dequantization (no second copy of the model). Returns what the model now is, for the
         verification's ``reference``."""
         self._check_tvm()
+        import torch
+
         from . import tvm_module
 
         specs = tvm_module.param_specs(arch, max_positions, self.quant)
         bits = tvm_module.quantized_bits(arch, max_positions, self.quant)
-        import torch
-
         weights = tvm_module.weights_from_hf(hf_model, arch, max_positions)  # views of the model's tensors
         tensors = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
         table, report, offset = [], {}, 0
