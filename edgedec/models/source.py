@@ -95,39 +95,6 @@ def _check_gguf(path: Path) -> tuple[str, str]:
     return arch, ",".join(sorted(types))
 
 
-def _load_gguf_weights(path: Path, config):
-    """The float32 transformers model of a GGUF file holding one copy of its weights.
-
-    ``from_pretrained(gguf_file=...)`` dequantizes every tensor into a dict, then copies the dict into a
-    model it allocated: two float32 copies at its peak (12.4 GB for a 1.5B model). Here the model is built
-    on the meta device and takes the dequantized tensors themselves (``assign``): one copy, plus one
-    tensor being dequantized. The rotary tables (buffers computed at construction) are rebuilt on the CPU;
-    a tied head is tied again."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    tensors = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
-    del tensors
-    if getattr(model.config, "tie_word_embeddings", False):
-        model.tie_weights()
-        missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ModelError(f"the GGUF's tensors do not fill the {config.model_type} model: missing "
-                         f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
-    for name, module in model.named_modules():  # buffers computed at construction, not in the checkpoint
-        if name.endswith("rotary_emb"):
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], type(module)(config=model.config))
-    meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
-    if meta:
-        raise ModelError(f"the GGUF's tensors leave {len(meta)} tensors of the model unset (e.g. {meta[0]})")
-    return model
-
-
 def load(spec: str | None) -> LoadedModel:
     """Load a model source into float32 torch weights + tokenizer + architecture facts."""
     import torch
@@ -149,10 +116,7 @@ def load(spec: str | None) -> LoadedModel:
     arch = ArchFacts.from_hf_config(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
-        if kind == "gguf":
-            model = _load_gguf_weights(path, config)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load the weights of {path}: {type(exc).__name__}: {exc}") from exc
     model.eval()
