@@ -1,9 +1,15 @@
-"""The compile pipeline in one readable function: load -> export -> verify -> passes -> build -> bundle."""
+"""The compile pipeline in one readable function.
+
+ONNX targets: load -> export -> verify the export -> passes -> build -> bundle.
+TVM targets (``builds_from_weights``): load -> write the weights -> the source's reference logits -> free the
+source -> build the library -> bundle -> verify the staged bundle through the runtime (:mod:`.verify`).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import logging
 import shutil
 import time
@@ -19,7 +25,7 @@ from ..passes import kv_cache as kv_layout
 from ..passes.base import PassContext, create_pass, run_passes
 from ..registry import PASSES
 from ..targets import get_target
-from . import bundle_writer
+from . import bundle_writer, verify
 
 log = logging.getLogger(__name__)
 
@@ -130,37 +136,19 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             raise ConfigError(f"kv_sinks + kv_window = {options.kv_sinks + options.kv_window} exceeds the bundle's "
                               f"{max_positions} positions (raise --max-context or shrink the window)")
         inv_freq = kv_layout.rotary_inv_freq(loaded.model)
-
-        work = tmp / "_export"
-        t = time.perf_counter()
-        with phase("exporting to ONNX"):
-            graph_path = target.export(loaded.model, arch, work / "decoder.onnx", max_positions, options)
-        timings["export_s"] = time.perf_counter() - t
-
-        t = time.perf_counter()
-        with phase("verifying against the source model"):
-            verification = target.verify(loaded.model, graph_path, arch, max_positions, options)
-        timings["verify_s"] = time.perf_counter() - t
-        if verification["max_abs_logit_diff"] > options.verify_tolerance:
-            raise ModelError(
-                f"the exported graph differs from the source model by {verification['max_abs_logit_diff']:.3g} "
-                f"in logits (tolerance {options.verify_tolerance}); refusing to write a wrong bundle"
-            )
-        del loaded.model
-
-        onnx_model = onnx.load(str(graph_path))
         context.arch, context.source = arch.to_dict(), loaded.source.to_dict()
-        context.tokenizer_json, context.work_dir = loaded.tokenizer_json, work
-        context.kv_positions = options.kv_sinks + options.kv_window if options.kv_window is not None else None
-        with phase("running passes" + (f" ({', '.join(p.name for p in passes)})" if passes else "")):
-            onnx_model, pass_log = run_passes(onnx_model, passes)
-
-        with phase(f"building for target {target.name}"):
-            graph_entry = target.build(onnx_model, tmp, role="decoder")
+        if getattr(target, "builds_from_weights", False):  # TVM: a library from the weights, no ONNX graph
+            graph_entry, reference, pass_log = _build_from_weights(target, loaded, tmp, max_positions, phase,
+                                                                   timings)
+            onnx_model = None
+        else:
+            graph_entry, onnx_model, pass_log, verification = _build_from_onnx(target, loaded, tmp, max_positions,
+                                                                                options, passes, context, phase,
+                                                                                timings)
         kv_entry = kv_layout.manifest_entry(onnx_model, arch.to_dict(), pass_log, tmp, options.kv_window,
                                             options.kv_sinks, inv_freq,
                                             target.kv_cache_entry(arch, max_positions).get("kv_dtype", "fp32"))
-        shutil.rmtree(work)
+        del onnx_model
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
 
         manifest = {
@@ -187,7 +175,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
                 **target.kv_cache_entry(arch, max_positions),  # the target's build has the last word
             },
             "tokenizer": {"file": "tokenizer.json", "chat_template": loaded.chat_template, **loaded.special_tokens},
-            "verification": verification,
+            "verification": None if getattr(target, "builds_from_weights", False) else verification,
             "passes": pass_log,
             **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}} if options.spec else {}),
             "timings": {k: round(v, 2) for k, v in timings.items()},
@@ -197,5 +185,69 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             from ..runtime.bundle import Bundle
 
             Bundle.open(tmp)  # refuse to publish what the runtime would refuse
-            bundle_writer.publish(tmp, output)
+        if manifest["verification"] is None:  # built from the weights: verify the staged bundle as it runs
+            t = time.perf_counter()
+            with phase("verifying the built library against the source model"):
+                verification = target.skipped_verification() or verify.verify_bundle(
+                    tmp, reference, target.verify_tolerance(options))
+            manifest["verification"] = manifest["graphs"]["decoder"]["verification"] = verification
+            manifest["timings"]["verify_s"] = round(time.perf_counter() - t, 2)
+            manifest.pop("files")
+            manifest = bundle_writer.write_manifest(tmp, manifest)
+        bundle_writer.publish(tmp, output)
     return manifest
+
+
+def _build_from_weights(target, loaded, tmp: Path, max_positions: int, phase, timings: dict):
+    """The TVM targets: write the weights, keep the source's logits on the verification ids, free the
+    source model, build the library. Returns (graph entry, reference, pass log)."""
+    arch = loaded.arch
+    t = time.perf_counter()
+    with phase("writing the weights" + (" (int4)" if getattr(target, "quant", None) else "")):
+        description = target.write_weights(loaded.model, arch, tmp, max_positions)
+    timings["weights_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    with phase("computing the source model's reference logits"):
+        reference = verify.source_reference(loaded.model, arch.vocab_size, description)
+    timings["reference_s"] = time.perf_counter() - t
+    del loaded.model  # the float32 weights: gone before the (memory-hungry) TVM build
+    gc.collect()
+    t = time.perf_counter()
+    with phase(f"building for target {target.name}"):
+        graph_entry = target.build_library(arch, tmp, max_positions)
+    timings["build_s"] = time.perf_counter() - t
+    return graph_entry, reference, []
+
+
+def _build_from_onnx(target, loaded, tmp: Path, max_positions: int, options: CompileOptions, passes, context,
+                     phase, timings: dict):
+    """The ONNX targets: export, verify the export against the source, run the passes, build.
+    Returns (graph entry, final ONNX model, pass log, verification)."""
+    arch = loaded.arch
+    work = tmp / "_export"
+    t = time.perf_counter()
+    with phase("exporting to ONNX"):
+        graph_path = target.export(loaded.model, arch, work / "decoder.onnx", max_positions, options)
+    timings["export_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    with phase("verifying against the source model"):
+        verification = target.verify(loaded.model, graph_path, arch, max_positions, options)
+    timings["verify_s"] = time.perf_counter() - t
+    if verification["max_abs_logit_diff"] > options.verify_tolerance:
+        raise ModelError(
+            f"the exported graph differs from the source model by {verification['max_abs_logit_diff']:.3g} "
+            f"in logits (tolerance {options.verify_tolerance}); refusing to write a wrong bundle"
+        )
+    del loaded.model
+
+    onnx_model = onnx.load(str(graph_path))
+    context.tokenizer_json, context.work_dir = loaded.tokenizer_json, work
+    context.kv_positions = options.kv_sinks + options.kv_window if options.kv_window is not None else None
+    with phase("running passes" + (f" ({', '.join(p.name for p in passes)})" if passes else "")):
+        onnx_model, pass_log = run_passes(onnx_model, passes)
+
+    with phase(f"building for target {target.name}"):
+        graph_entry = target.build(onnx_model, tmp, role="decoder")
+    shutil.rmtree(work)
+    return graph_entry, onnx_model, pass_log, verification

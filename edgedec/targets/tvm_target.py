@@ -2,9 +2,11 @@
 
 TVM's Relax ONNX frontend cannot import the reference graph's GroupQueryAttention, so these targets
 build a Relax module directly from the source weights (:mod:`edgedec.targets.tvm_module`), with the
-same in-place KV-cache contract as the ``cpu`` bundle. The pipeline still exports and verifies the
-reference ONNX graph (the manifest's ``verification``); the TVM library is verified separately
-against the source model (the graph entry's ``verification``), when it can run on this machine.
+same in-place KV-cache contract as the ``cpu`` bundle. No ONNX graph is exported: the pipeline writes
+the weights (:meth:`TvmTarget.write_weights`), keeps the source model's logits on fixed ids, frees the
+model, builds the library (:meth:`TvmTarget.build_library`) and verifies the staged bundle through the
+runtime's TVM session against those logits (:mod:`edgedec.compiler.verify`; the manifest's
+``verification`` and the graph entry's), when the library can run on this machine.
 
 Bundle files:
     decoder.so   (cpu-tvm) Relax VM executable, a shared library for the host (x86_64 or aarch64)
@@ -58,22 +60,19 @@ REFUSED = {
 OTHER = "it is an ONNX graph pass, and the {t} target builds its TVM module from the source weights"
 
 
-def _write_params(weights: dict[str, np.ndarray], specs: dict[str, tuple], path: Path) -> list[dict]:
-    """Raw little-endian tensors at 64-byte-aligned offsets, in ``specs`` order; returns the manifest's table."""
-    table, offset = [], 0
-    with open(path, "wb") as f:
-        for name, (shape, dtype) in specs.items():
-            arr = np.ascontiguousarray(weights[name], dtype=PARAM_DTYPES[dtype])
-            if arr.shape != tuple(shape):
-                raise ModelError(f"weight {name} has shape {arr.shape}, the module takes {tuple(shape)}")
-            pad = -offset % ALIGN
-            f.write(b"\0" * pad)
-            offset += pad
-            f.write(arr.tobytes())
-            table.append({"name": name, "shape": list(arr.shape), "dtype": dtype, "offset": offset,
-                          "bytes": arr.nbytes})
-            offset += arr.nbytes
-    return table
+def _write_param(f, name: str, arr: np.ndarray, spec: tuple, offset: int) -> tuple[dict, int]:
+    """Append one tensor (raw little-endian, C order) at the next 64-byte-aligned offset of ``f``, which is
+    at ``offset``; returns its manifest entry and the offset after it."""
+    shape, dtype = spec
+    arr = np.ascontiguousarray(arr, dtype=PARAM_DTYPES[dtype])
+    if arr.shape != tuple(shape):
+        raise ModelError(f"weight {name} has shape {arr.shape}, the module takes {tuple(shape)}")
+    pad = -offset % ALIGN
+    f.write(b"\0" * pad)
+    offset += pad
+    f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+    entry = {"name": name, "shape": list(arr.shape), "dtype": dtype, "offset": offset, "bytes": arr.nbytes}
+    return entry, offset + arr.nbytes
 
 
 # x86 instruction-set extensions LLVM may use for -mcpu=<this machine>; recorded so that the runtime can
@@ -184,69 +183,110 @@ class TvmTarget(Target):
         return True
 
     # the pipeline's hooks ---------------------------------------------------------------------
-    def export(self, hf_model, arch, out_path: Path, max_positions: int, options=None) -> Path:
-        """Export the reference ONNX graph (verified by the pipeline) and build the TVM library from the
-        same weights into ``out_path``'s directory; :meth:`build` moves it into the bundle."""
-        path = super().export(hf_model, arch, out_path, max_positions, options)
-        self._pending = None
+    # A TVM target builds from the weights (no ONNX graph): the pipeline calls write_weights, computes the
+    # reference logits on the model it leaves, frees that model, calls build_library, stages the bundle and
+    # verifies it through the runtime (edgedec.compiler.verify) within verify_tolerance.
+    builds_from_weights = True
+
+    def _check_tvm(self) -> None:
         try:
             import tvm  # noqa: F401
         except ImportError as exc:
             raise UnsupportedError(f"target {self.name} needs Apache TVM: pip install 'edgedec[tvm]' ({exc})") from exc
+
+    def write_weights(self, hf_model, arch, out_dir: Path, max_positions: int) -> str:
+        """Write ``params.bin`` (quantized with ``-q int4``) into ``out_dir`` one weight at a time, and leave
+        in ``hf_model`` the weights the library computes with: each quantized weight is overwritten, in
+        place, by its dequantization (no second copy of the model). Returns what the model now is, for the
+        verification's ``reference``."""
+        self._check_tvm()
+        import torch
+
         from . import tvm_module
 
-        work = out_path.parent / "tvm"
-        work.mkdir(parents=True, exist_ok=True)
-        weights = tvm_module.weights_from_hf(hf_model, arch, max_positions)
+        specs = tvm_module.param_specs(arch, max_positions, self.quant)  # float16-scale defaults, refined below
         bits = tvm_module.quantized_bits(arch, max_positions, self.quant)
+        # the source GGUF's exact block forms, looked up by value (an exact source may need 8 bits or float32
+        # scales: each quantized weight's parts take their spec from what quantize_weights chose for it)
         blocks = gguf_blocks.exact_blocks(self.source_gguf) if bits and self.source_gguf else None
-        params, reference, report = tvm_module.quantize_weights(weights, bits, blocks, self.widen)
+        weights = tvm_module.weights_from_hf(hf_model, arch, max_positions)  # views of the model's tensors
+        tensors = {k.removeprefix("model."): v for k, v in hf_model.state_dict().items()}
+        table, report, offset = [], {}, 0
+        with open(out_dir / "params.bin", "wb") as f:
+            for name in tvm_module.param_names(arch):
+                w = weights.pop(name)
+                if name in bits:
+                    params, reference, rep = tvm_module.quantize_weights({name: w}, {name: bits[name]}, blocks,
+                                                                         self.widen)
+                    report.update(rep)
+                    specs.update(tvm_module.quant_param_specs(name, tuple(w.shape), rep[name]["bits"],
+                                                              rep[name]["scale_dtype"]))
+                    with torch.no_grad():  # the model's own tensor: what the kernels compute with
+                        tensors[name].copy_(torch.from_numpy(reference[name]))
+                    del reference
+                else:
+                    params = {name: w}
+                for part, arr in params.items():
+                    entry, offset = _write_param(f, part, arr, specs[part], offset)
+                    table.append(entry)
+                del params, w
+        if [e["name"] for e in table] != list(specs):
+            raise ModelError("the weights written do not follow the module's parameter order")
         del blocks
-        layouts = tvm_module.layouts_of(report)  # an exact source may need 8 bits or float32 scales
-        specs = tvm_module.param_specs(arch, max_positions, self.quant, layouts)
-        table = _write_params(params, specs, work / "params.bin")
-        target_dict = self.llvm_target()
-        log.info("building the TVM module for %s", target_dict)
+        self._pending = {"table": table, "layouts": tvm_module.layouts_of(report), "kv_dtype": self.kv_dtype,
+                         "quantization": quantization_entry(self.quant, report, self.activations)}
+        return "transformers" + (" with the quantized weights' dequantization" if report else "")
+
+    def build_library(self, arch, out_dir: Path, max_positions: int) -> dict:
+        """Compile the Relax module into ``out_dir`` (after :meth:`write_weights`); the graph entry, whose
+        ``verification`` the pipeline fills in."""
+        if self._pending is None:
+            raise UnsupportedError(f"target {self.name}: build_library() runs after write_weights()")
+        self._check_tvm()
         import tvm
 
+        from . import tvm_module
+
+        pending, self._pending = self._pending, None
+        target_dict = self.llvm_target()
+        log.info("building the TVM module for %s", target_dict)
         executable = tvm_module.build_library(arch, max_positions, tvm.target.Target(target_dict), quant=self.quant,
-                                              activations=self.activations, kv_dtype=self.kv_dtype, layouts=layouts)
-        files = self.export_library(executable, work)  # the one the runtime loads first
+                                              activations=self.activations, kv_dtype=self.kv_dtype,
+                                              layouts=pending["layouts"])
+        files = self.export_library(executable, out_dir)  # the one the runtime loads first
+        del executable
+        return self._graph_entry(files, target_dict, pending)
+
+    def verify_tolerance(self, options) -> float:
+        """The largest |logit difference| from the reference the built library may show."""
+        tolerance = getattr(options, "verify_tolerance", 1e-2)
+        if self.activations == "int8":  # rounding the inputs is an approximation, unlike the weights' layout
+            tolerance = max(tolerance, INT8_ACTIVATIONS_TOLERANCE)
+        if self.kv_dtype == "float16":  # and so is rounding the cache
+            tolerance = max(tolerance, FP16_CACHE_TOLERANCE)
+        return tolerance
+
+    def skipped_verification(self) -> dict | None:
+        """None when the library runs on this machine; else the manifest's record of why it was not run."""
         if self.runs_here():
-            verification = verify_library(work / files[0], params, list(specs), hf_model, arch,
-                                          reference if report else None, kv_dtype=self.kv_dtype)
-            tolerance = getattr(options, "verify_tolerance", 1e-2)
-            if self.activations == "int8":  # rounding the inputs is an approximation, unlike the weights' layout
-                tolerance = max(tolerance, INT8_ACTIVATIONS_TOLERANCE)
-            if self.kv_dtype == "float16":  # and so is rounding the cache
-                tolerance = max(tolerance, FP16_CACHE_TOLERANCE)
-            if verification["max_abs_logit_diff"] > tolerance:
-                raise ModelError(f"the TVM library differs from the source model by "
-                                 f"{verification['max_abs_logit_diff']:.3g} in logits (tolerance {tolerance}); "
-                                 "refusing to write a wrong bundle")
-        else:
-            verification = {"skipped": f"built for {target_dict['mtriple']}; this machine is {platform.machine()}"}
-            log.warning("target %s: the library is not run here (%s); verification recorded as skipped",
-                        self.name, verification["skipped"])
-        self._pending = {"work": work, "files": files, "table": table, "target": target_dict,
-                         "verification": verification, "kv_dtype": self.kv_dtype,
-                         "quantization": quantization_entry(self.quant, report, self.activations)}
-        return path
+            return None
+        skipped = {"skipped": f"built for {self.llvm_target()['mtriple']}; this machine is {platform.machine()}"}
+        log.warning("target %s: the library is not run here (%s); verification recorded as skipped",
+                    self.name, skipped["skipped"])
+        return skipped
 
     def build(self, model, out_dir: Path, role: str) -> dict:
-        if self._pending is None:
-            raise UnsupportedError(f"target {self.name}: build() runs after export(), which builds the TVM library")
-        pending, self._pending = self._pending, None
-        for name in [*pending["files"], "params.bin"]:
-            shutil.move(str(pending["work"] / name), str(out_dir / name))
-        files = pending["files"]
+        raise UnsupportedError(f"target {self.name} builds from the source weights (write_weights, build_library), "
+                               "not from an ONNX graph")
+
+    def _graph_entry(self, files: list[str], target_dict: dict, pending: dict) -> dict:
         return {
-            "role": role,
+            "role": "decoder",
             "file": files[0],
             "data": ["params.bin", *files[1:]],
             "format": "tvm-relax-vm",
             "tvm_version": _tvm_version(),
-            "llvm_target": pending["target"],
+            "llvm_target": target_dict,
             **({"cpu_flags": host_cpu_flags()} if self.name == "cpu-tvm" else {}),
             "libraries": files,
             "functions": {
@@ -277,7 +317,6 @@ class TvmTarget(Target):
                                                 if pending["quantization"] else ""),
             "params": pending["table"],
             **({"quantization": pending["quantization"]} if pending["quantization"] else {}),
-            "verification": pending["verification"],
             **({"shared_library": self.shared_library} if hasattr(self, "shared_library") else {}),
         }
 
@@ -365,49 +404,3 @@ def quantization_entry(quant: str | None, report: dict, activations: str = "floa
                   for name, r in report.items() if r["max_abs_error"] > 0},
         "max_abs_error": max((r["max_abs_error"] for r in report.values()), default=0.0),
     }
-
-
-def verify_library(lib_path: Path, weights: dict, names: list[str], hf_model, arch, reference: dict | None = None,
-                   seed: int = 0, kv_dtype: str = "float32") -> dict:
-    """Run the built library on fixed ids (prefill 9, decode 1, verify2) against the source model's logits;
-    with ``reference`` (quantized weights' dequantization, by name), against the source model carrying those
-    weights, which is what the library computes."""
-    import copy
-
-    import torch
-    import tvm
-
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, arch.vocab_size, size=12)
-    model = hf_model
-    if reference is not None:
-        model = copy.deepcopy(hf_model)
-        state = model.state_dict()
-        with torch.no_grad():
-            for key, tensor in state.items():
-                name = key.removeprefix("model.")
-                if name in reference and not np.array_equal(reference[name], tensor.float().numpy()):
-                    tensor.copy_(torch.from_numpy(reference[name]).to(tensor.dtype))
-    with torch.no_grad():
-        ref = model(torch.from_numpy(ids)[None]).logits[0].float().numpy()
-    vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(lib_path)), tvm.cpu())
-    params = tvm.runtime.convert([tvm.runtime.tensor(weights[n]) for n in names])
-    caches = tvm.runtime.convert([tvm.runtime.tensor(np.zeros((1, arch.num_kv_heads, 16, arch.head_dim), kv_dtype))
-                                  for _ in range(2 * arch.num_layers)])
-    diffs, start = [], 0
-    for n in (9, 1, 2):
-        chunk = tvm.runtime.tensor(ids[None, start:start + n].astype("int32"))
-        total = tvm.runtime.ShapeTuple([start + n])
-        if n == 1:
-            out = vm["decode"](chunk, total, caches, params).numpy()
-        elif n in VERIFY_ROWS:
-            out = vm[f"verify{n}"](chunk, total, caches, params).numpy()
-        else:
-            out = vm["prefill"](chunk, tvm.runtime.tensor(np.arange(n, dtype="int32")), total, caches, params).numpy()
-        diffs.append(float(np.abs(out[0] - ref[start:start + n]).max()))
-        start += n
-    return {"max_abs_logit_diff": max(diffs), "tokens": int(len(ids)),
-            "reference": "transformers" + (" with the quantized weights' dequantization" if reference else ""),
-            "logit_scale": float(np.abs(ref).max())}
-
-

@@ -669,3 +669,36 @@ def test_a_float32_compile_after_an_int4_one_is_float32(tiny_llama_dir, tmp_path
     assert int4["graphs"]["decoder"]["quantization"]["scheme"] == "int4"
     assert "quantization" not in plain["graphs"]["decoder"]
     assert {p["dtype"] for p in plain["graphs"]["decoder"]["params"]} == {"float32"}
+
+
+def test_tvm_compile_exports_no_onnx_and_verifies_the_staged_library(tiny_qwen2_dir, tmp_path, monkeypatch):
+    """The TVM targets build from the weights: the ONNX exporter is never called, and the manifest's
+    verification is the library's own, run through the runtime's TVM session against transformers."""
+    from edgedec.compiler import export
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("a TVM target exported an ONNX graph")
+
+    monkeypatch.setattr(export, "export_decoder", no_export)
+    monkeypatch.setattr(export, "verify_against_source", no_export)
+    m = compile_model(str(tiny_qwen2_dir), tmp_path / "b", CompileOptions(target="cpu-tvm", max_context=32,
+                                                                          passes=INT4))
+    v = m["verification"]
+    assert v == m["graphs"]["decoder"]["verification"]
+    assert v["subject"].startswith("decoder.so through the runtime's TvmDecoderSession")
+    assert v["reference"] == "transformers with the quantized weights' dequantization"
+    assert v["max_abs_logit_diff"] < 1e-3 and len(v["per_step"]) == 3 and v["tokens"] == 12
+    assert "export_s" not in m["timings"] and {"weights_s", "build_s", "verify_s"} <= set(m["timings"])
+    assert not any(f.endswith((".onnx", ".onnx.data")) for f in m["files"])
+
+
+def test_a_library_that_differs_from_the_source_is_not_published(tiny_llama_dir, tmp_path):
+    """The staged library is run and compared; beyond the tolerance nothing is written."""
+    from edgedec.errors import ModelError
+
+    out = tmp_path / "b"
+    with pytest.raises(ModelError, match=r"the built bundle \(decoder.so through the runtime's TvmDecoderSession\) "
+                                         r"differs from the source model by .* \(tolerance 1e-12\)"):
+        compile_model(str(tiny_llama_dir), out, CompileOptions(target="cpu-tvm", max_context=32,
+                                                               verify_tolerance=1e-12))
+    assert not out.exists() and not list(tmp_path.iterdir())
