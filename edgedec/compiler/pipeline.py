@@ -195,5 +195,5 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             from ..runtime.bundle import Bundle
 
             Bundle.open(tmp)  # refuse to publish what the runtime would refuse
-            bundle_writer.publish(tmp, output)
+            bundle_writer.publish(tmp, output, options.force)
     return manifest
