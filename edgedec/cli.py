@@ -770,7 +770,8 @@ def verify_cmd(
     with _errors():
         from .runtime.trust import TrustPolicy, verify_bundle
 
-        result = verify_bundle(bundle, TrustPolicy.from_env(key_files=pubkey or ()).keys)
+        keys = TrustPolicy.from_env(key_files=pubkey, env={}) if pubkey else TrustPolicy.from_env()
+        result = verify_bundle(bundle, keys.keys)
     if result.ok:
         out.print(f"[bold green]verified[/]: {escape(str(bundle))}: {escape(result.reason)}", highlight=False,
                   soft_wrap=True)

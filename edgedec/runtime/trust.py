@@ -208,8 +208,10 @@ def as_policy(trust: "bool | TrustPolicy | None") -> TrustPolicy:
     the bundle; ``False``/``None`` trust only signatures by the keys ``EDGEDEC_TRUSTED_KEYS`` names."""
     if isinstance(trust, TrustPolicy):
         return trust
-    if trust is None or isinstance(trust, bool):
-        return TrustPolicy.from_env(trust_all=bool(trust))
+    if trust is True:  # no keys needed (nor read)
+        return TrustPolicy(trust_all=True)
+    if trust is None or trust is False:
+        return TrustPolicy.from_env()
     raise ConfigError(f"trust must be True, False or a TrustPolicy, got {type(trust).__name__}")
 
 

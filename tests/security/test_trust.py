@@ -220,6 +220,13 @@ def test_keygen_sign_verify_commands(bundle_copy, tmp_path, cli, one_line_error)
     one_line_error(cli("sign", bundle_copy, "--key", f"{key}.pub"), "is not an unencrypted ed25519 private key")
 
 
+def test_verify_pubkey_overrides_the_environment(bundle_copy, keys, cli, monkeypatch):
+    sign_bundle(bundle_copy, keys["a"][0])
+    monkeypatch.setenv(TRUSTED_KEYS_ENV, str(keys["a"][1]))
+    assert cli("verify", bundle_copy).exit_code == 0
+    assert cli("verify", bundle_copy, "--pubkey", keys["b"][1]).exit_code == 1
+
+
 def test_verify_without_any_key_is_bad_input(bundle_copy, cli, one_line_error, monkeypatch):
     monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
     one_line_error(cli("verify", bundle_copy), "no public key to verify with")
@@ -246,3 +253,6 @@ def test_a_broken_trusted_keys_variable_is_bad_input_only_when_it_matters(make_n
     with pytest.raises(ConfigError, match="nowhere.pub does not exist"):
         Engine.load(b.path, threads=1)
     assert not b.ran
+    pytest.importorskip("tvm", reason="the TVM runtime opens the library")
+    with pytest.raises(BundleError, match="the TVM runtime cannot load"):  # the opt-in reads no keys
+        Engine.load(b.path, threads=1, trust=True)
