@@ -39,7 +39,8 @@ SIGNATURE_FORMAT = "edgedec-signature"
 TRUSTED_KEYS_ENV = "EDGEDEC_TRUSTED_KEYS"
 DOMAIN = b"edgedec-bundle-manifest-v1\0"  # signed before the manifest's bytes: a signature means nothing elsewhere
 NATIVE_FORMATS = ("tvm-relax-vm",)  # graph formats whose file is a shared library the runtime dlopens
-KEY_SUFFIXES = (".pub", ".pem")  # the files a trusted-keys directory contributes
+KEY_SUFFIXES = (".pub", ".pem")
+MAX_SIGNATURE_BYTES = 1 << 20  # a signature entry is ~250 bytes  # the files a trusted-keys directory contributes
 
 
 def key_id(public: bytes) -> str:
@@ -242,6 +243,8 @@ def _read_signatures(bundle_path: Path) -> list[dict] | None:
         return None
     real = resolve_inside(bundle_path, SIGNATURE)
     try:
+        if real.stat().st_size > MAX_SIGNATURE_BYTES:
+            raise BundleError(f"{SIGNATURE} is larger than {MAX_SIGNATURE_BYTES:,} bytes; not a signature file")
         doc = json.loads(real.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{SIGNATURE} is not a readable signature file ({type(exc).__name__})") from exc
