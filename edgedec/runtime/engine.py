@@ -300,7 +300,7 @@ class Engine:
             context_length = kv.capacity
         self.context_length = context_length
         self.last_stats: GenerationStats | None = None
-        self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls
+        self._drafters: dict = {}  # named drafters, kept between generate() calls
 
     def forget_drafters(self) -> None:
         """Drop what the named drafters learned (Token Recycling's table): the next ``generate`` starts cold.
@@ -433,17 +433,18 @@ class Engine:
         """The engine's drafter called ``name``, made on first use. A draft model the manifest names
         (``model:REL``) is the bundle nested at REL inside this one, trusted as this bundle is (its
         signature covers the draft); one the caller names (``model:PATH``) may be anywhere."""
-        key = (name, from_manifest and name.startswith("model:"))
+        nested = from_manifest and name.startswith("model:")
+        key = ("nested", name) if nested else name  # a caller's model:draft is another path
         if key not in self._drafters:
             trust = self._trust
             where = name
-            if key[1]:
+            if nested:
                 rel = name[len("model:"):]
                 trust = vouch_for_nested(self.bundle, as_policy(trust), rel)
                 where = f"model:{self.bundle.nested_bundle(rel)}"
             drafter = make_drafter(where, self.bundle.arch["vocab_size"], self.decoder, self.bundle, self.threads,
                                    trust=trust)
-            if key[1]:
+            if nested:
                 drafter.name = name  # as the manifest wrote it
             self._drafters[key] = drafter
         return self._drafters[key]
