@@ -64,7 +64,9 @@ def not_a_bundle(directory: Path) -> str | None:
 def check_output(output: Path, force: bool) -> None:
     """Refuse, before any work, an output that exists and may not be replaced."""
     if os.path.lexists(output):
-        if output.is_symlink() or not output.is_dir():
+        if output.is_symlink():
+            raise ConfigError(f"output {output} is a symbolic link; name the directory itself")
+        if not output.is_dir():
             raise ConfigError(f"output {output} exists and is not a directory")
         if not force:
             raise ConfigError(f"output {output} already exists; pass --force to replace it")

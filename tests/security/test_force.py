@@ -77,6 +77,14 @@ def test_force_still_replaces_a_bundle_and_its_signature(tiny_llama_bundle, tmp_
     bundle_writer.check_output(out, force=True)  # a signed bundle is still a bundle
 
 
+def test_force_does_not_follow_a_symlinked_output(tiny_llama_bundle, tmp_path):
+    real = tmp_path / "real"
+    shutil.copytree(tiny_llama_bundle, real)
+    os.symlink(real, tmp_path / "out")
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        bundle_writer.check_output(tmp_path / "out", force=True)
+
+
 def test_a_compile_holding_the_lock_refuses_another(tiny_llama_dir, tmp_path, cli, one_line_error):
     out = tmp_path / "out"
     with bundle_writer.output_lock(out):
