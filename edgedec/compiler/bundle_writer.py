@@ -25,11 +25,13 @@ import uuid
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, REQUIRED_KEYS, sha256_file
+from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from ..runtime.trust import SIGNATURE
 
 log = logging.getLogger(__name__)
 STALE_S = 24 * 3600  # a staging directory untouched this long belongs to a compile that was killed
+BUNDLE_KEYS = ("format", "format_version", "source", "architecture", "target", "graphs", "kv_cache", "tokenizer",
+               "files")  # what every manifest edgedec writes has: how --force recognizes a bundle
 
 
 def not_a_bundle(directory: Path) -> str | None:
@@ -50,7 +52,7 @@ def not_a_bundle(directory: Path) -> str | None:
         return f"its {MANIFEST} is not valid JSON"
     if not (isinstance(manifest, dict) and manifest.get("format") == FORMAT
             and isinstance(manifest.get("format_version"), int) and not isinstance(manifest["format_version"], bool)
-            and all(k in manifest for k in REQUIRED_KEYS) and isinstance(manifest["files"], dict)):
+            and all(k in manifest for k in BUNDLE_KEYS) and isinstance(manifest["files"], dict)):
         return f"its {MANIFEST} is not an edgedec manifest"
     known = {MANIFEST, SIGNATURE, *manifest["files"]}
     for path in directory.rglob("*"):

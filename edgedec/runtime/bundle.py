@@ -118,7 +118,7 @@ class Bundle:
         capacity = manifest["kv_cache"].get("max_capacity")
         if not isinstance(capacity, int) or capacity < 1:
             raise BundleError(f"manifest kv_cache.max_capacity must be a positive integer, got {capacity!r}")
-        bundle = cls(path, manifest, raw)
+        bundle = cls(path, manifest, raw=raw)
         bundle._check_files(verify_hashes)
         bundle._check_nested()
         return bundle
@@ -129,8 +129,8 @@ class Bundle:
         bundle elsewhere on disk. (A caller's own ``--spec model:PATH`` may point anywhere.)"""
         spec = self.manifest.get("speculation")
         drafter = spec.get("drafter") if isinstance(spec, dict) else None
-        if isinstance(drafter, str) and drafter.startswith("model:"):
-            self.nested_bundle(drafter[len("model:"):])
+        if isinstance(drafter, str) and "model:" in drafter:  # model:REL, or a combination ending in one
+            self.nested_bundle(drafter.partition("model:")[2])
 
     def nested_bundle(self, rel: str) -> Path:
         """The directory of the draft bundle the manifest names as ``model:REL``: relative to this bundle,
