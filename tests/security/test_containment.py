@@ -126,6 +126,16 @@ def test_manifest_drafter_outside_the_bundle_is_refused(bundle_copy, make_native
     assert not native.ran
 
 
+def test_a_manifest_drafter_is_relative_to_the_bundle_not_the_working_directory(bundle_copy, tiny_llama_bundle,
+                                                                              tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(tiny_llama_bundle, work / "draft")  # a bundle at ./draft, outside the bundle
+    monkeypatch.chdir(work)
+    _speculate_with(bundle_copy, "model:draft")
+    with pytest.raises(BundleError, match="model:draft is not a draft bundle among this bundle's hashed files"):
+        Engine.load(bundle_copy, threads=1)
+
+
 def test_a_caller_may_name_a_draft_anywhere(bundle_copy, tiny_llama_bundle):
     engine = Engine.load(bundle_copy, threads=1)
     engine.generate_text("def f(x):", max_new_tokens=12, ignore_eos=True, drafter=f"model:{tiny_llama_bundle}")
