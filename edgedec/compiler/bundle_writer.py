@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import fcntl
 import functools
 import glob
 import json
@@ -23,6 +22,11 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the no-replace check before the rename remains
+    fcntl = None
 
 from ..errors import ConfigError
 from ..runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
@@ -91,6 +95,9 @@ def output_lock(output: Path):
 
     The lock file is removed on release. A compile that opened it before that removal and locks it after
     holds a file no longer at the path; it notices (the inode differs) and starts over."""
+    if fcntl is None:
+        yield
+        return
     path = lock_path(output)
     while True:
         try:
