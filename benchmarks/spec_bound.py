@@ -37,7 +37,7 @@ def main() -> int:
 
     from edgedec.runtime import Engine
 
-    engine = Engine.load(args.bundle, threads=args.threads)
+    engine = Engine.load(args.bundle, threads=args.threads, trust=True)  # the bundle you built and named
     slopes = [float(s) for s in args.slopes.split(",")]
     result = {}
     for path in sorted(Path(args.prompts).glob("*.jsonl")):

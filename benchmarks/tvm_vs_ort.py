@@ -40,7 +40,8 @@ def main() -> int:
 
     from edgedec.runtime import Engine
 
-    engines = {"tvm": Engine.load(args.tvm_bundle, threads=args.threads, context_length=args.context),
+    engines = {"tvm": Engine.load(args.tvm_bundle, threads=args.threads, context_length=args.context,
+                                  trust=True),
                "ort": Engine.load(args.cpu_bundle, threads=args.threads, context_length=args.context)}
     mismatches = []
     for i, prompt in enumerate(PROMPTS):

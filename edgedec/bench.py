@@ -105,6 +105,7 @@ class BenchOptions:
     spec: str | None = None  # measure each bundle without speculation and with this drafter
     draft_len: int | None = None  # tokens drafted per verification (default: the bundle's, else 4)
     interleave: bool = True  # several bundles: one pass of each per round (False: one bundle after another)
+    trust: object = None  # Engine.load's trust: True, or a TrustPolicy, lets bundles with native code (TVM) load
 
     def __post_init__(self):
         if self.warmup < 0:
@@ -439,6 +440,13 @@ def measure(bundle: str | Path, prompts: Sequence[Prompt], options: BenchOptions
     return measure_many([(bundle, name, drafter)], prompts, options)[0]
 
 
+def _trust_request(trust) -> bool | dict | None:
+    """``BenchOptions.trust`` as the worker process receives it (JSON)."""
+    from .runtime.trust import TrustPolicy
+
+    return trust.to_dict() if isinstance(trust, TrustPolicy) else trust
+
+
 def measure_many(entries: Sequence[tuple[str | Path, str | None, str | None]], prompts: Sequence[Prompt],
                  options: BenchOptions = BenchOptions(),
                  phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
@@ -451,7 +459,8 @@ def measure_many(entries: Sequence[tuple[str | Path, str | None, str | None]], p
     names = [n or Path(b).resolve().name for b, n, _ in entries]
     requests = [{"bundle": str(b), "prompts": list(prompts), "warmup": options.warmup, "runs": options.runs,
                  "new_tokens": options.new_tokens, "threads": options.threads, "context": options.context,
-                 "context_tokens": options.context_tokens, "drafter": drafter, "draft_len": options.draft_len}
+                 "context_tokens": options.context_tokens, "drafter": drafter, "draft_len": options.draft_len,
+                 "trust": _trust_request(options.trust)}
                 for b, _, drafter in entries]
     passes = options.warmup + options.runs
     workers: list[Worker] = []

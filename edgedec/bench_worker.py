@@ -89,8 +89,13 @@ class Session:
         # without a drafter, plain decode at its fastest: a bundle compiled with --spec would otherwise run its
         # single tokens as two rows (exact_rows, ~10% slower), and speculation would be measured against that
         exact_rows = False if request.get("drafter", "auto") is None else None
+        trust = request.get("trust")
+        if isinstance(trust, dict):
+            from .runtime.trust import TrustPolicy
+
+            trust = TrustPolicy.from_dict(trust)
         self.engine = Engine.load(request["bundle"], threads=request.get("threads"), context_length=context,
-                                  spin=spins_with(request.get("drafter")), exact_rows=exact_rows)
+                                  spin=spins_with(request.get("drafter")), exact_rows=exact_rows, trust=trust)
         self.load_s = time.perf_counter() - t
         self.prompts = [_filled(self.engine, p, int(fill)) for p in request["prompts"]] if fill else request["prompts"]
         self.kwargs = dict(max_new_tokens=int(request["new_tokens"]), ignore_eos=True,

@@ -110,6 +110,31 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
+# --- trust: which bundles may load native code (docs/security.md) ----------------------------------
+def _trust_option():
+    return typer.Option(
+        False, "--trust", help="Trust the bundle(s) to load native code: a TVM bundle (cpu-tvm, arm64) carries a "
+                               "compiled library that runs with your privileges as it loads. Without this, only "
+                               "bundles signed by a trusted key load it (--trusted-key, EDGEDEC_TRUSTED_KEYS). "
+                               "ONNX bundles need neither.")
+
+
+def _trusted_key_option():
+    return typer.Option(
+        None, "--trusted-key", help="Public key (PEM or ssh-ed25519 file, or a directory of .pub/.pem files) whose "
+                                    "signature (edgedec sign) makes a bundle trusted (repeatable; adds to the keys "
+                                    "EDGEDEC_TRUSTED_KEYS names).")
+
+
+def _trust(trust: bool, trusted_keys: Optional[List[Path]]):
+    """``Engine.load``'s ``trust`` from the two options: a bool, or a policy when keys are given."""
+    if not trusted_keys:
+        return trust
+    from .runtime.trust import TrustPolicy
+
+    return TrustPolicy.from_env(trust_all=trust, key_files=trusted_keys)
+
+
 # ---------------------------------------------------------------------------------------------
 @app.command("compile")
 def compile_cmd(
@@ -180,6 +205,8 @@ def run_cmd(
                              "(default: the bundle's)."),
     no_spec: bool = typer.Option(False, "--no-spec", help="Turn speculation off, even if the bundle has it."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
+    trust: bool = _trust_option(),
+    trusted_keys: Optional[List[Path]] = _trusted_key_option(),
 ):
     """Generate text from a bundle, streaming it as it comes.
 
@@ -198,7 +225,7 @@ def run_cmd(
         if not prompt:
             raise ConfigError('no prompt: edgedec run BUNDLE "your prompt" (or -p, or - to read stdin)')
         engine = Engine.load(bundle, threads=threads, context_length=context,
-                             spin=no_spec or spins_with(spec))
+                             spin=no_spec or spins_with(spec), trust=_trust(trust, trusted_keys))
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop=stop, drafter=None if no_spec else (spec or "auto"), draft_len=draft_len)
         if chat:
@@ -409,12 +436,15 @@ def eval_cmd(
     max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="Read at most this many tokens in total."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads (default: physical cores)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    trust: bool = _trust_option(),
+    trusted_keys: Optional[List[Path]] = _trusted_key_option(),
 ):
     """Perplexity of a bundle on your text (sliding window), optionally against a reference bundle."""
     with _errors():
         from .evaluate import EvalOptions, evaluate, read_texts
 
-        options = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, threads=threads)
+        options = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, threads=threads,
+                              trust=_trust(trust, trusted_keys))
         texts = read_texts(text)
         with _phase(f"evaluating {bundle.name}" + (f" and {reference.name}" if reference else "")):
             result = evaluate(bundle, texts, options, reference=reference)
@@ -575,6 +605,8 @@ def bench_cmd(
     sequential: bool = typer.Option(
         False, "--sequential", help="Measure one bundle after another, one loaded at a time (default: all loaded, "
                                     "one pass of each per round, so every bundle sees the same machine)."),
+    trust: bool = _trust_option(),
+    trusted_keys: Optional[List[Path]] = _trusted_key_option(),
 ):
     """Measure decode speed, time to first token, prefill speed, peak memory and size of bundles.
 
@@ -585,7 +617,8 @@ def bench_cmd(
         from .errors import ConfigError
 
         options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=threads, spec=spec,
-                                     draft_len=draft_len, context_tokens=context, interleave=not sequential)
+                                     draft_len=draft_len, context_tokens=context, interleave=not sequential,
+                                     trust=_trust(trust, trusted_keys))
         if plot_out is not None and plot_out.suffix.lower() != ".png":
             raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
         for warning in bench.spec_warnings(bundles, spec):
@@ -658,13 +691,16 @@ def gate_cmd(
     json_out: Optional[Path] = typer.Option(
         None, "--json", help="Write the results as JSON to this file (- for stdout)."),
     junit_out: Optional[Path] = typer.Option(None, "--junit", help="Write JUnit XML (one testcase per limit)."),
+    trust: bool = _trust_option(),
+    trusted_keys: Optional[List[Path]] = _trusted_key_option(),
 ):
     """Check a bundle against a budget: exit 0 if every limit holds, 1 if one is broken, 2 if invalid."""
     with _errors():
         from .gate import Budget, format_value, run_gate
 
         spec = Budget.load(budget)
-        report = run_gate(bundle, spec, baseline=baseline, reference=reference, texts=list(text or []), phase=_phase)
+        report = run_gate(bundle, spec, baseline=baseline, reference=reference, texts=list(text or []), phase=_phase,
+                          trust=_trust(trust, trusted_keys))
         table = Table(title=f"{bundle} against {budget}")
         table.add_column("limit", no_wrap=True)
         table.add_column("budget")
@@ -688,6 +724,63 @@ def gate_cmd(
                       f"({', '.join(r.key for r in report.failures)})", highlight=False)
     if not report.passed:
         raise typer.Exit(1)
+
+
+@app.command("keygen")
+def keygen_cmd(
+    output: Path = typer.Option(..., "--output", "-o", help="Private key file to write (mode 0600); the public key "
+                                                            "goes to OUTPUT.pub."),
+    force: bool = typer.Option(False, "--force", "-f", help="Replace existing key files."),
+):
+    """Make an ed25519 key pair for signing bundles (edgedec sign).
+
+    Keep the private key secret (a CI secret); hand the .pub file to whoever loads your bundles
+    (--trusted-key, EDGEDEC_TRUSTED_KEYS)."""
+    with _errors():
+        from .runtime.trust import generate_key_pair
+
+        private, public, kid = generate_key_pair(output, force=force)
+        out.print(f"key {kid}: private key {private} (keep it secret), public key {public}", highlight=False,
+                  soft_wrap=True)
+
+
+@app.command("sign")
+def sign_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    key: Path = typer.Option(..., "--key", help="ed25519 private key (PEM or OpenSSH; from edgedec keygen)."),
+):
+    """Sign a bundle with an ed25519 key: writes manifest.sig.
+
+    Every file is checked against the manifest first; the signature covers manifest.json, which lists every
+    file's sha256. Apps that trust the key load the bundle's native code (TVM bundles)."""
+    with _errors():
+        from .runtime.trust import SIGNATURE, sign_bundle
+
+        kid = sign_bundle(bundle, key)
+        out.print(f"signed {bundle} with key {kid} ({SIGNATURE})", highlight=False, soft_wrap=True)
+
+
+@app.command("verify")
+def verify_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    pubkey: Optional[List[Path]] = typer.Option(
+        None, "--pubkey", help="Public key to verify with (repeatable; default: the keys EDGEDEC_TRUSTED_KEYS names)."),
+):
+    """Check a bundle's signature: exit 0 verified, 1 not (unsigned, another signer, modified), 2 invalid input.
+
+    Verified means manifest.sig holds a signature of manifest.json by one of the keys and every file
+    matches the signed manifest."""
+    with _errors():
+        from .runtime.trust import TrustPolicy, verify_bundle
+
+        keys = TrustPolicy.from_env(key_files=pubkey, env={}) if pubkey else TrustPolicy.from_env()
+        result = verify_bundle(bundle, keys.keys)
+    if result.ok:
+        out.print(f"[bold green]verified[/]: {escape(str(bundle))}: {escape(result.reason)}", highlight=False,
+                  soft_wrap=True)
+        return
+    err.print(f"[bold red]not verified[/]: {escape(result.reason)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 def _terminated(signum, frame) -> None:

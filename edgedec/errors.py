@@ -34,3 +34,8 @@ class BudgetError(ConfigError):
 
 class MeasurementError(EdgedecError):
     """A measurement could not be taken (a benchmark worker crashed, was killed, or returned nothing)."""
+
+
+class UntrustedBundleError(BundleError):
+    """A bundle carries native code (a compiled library) and neither the caller's opt-in nor a signature by
+    a trusted key vouches for it; or a signature does not verify."""

@@ -60,6 +60,7 @@ class EvalOptions:
     stride: int = 256  # tokens between window starts; the tokens scored per window after the first
     max_tokens: int | None = None  # read at most this many tokens over all texts (the last text truncated)
     threads: int | None = None  # ONNX Runtime threads (default: physical cores)
+    trust: object = None  # Engine.load's trust: True, or a TrustPolicy, lets bundles with native code (TVM) load
 
     def __post_init__(self):
         if self.window < 2:
@@ -219,14 +220,14 @@ def _nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - x[np.arange(len(targets)), targets]
 
 
-def _load(path: str | Path, window: int, threads: int | None, role: str):
+def _load(path: str | Path, window: int, threads: int | None, role: str, trust=None):
     from .runtime import Bundle, Engine
 
     max_ctx = int(Bundle.open(path, verify_hashes=False).manifest["kv_cache"]["max_capacity"])
     if window > max_ctx:
         raise ConfigError(f"window {window} is larger than the context of the {role} bundle {path} "
                           f"({max_ctx} tokens); use a window of at most {max_ctx}")
-    return Engine.load(path, threads=threads, context_length=window)
+    return Engine.load(path, threads=threads, context_length=window, trust=trust)
 
 
 def _check_compatible(engine, ref, path, ref_path) -> None:
@@ -248,10 +249,10 @@ def evaluate(bundle: str | Path, texts: Sequence[tuple[str, str]], options: Eval
     With ``reference``, the reference bundle runs the same windows. ``progress(done, total)`` is
     called after each window.
     """
-    engine = _load(bundle, options.window, options.threads, "evaluated")
+    engine = _load(bundle, options.window, options.threads, "evaluated", options.trust)
     ref = None
     if reference is not None:
-        ref = _load(reference, options.window, options.threads, "reference")
+        ref = _load(reference, options.window, options.threads, "reference", options.trust)
         _check_compatible(engine, ref, bundle, reference)
 
     token_lists, budget = [], options.max_tokens

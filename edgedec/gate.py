@@ -245,16 +245,16 @@ def parse_budget(data: dict, path: str | Path = "budget") -> Budget:
     return Budget(path, tuple(limits), settings)
 
 
-def bench_options(s: GateSettings):
+def bench_options(s: GateSettings, trust=None):
     from .bench import BenchOptions
 
-    return BenchOptions(warmup=s.warmup, runs=s.runs, new_tokens=s.new_tokens, threads=s.threads)
+    return BenchOptions(warmup=s.warmup, runs=s.runs, new_tokens=s.new_tokens, threads=s.threads, trust=trust)
 
 
-def eval_options(s: GateSettings):
+def eval_options(s: GateSettings, trust=None):
     from .evaluate import EvalOptions
 
-    return EvalOptions(window=s.window, stride=s.stride, max_tokens=s.max_tokens, threads=s.threads)
+    return EvalOptions(window=s.window, stride=s.stride, max_tokens=s.max_tokens, threads=s.threads, trust=trust)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -349,7 +349,7 @@ def _check_inputs(budget: Budget, baseline, reference, texts) -> None:
 
 
 def _measure(bundle, budget: Budget, which: set[str], prompts, texts, reference, phase, role: str,
-             benched=None) -> dict:
+             benched=None, trust=None) -> dict:
     """What ``which`` asks for, of one bundle; ``benched``: its bench figures, when already measured."""
     from . import bench, evaluate
 
@@ -360,12 +360,12 @@ def _measure(bundle, budget: Budget, which: set[str], prompts, texts, reference,
         b = benched
         if b is None:
             with phase(f"benchmarking the {role} ({len(prompts)} prompts, {budget.settings.runs} runs)"):
-                b = bench.measure(bundle, prompts, bench_options(budget.settings))
+                b = bench.measure(bundle, prompts, bench_options(budget.settings, trust))
         m.update({k: b.median(k) for k in ("decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mb")})
     if which & {"text", "reference"}:
         ref = reference if "reference" in which else None
         with phase(f"evaluating the {role} on {len(texts)} text(s)" + (" with the reference" if ref else "")):
-            e = evaluate.evaluate(bundle, texts, eval_options(budget.settings), reference=ref)
+            e = evaluate.evaluate(bundle, texts, eval_options(budget.settings, trust), reference=ref)
         m.update(perplexity=e.perplexity, eval_tokens=e.tokens)
         if ref is not None:
             m.update(reference_perplexity=e.reference_perplexity, perplexity_ratio=e.perplexity_ratio,
@@ -375,10 +375,11 @@ def _measure(bundle, budget: Budget, which: set[str], prompts, texts, reference,
 
 def run_gate(bundle: str | Path, budget: Budget, baseline: str | Path | None = None,
              reference: str | Path | None = None, texts: Sequence[str | Path] = (),
-             phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext()
-             ) -> GateReport:
+             phase: Callable[[str], contextlib.AbstractContextManager] = lambda name: contextlib.nullcontext(),
+             trust=None) -> GateReport:
     """Measure what ``budget`` asks for and compare. Raises (an EdgedecError) on invalid input before
-    measuring anything; returns a report whose ``passed`` says whether every limit holds."""
+    measuring anything; returns a report whose ``passed`` says whether every limit holds. ``trust``:
+    ``Engine.load``'s, for every bundle measured (bundles with native code need it)."""
     from . import bench, evaluate
     from .runtime.bundle import Bundle
 
@@ -405,9 +406,9 @@ def run_gate(bundle: str | Path, budget: Budget, baseline: str | Path | None = N
     benched = [None, None]
     if "bench" in which and "bench" in base_which:  # both in the same rounds: relative limits compare like with like
         benched = bench.measure_many([(bundle, "bundle", "auto"), (baseline, "baseline", "auto")], prompts,
-                                     bench_options(budget.settings), phase)
-    measured = _measure(bundle, budget, which, prompts, text_pairs, reference, phase, "bundle", benched[0])
-    base = (_measure(baseline, budget, base_which, prompts, text_pairs, None, phase, "baseline", benched[1])
+                                     bench_options(budget.settings, trust), phase)
+    measured = _measure(bundle, budget, which, prompts, text_pairs, reference, phase, "bundle", benched[0], trust)
+    base = (_measure(baseline, budget, base_which, prompts, text_pairs, None, phase, "baseline", benched[1], trust)
             if base_which else {})
     results = []
     for l in budget.limits:

@@ -101,7 +101,7 @@ def test_manifest_records_what_was_verified(bundle):
 def test_greedy_matches_transformers_on_the_dequantized_gguf(bundle, reference, hf_generate, capsys):
     from edgedec.runtime import Engine
 
-    engine = Engine.load(bundle, threads=2)
+    engine = Engine.load(bundle, threads=2, trust=True)
     flips, same = [], 0
     for prompt in PROMPTS:
         ids = engine.encode(prompt)
@@ -124,6 +124,6 @@ def test_greedy_matches_transformers_on_the_dequantized_gguf(bundle, reference, 
 def test_chat_answer_is_python(bundle):
     from edgedec.runtime import Engine
 
-    engine = Engine.load(bundle, threads=2)
+    engine = Engine.load(bundle, threads=2, trust=True)
     text = "".join(t.text for t in engine.chat(CHAT, max_new_tokens=96))
     assert "def " in text and ("[::-1]" in text or "reverse" in text), text

@@ -182,7 +182,8 @@ def test_int4_round_offsets_fast_preset(smollm2_bundle, tmp_path_factory):
     manifest = compile_model(None, tmp / "bundle", CompileOptions(passes=(("int4", options),)))
     report = next(p for p in manifest["passes"] if p["pass"] == "int4")["report"]
     assert report["by_method"] == {"exact Q4_1 grid": 50, "Q4_1 rounded zero point": 70, "exact Q8_0 grid": 1}
-    result = evaluate(tmp / "bundle", [("held-out", "\n\n".join(docs[-40:]))], EvalOptions(max_tokens=2048, threads=2),
+    result = evaluate(tmp / "bundle", [("held-out", "\n\n".join(docs[-40:]))], EvalOptions(max_tokens=2048, threads=2,
+                                                                                               trust=True),
                       reference=smollm2_bundle)
     assert result.perplexity_ratio < 1.06, result.to_dict()
     assert result.greedy_agreement > 0.8, result.to_dict()
@@ -203,7 +204,7 @@ def test_tvm_int4_is_lossless_on_the_gguf_source(engine, tmp_path_factory):
                                           "Q8_0 8-bit": {"weights": 1, "max_abs_error": 0.0}}
     assert g["verification"]["max_abs_logit_diff"] < 1e-3
     assert sum(f["bytes"] for f in manifest["files"].values()) < 0.2 * 542e6
-    tvm_engine = Engine.load(out, threads=2)
+    tvm_engine = Engine.load(out, threads=2, trust=True)  # we built it
     for prompt in PROMPTS[:4]:
         want = [t.id for t in engine.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)]
         got = [t.id for t in tvm_engine.generate(prompt, max_new_tokens=NEW_TOKENS, ignore_eos=True)]
@@ -230,9 +231,9 @@ def test_tvm_int4_with_int8_activations_keeps_perplexity(smollm2_bundle, tmp_pat
     manifest = compile_model(None, out, CompileOptions(target="cpu-tvm", passes=(("int4", {"activations": "int8"}),)))
     assert manifest["graphs"]["decoder"]["quantization"]["activations"].startswith("int8")
     docs = list(topics.topics.values())
-    result = evaluate(out, [("held-out", "\n\n".join(docs[-40:]))], EvalOptions(max_tokens=2048, threads=2),
-                      reference=smollm2_bundle)
+    options = EvalOptions(max_tokens=2048, threads=2, trust=True)  # we built it
+    result = evaluate(out, [("held-out", "\n\n".join(docs[-40:]))], options, reference=smollm2_bundle)
     assert result.perplexity_ratio < 1.03, result.to_dict()
     assert result.greedy_agreement > 0.85, result.to_dict()
-    engine = Engine.load(out, threads=2)
+    engine = Engine.load(out, threads=2, trust=True)  # we built it
     _lossless(engine, ["ngram+recycling"])

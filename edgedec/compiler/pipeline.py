@@ -194,7 +194,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             manifest["timings"]["verify_s"] = round(time.perf_counter() - t, 2)
             manifest.pop("files")
             manifest = bundle_writer.write_manifest(tmp, manifest)
-        bundle_writer.publish(tmp, output)
+        bundle_writer.publish(tmp, output, options.force)
     return manifest
 
 

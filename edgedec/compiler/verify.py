@@ -74,7 +74,8 @@ def verify_bundle(bundle_dir: str | Path, reference: Reference, tolerance: float
     ``verification`` entry. Raises :class:`ModelError` when the difference exceeds ``tolerance``."""
     from ..runtime import Engine
 
-    engine = Engine.load(bundle_dir, threads=threads, context_length=max(16, sum(STEPS)), verify=False)
+    engine = Engine.load(bundle_dir, threads=threads, context_length=max(16, sum(STEPS)), verify=False,
+                         trust=True)  # the library this compile just built
     graph = engine.bundle.graph("decoder")
     subject = subject or f"{graph['file']} through the runtime's {type(engine.decoder).__name__}"
     result = check_decoder(engine.decoder, reference)

@@ -226,13 +226,13 @@ class DraftModelDrafter:
 
     width = 0
 
-    def __init__(self, path: str, target_bundle, threads: int | None = None):
+    def __init__(self, path: str, target_bundle, threads: int | None = None, trust=None):
         from ..errors import GenerationError
         from .engine import Engine
 
         # the draft and the target take turns on the same cores: ONNX Runtime threads that spin after a run
         # would steal the other session's time (SmolLM2 fp32 target, int4 draft: 0.56x spinning, 1.12x not)
-        self.engine = Engine.load(path, threads=threads, spin=False)
+        self.engine = Engine.load(path, threads=threads, spin=False, trust=trust)
         draft, target = self.engine.bundle, target_bundle
         tok = lambda b: b.manifest["files"].get(b.manifest["tokenizer"]["file"], {}).get("sha256")
         if tok(draft) != tok(target):
@@ -280,16 +280,18 @@ def spins_with(drafter: str | None) -> bool:
     return not (drafter or "").startswith("model:")
 
 
-def make_drafter(name: str, vocab_size: int, decoder=None, target_bundle=None, threads: int | None = None):
+def make_drafter(name: str, vocab_size: int, decoder=None, target_bundle=None, threads: int | None = None,
+                 trust=None):
     """A drafter by name: ``ngram``, ``recycling``, ``ngram+recycling``, ``head`` or ``head+ngram``
     (the last two need ``decoder``, a session over a bundle with the draft-head pass), ``ffn-skip``, or
-    ``model:PATH``, a draft-model bundle sharing the tokenizer of ``target_bundle``."""
+    ``model:PATH``, a draft-model bundle sharing the tokenizer of ``target_bundle``, loaded under ``trust``
+    (``Engine.load``'s argument)."""
     from ..errors import GenerationError
 
     if name.startswith("model:"):
         if target_bundle is None:
             raise GenerationError("a draft model needs the target bundle to check the tokenizer against")
-        return DraftModelDrafter(name[len("model:"):], target_bundle, threads)
+        return DraftModelDrafter(name[len("model:"):], target_bundle, threads, trust)
     if name == "ffn-skip":
         return FfnSkipDrafter(decoder)
     if name in ("head", "head+ngram"):

@@ -23,6 +23,7 @@ from .providers import select_provider, session_providers
 from .ffn_skip import FfnSkipController
 from .sampler import Sampler
 from .text import StreamDecoder, TextCodec
+from .trust import TrustPolicy, as_policy, check_native, vouch_for_nested
 
 log = logging.getLogger(__name__)
 
@@ -274,28 +275,32 @@ def batch_variant(manifest: dict) -> bool:
 class Engine:
     """Run a bundle. ``Engine.load(path)`` validates it first and refuses what it does not understand."""
 
-    def __init__(self, bundle: Bundle, threads: int, context_length: int, spin: bool = True):
+    def __init__(self, bundle: Bundle, threads: int, context_length: int, spin: bool = True,
+                 trust: "bool | TrustPolicy | None" = None):
         self.bundle = bundle
         self.manifest = bundle.manifest
         self.threads = threads
+        self._trust = trust  # what Engine.load was given: draft models load under the same policy
         tok = self.manifest["tokenizer"]
         self.codec = TextCodec(bundle.file(tok["file"]), tok)
         if self.manifest["target"].get("backend") == "tvm":  # cpu-tvm / arm64: a TVM library, same cache contract
             from .tvm_session import TvmDecoderSession
 
-            self.decoder = TvmDecoderSession(bundle, threads, context_length)
+            self.decoder = TvmDecoderSession(bundle, threads, context_length, trust)
         elif bundle.graph("decoder").get("shapes") == "static":  # npu target: fixed chunk, host-side cache
             from .static import StaticDecoderSession
 
             self.decoder = StaticDecoderSession.from_bundle(bundle, threads, context_length)
         else:
             self.decoder = DecoderSession(bundle, threads, context_length, spin)
+        self.trust = check_native(bundle, trust)  # the decision the TVM session made before opening its library
+        log.info("bundle %s: %s", bundle.path, self.trust.reason)
         kv = getattr(self.decoder, "kv", None)
         if getattr(kv, "window", None):  # sink + window: the cache is sinks + window slots, generation unbounded
             context_length = kv.capacity
         self.context_length = context_length
         self.last_stats: GenerationStats | None = None
-        self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls
+        self._drafters: dict = {}  # named drafters, kept between generate() calls
 
     def forget_drafters(self) -> None:
         """Drop what the named drafters learned (Token Recycling's table): the next ``generate`` starts cold.
@@ -311,8 +316,16 @@ class Engine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
-             verify: bool = True, exact_rows: bool | None = None, spin: bool = True) -> "Engine":
+             verify: bool = True, exact_rows: bool | None = None, spin: bool = True,
+             trust: "bool | TrustPolicy | None" = None) -> "Engine":
         """Load and validate a bundle.
+
+        trust: whether the bundle may load native code (the TVM targets' compiled library, which runs with
+          the process's privileges as it loads). ONNX bundles need nothing. ``True``: the caller trusts
+          this bundle. ``None``/``False`` (default): only a bundle whose ``manifest.sig`` verifies with a
+          key that ``EDGEDEC_TRUSTED_KEYS`` names. A :class:`~edgedec.runtime.trust.TrustPolicy`: exactly
+          its keys. An untrusted bundle with native code is refused (UntrustedBundleError) before any
+          library is opened. See docs/security.md.
 
         threads: ONNX Runtime intra-op threads (default: physical cores).
         context_length: KV-cache capacity in tokens (default: min(2048, the bundle's maximum)).
@@ -344,7 +357,7 @@ class Engine:
             threads = physical_cores()
         if threads < 1:
             raise GenerationError(f"threads must be >= 1, got {threads}")
-        engine = cls(bundle, threads, context_length, spin)
+        engine = cls(bundle, threads, context_length, spin, trust)
         if exact_rows is None:
             exact_rows = (isinstance(engine.decoder, DecoderSession) and bool(bundle.manifest.get("speculation"))
                           and batch_variant(bundle.manifest))
@@ -404,19 +417,37 @@ class Engine:
             raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
         sampler = Sampler(temperature, top_k, top_p, seed)
         spec = self.manifest.get("speculation") or {}
-        if drafter == "auto":
+        from_manifest = drafter == "auto"
+        if from_manifest:
             drafter = spec.get("drafter")
         if draft_len is None:
             draft_len = int(spec.get("draft_len", 4))
         if isinstance(drafter, str):  # one drafter per name and engine: what it learned carries over
-            if drafter not in self._drafters:
-                self._drafters[drafter] = make_drafter(drafter, self.bundle.arch["vocab_size"], self.decoder,
-                                                       self.bundle, self.threads)
-            drafter = self._drafters[drafter]
+            drafter = self._named_drafter(drafter, from_manifest)
         if drafter is not None and not 1 <= draft_len <= 64:
             raise GenerationError(f"draft_len must be in [1, 64], got {draft_len}")
         ids = self.encode(prompt)
         return self._generate(ids, max_new_tokens, sampler, stop, ignore_eos, drafter, draft_len, adaptive_draft)
+
+    def _named_drafter(self, name: str, from_manifest: bool) -> Drafter:
+        """The engine's drafter called ``name``, made on first use. A draft model the manifest names
+        (``model:REL``) is the bundle nested at REL inside this one, trusted as this bundle is (its
+        signature covers the draft); one the caller names (``model:PATH``) may be anywhere."""
+        nested = from_manifest and name.startswith("model:")
+        key = ("nested", name) if nested else name  # a caller's model:draft is another path
+        if key not in self._drafters:
+            trust = self._trust
+            where = name
+            if nested:
+                rel = name[len("model:"):]
+                trust = vouch_for_nested(self.bundle, as_policy(trust), rel)
+                where = f"model:{self.bundle.nested_bundle(rel)}"
+            drafter = make_drafter(where, self.bundle.arch["vocab_size"], self.decoder, self.bundle, self.threads,
+                                   trust=trust)
+            if nested:
+                drafter.name = name  # as the manifest wrote it
+            self._drafters[key] = drafter
+        return self._drafters[key]
 
     def chat(self, messages: list[dict], **kwargs) -> Iterator[Token]:
         """Apply the bundle's chat template to ``messages`` and generate the assistant's reply."""

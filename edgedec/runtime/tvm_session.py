@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 
+LIBRARY_SUFFIXES = (".so", ".dylib", ".dll")  # what load_module opens as a library as is
 PARAM_DTYPES = {"float32": "<f4", "uint32": "<u4", "float16": "<f2", "uint16": "<u2"}  # params.bin entries by the manifest's dtype
 
 
@@ -100,7 +101,9 @@ def _check_machine(graph: dict) -> None:
 class TvmDecoderSession:
     """The bundle's Relax VM executable with its parameters and an in-place KV cache."""
 
-    def __init__(self, bundle, threads: int, capacity: int):
+    def __init__(self, bundle, threads: int, capacity: int, trust=None):
+        from .trust import check_native
+
         os.environ.setdefault("TVM_NUM_THREADS", str(threads))  # read when TVM's thread pool starts
         try:
             tvm = import_tvm()
@@ -110,11 +113,16 @@ class TvmDecoderSession:
         if graph.get("format") != "tvm-relax-vm":
             raise BundleError(f"the decoder graph's format {graph.get('format')!r} is not 'tvm-relax-vm'")
         _check_machine(graph)
+        library = bundle.file(graph["file"])  # a hashed file inside the bundle, symbolic links followed
+        if library.suffix not in LIBRARY_SUFFIXES:  # TVM would run a compiler on .o/.tar input
+            raise BundleError(f"the decoder graph's file {graph['file']!r} is not a shared library "
+                              f"({', '.join(LIBRARY_SUFFIXES)})")
+        check_native(bundle, trust)  # before the library is opened: its constructors run inside dlopen
         arch = bundle.arch
         self.vocab = arch["vocab_size"]
         self.num_layers = arch["num_layers"]
         try:
-            self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(bundle.file(graph["file"]))), tvm.cpu())
+            self.vm = tvm.runtime.vm.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
         except Exception as exc:
             raise BundleError(f"the TVM runtime cannot load {graph['file']}: {exc}") from exc
         self.params = tvm.runtime.convert(self._load_params(bundle, graph))

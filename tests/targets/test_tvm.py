@@ -85,7 +85,8 @@ def e_machine(header: bytes) -> int:
 
 def test_greedy_identical_to_cpu_bundle(pair):
     tvm_dir, cpu_dir = pair
-    tvm_engine, cpu_engine = Engine.load(tvm_dir, threads=2), Engine.load(cpu_dir, threads=2, context_length=128)
+    tvm_engine = Engine.load(tvm_dir, threads=2, trust=True)
+    cpu_engine = Engine.load(cpu_dir, threads=2, context_length=128)
     for prompt in PROMPTS:
         want = [t.id for t in cpu_engine.generate(prompt, max_new_tokens=40, ignore_eos=True)]
         got = [t.id for t in tvm_engine.generate(prompt, max_new_tokens=40, ignore_eos=True)]
@@ -96,7 +97,7 @@ def test_greedy_identical_to_cpu_bundle(pair):
 def test_speculation_rolls_back_the_tvm_cache(pair):
     """Chain verification writes drafts into the cache and rolls rejected ones back by length."""
     tvm_dir, _ = pair
-    engine = Engine.load(tvm_dir, threads=2)
+    engine = Engine.load(tvm_dir, threads=2, trust=True)
     accepted = 0
     for prompt in PROMPTS[:3]:
         plain, spec, n = _plain_and_spec(engine, prompt, 40)
@@ -108,7 +109,7 @@ def test_speculation_rolls_back_the_tvm_cache(pair):
 def test_logits_match_onnxruntime(pair):
     """Prefill with several logit rows, one decode step, a multi-token step: TVM vs the cpu bundle's graph."""
     tvm_dir, cpu_dir = pair
-    a = Engine.load(tvm_dir, threads=2).decoder
+    a = Engine.load(tvm_dir, threads=2, trust=True).decoder
     b = Engine.load(cpu_dir, threads=2, context_length=128).decoder
     ids = np.random.default_rng(0).integers(0, 300, size=16).tolist()
     steps = [(ids[:9], [0, 4, 8]), (ids[9:10], None), (ids[10:14], [0, 1, 2, 3])]
@@ -138,7 +139,7 @@ def test_manifest_describes_library_and_params(tvm_llama):
 
 
 def test_context_full_and_bad_ids(tvm_llama):
-    engine = Engine.load(tvm_llama, threads=1, context_length=16)
+    engine = Engine.load(tvm_llama, threads=1, context_length=16, trust=True)
     dec = engine.decoder
     with pytest.raises(GenerationError, match="do not fit the context of 16"):
         dec.forward(list(range(17)))
@@ -178,8 +179,8 @@ def test_arm64_bundle_refused_on_this_machine(arm64_bundle, cli, one_line_error)
     if platform.machine() in ("aarch64", "arm64"):
         pytest.skip("this machine is aarch64: the bundle runs here")
     with pytest.raises(BundleError, match="built for aarch64-linux-gnu and cannot run on this"):
-        Engine.load(arm64_bundle)
-    one_line_error(cli("run", arm64_bundle, "--prompt", "hi"), "built for aarch64-linux-gnu")
+        Engine.load(arm64_bundle, trust=True)
+    one_line_error(cli("run", arm64_bundle, "--prompt", "hi", "--trust"), "built for aarch64-linux-gnu")
 
 
 @pytest.mark.parametrize("target", ["cpu-tvm", "arm64"])
@@ -204,7 +205,7 @@ def test_targets_list_shows_tvm_targets(cli):
 @pytest.mark.parametrize("which", ["tvm_llama", "tvm_int4_llama"])
 def test_tvm_runtime_stays_torch_free(which, request):
     bundle = request.getfixturevalue(which)
-    code = ("import sys; from edgedec.runtime import Engine; e = Engine.load(sys.argv[1], threads=1); "
+    code = ("import sys; from edgedec.runtime import Engine; e = Engine.load(sys.argv[1], threads=1, trust=True); "
             "e.generate_text('def f(x):', max_new_tokens=4); "
             "bad = [m for m in ('torch', 'transformers') if m in sys.modules]; "
             "assert not bad, bad; print('ok')")
@@ -235,7 +236,7 @@ def test_library_for_a_cpu_with_other_extensions_is_refused(tvm_llama, tmp_path)
     assert json.loads((bundle / "manifest.json").read_text())["graphs"]["decoder"]["cpu_flags"] is not None
     edit_manifest(bundle, lambda m: m["graphs"]["decoder"].update(cpu_flags=["avx2", "no_such_extension"]))
     with pytest.raises(BundleError, match="uses no_such_extension, which this CPU lacks"):
-        Engine.load(bundle)
+        Engine.load(bundle, trust=True)
 
 
 def _as_library_before_check_params_and_verify(monkeypatch) -> None:
@@ -285,16 +286,16 @@ def test_params_that_do_not_fit_the_library_are_refused_at_load(old_library, tvm
 
     edit_manifest(bundle, transpose_one)
     with pytest.raises(BundleError, match="do not fit the library") as err:
-        Engine.load(bundle)
+        Engine.load(bundle, trust=True)
     assert "\n" not in str(err.value)
 
 
 def test_a_library_without_verify_functions_speculates_through_prefill(tvm_llama, monkeypatch):
     """A library built before verify{k}: verifications run prefill (every row asked for), with the same
     output as the library that has them, with speculation and without."""
-    new = Engine.load(tvm_llama, threads=2)
+    new = Engine.load(tvm_llama, threads=2, trust=True)
     _as_library_before_check_params_and_verify(monkeypatch)
-    old = Engine.load(tvm_llama, threads=2)
+    old = Engine.load(tvm_llama, threads=2, trust=True)
     assert old.decoder._verify == {} and sorted(new.decoder._verify) == list(range(2, 9))
     accepted = {"old": 0, "new": 0}
     for prompt in PROMPTS[:3]:
@@ -317,7 +318,7 @@ def test_verify_functions_give_each_row_the_decode_steps_bits(fixture, request):
     bundle = request.getfixturevalue(fixture)
     functions = json.loads((bundle / "manifest.json").read_text())["graphs"]["decoder"]["functions"]
     assert {"prefill", "decode", "check_params", *(f"verify{k}" for k in range(2, 9))} <= set(functions)
-    dec = Engine.load(bundle, threads=2).decoder
+    dec = Engine.load(bundle, threads=2, trust=True).decoder
     assert sorted(dec._verify) == list(range(2, 9))
     ids = np.random.default_rng(3).integers(0, 300, size=16).tolist()
     dec.forward(ids[:5])
@@ -347,7 +348,7 @@ def test_fp16_cache_holds_the_float32_bundles_keys_rounded(tvm_fp16_kv_llama, tv
     caches = next(i for i in m16["graphs"]["decoder"]["inputs"] if i["name"] == "caches")
     assert caches["dtype"] == "float16" and "float16" in m16["graphs"]["decoder"]["caches"]
     assert m16["graphs"]["decoder"]["verification"]["max_abs_logit_diff"] < 1e-2
-    a, b = Engine.load(tvm_fp16_kv_llama, threads=2), Engine.load(tvm_llama, threads=2)
+    a, b = Engine.load(tvm_fp16_kv_llama, threads=2, trust=True), Engine.load(tvm_llama, threads=2, trust=True)
     ids = np.random.default_rng(5).integers(0, 300, size=24).tolist()
     got, want = a.decoder.forward(ids, list(range(24))), b.decoder.forward(ids, list(range(24)))
     assert a.decoder.kv.views[0][0].dtype == np.float16 and a.decoder.kv.nbytes * 2 == b.decoder.kv.nbytes
@@ -424,7 +425,7 @@ def test_int4_logits_match_transformers_with_the_same_weights(int4_pair, load_hf
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].numpy()
         fp32 = load_hf(model_dir)[0](torch.tensor([ids])).logits[0].numpy()
-    dec = Engine.load(bundle, threads=2).decoder
+    dec = Engine.load(bundle, threads=2, trust=True).decoder
     np.testing.assert_allclose(dec.forward(ids[:9], [0, 4, 8]), ref[[0, 4, 8]], atol=1e-4, rtol=0)
     np.testing.assert_allclose(dec.forward(ids[9:10]), ref[9], atol=1e-4, rtol=0)
     np.testing.assert_allclose(dec.forward(ids[10:14], [0, 1, 2, 3]), ref[10:14], atol=1e-4, rtol=0)
@@ -436,7 +437,7 @@ def test_int4_logits_match_transformers_with_the_same_weights(int4_pair, load_hf
 def test_int4_greedy_matches_transformers_and_speculation_is_lossless(int4_pair, load_hf, hf_generate):
     bundle, model_dir = int4_pair
     ref_model = _dequantized_hf(load_hf, model_dir)
-    engine = Engine.load(bundle, threads=2)
+    engine = Engine.load(bundle, threads=2, trust=True)
     accepted = 0
     for prompt in PROMPTS[:4]:
         ids = engine.encode(prompt)
@@ -628,9 +629,9 @@ def test_int8_activations_bundle_is_close_to_transformers_and_speculates_lossles
     ids = np.random.default_rng(0).integers(0, 300, size=12).tolist()
     with torch.no_grad():
         ref = ref_model(torch.tensor([ids])).logits[0].numpy()
-    engine = Engine.load(tvm_int8_act_llama, threads=2)
+    engine = Engine.load(tvm_int8_act_llama, threads=2, trust=True)
     got = engine.decoder.forward(ids, list(range(12)))
-    exact = Engine.load(tvm_int4_llama, threads=2).decoder.forward(ids, list(range(12)))
+    exact = Engine.load(tvm_int4_llama, threads=2, trust=True).decoder.forward(ids, list(range(12)))
     err, scale = np.abs(got - ref).max(), np.abs(ref).max()
     assert 1e-5 < err < 0.15 * scale, (err, scale)  # rounded: not the float bundle's logits, but near them
     assert np.abs(exact - ref).max() < 1e-4
