@@ -19,11 +19,16 @@ CLI's error contract).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+# the local signing key that compile signs native-code bundles with: one per test session, not the user's
+os.environ.setdefault("EDGEDEC_LOCAL_KEY", str(Path(tempfile.mkdtemp(prefix="edgedec-key-")) / "local-signing-key"))
 
 VOCAB_SIZE = 384
 MAX_POSITIONS = 256

@@ -24,6 +24,7 @@ from ..errors import ConfigError, ModelError, UnsupportedError
 from ..passes import kv_cache as kv_layout
 from ..passes.base import PassContext, create_pass, run_passes
 from ..registry import PASSES
+from ..runtime.trust import NATIVE_FORMATS, sign_with_local_key
 from ..targets import get_target
 from . import bundle_writer, verify
 
@@ -194,6 +195,11 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             manifest["timings"]["verify_s"] = round(time.perf_counter() - t, 2)
             manifest.pop("files")
             manifest = bundle_writer.write_manifest(tmp, manifest)
+        if any(g.get("format") in NATIVE_FORMATS for g in manifest["graphs"].values()):
+            # native code: signed with this user's local key, so that the bundle this user just built loads
+            # without --trust here, and a copy handed elsewhere is trusted only where that key is
+            with phase("signing the bundle with the local key"):
+                manifest["signed_by"] = sign_with_local_key(tmp)
         bundle_writer.publish(tmp, output, options.force)
     return manifest
 

@@ -27,6 +27,7 @@ import binascii
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -36,7 +37,13 @@ from ..errors import BundleError, ConfigError, UntrustedBundleError
 
 SIGNATURE = "manifest.sig"
 SIGNATURE_FORMAT = "edgedec-signature"
+log = logging.getLogger(__name__)
 TRUSTED_KEYS_ENV = "EDGEDEC_TRUSTED_KEYS"
+# The local key: ``edgedec compile`` signs every bundle with native code it builds with a key of this user's
+# (made on first use, mode 0600), and the loader trusts that key's signatures by default. So a bundle you
+# compiled yourself loads without --trust, while one from elsewhere (not signed by your key) does not.
+LOCAL_KEY_ENV = "EDGEDEC_LOCAL_KEY"  # path of the local private key; "off" disables signing and trusting it
+LOCAL_KEY_NAME = "local-signing-key"
 DOMAIN = b"edgedec-bundle-manifest-v1\0"  # signed before the manifest's bytes: a signature means nothing elsewhere
 NATIVE_FORMATS = ("tvm-relax-vm",)  # graph formats whose file is a shared library the runtime dlopens
 KEY_SUFFIXES = (".pub", ".pem")
@@ -145,6 +152,47 @@ def generate_key_pair(private_path: str | Path, force: bool = False) -> tuple[Pa
     return private_path, public_path, key_id(raw)
 
 
+def local_key_path(env: dict | None = None) -> Path | None:
+    """This user's local signing key: ``$EDGEDEC_LOCAL_KEY``, else ``$XDG_CONFIG_HOME/edgedec/local-signing-key``
+    (``~/.config/edgedec/...``); None when ``EDGEDEC_LOCAL_KEY=off``."""
+    env = os.environ if env is None else env
+    given = env.get(LOCAL_KEY_ENV)
+    if given is not None:
+        return None if given.strip().lower() in ("off", "0", "") else Path(given).expanduser()
+    base = env.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base) / "edgedec" / LOCAL_KEY_NAME
+
+
+def local_public_key(env: dict | None = None) -> bytes | None:
+    """The local key's raw public key if the key exists (it is never made here), else None."""
+    path = local_key_path(env)
+    public = path.with_name(path.name + ".pub") if path is not None else None
+    if public is None or not public.is_file() or not path.is_file():
+        return None
+    try:
+        keys = load_public_keys(public)
+    except ConfigError:
+        log.warning("the local signing key's public half %s is unreadable; not trusting it", public)
+        return None
+    return keys[0] if keys else None
+
+
+def sign_with_local_key(bundle_path: str | Path) -> str | None:
+    """Sign a bundle this machine just built with the local key (made on first use); returns the key id, or
+    None when local signing is off."""
+    path = local_key_path()
+    if path is None:
+        return None
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            generate_key_pair(path)
+        except ConfigError:  # made meanwhile by a concurrent compile
+            pass
+        log.info("made the local signing key %s (bundles this user compiles are signed with it)", path)
+    return sign_bundle(bundle_path, path)
+
+
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     try:
@@ -188,6 +236,8 @@ class TrustPolicy:
         sources = [Path(p) for p in key_files]
         sources += [Path(p) for p in env.get(TRUSTED_KEYS_ENV, "").split(os.pathsep) if p]
         keys = []
+        if (local := local_public_key(env if env is not os.environ else None)) is not None:
+            keys.append(local)  # bundles this user compiled (signed at compile time)
         for source in sources:
             for key in load_public_keys(source):
                 if key not in keys:

@@ -229,6 +229,7 @@ def test_verify_pubkey_overrides_the_environment(bundle_copy, keys, cli, monkeyp
 
 def test_verify_without_any_key_is_bad_input(bundle_copy, cli, one_line_error, monkeypatch):
     monkeypatch.delenv(TRUSTED_KEYS_ENV, raising=False)
+    monkeypatch.setenv("EDGEDEC_LOCAL_KEY", "off")  # nor the local key compile signs with
     one_line_error(cli("verify", bundle_copy), "no public key to verify with")
 
 
