@@ -1,25 +1,21 @@
 """Bundle format version 1: a directory with ``manifest.json`` (plain JSON) and the files it lists.
 
-Torch-free. ``Bundle.open`` validates before anything runs: the format version, the required keys,
-that every listed file exists with the recorded size and sha256, and that every graph and tokenizer
-the manifest refers to is among the hashed files.
+Torch-free. ``Bundle.open`` validates before anything runs: the manifest as a whole (types, ranges and
+cross-field consistency, :mod:`edgedec.runtime.manifest`), that every listed file exists with the
+recorded size and sha256, and that every graph and tokenizer the manifest refers to is among the
+hashed files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BundleError
+from .manifest import FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, load_json, parse_manifest
 
-FORMAT = "edgedec-bundle"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("format", "format_version", "source", "architecture", "target", "graphs", "kv_cache",
-                 "tokenizer", "passes", "files")
-ARCH_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -33,7 +29,8 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: dict  # the parsed JSON, as written
+    info: Manifest | None = None  # the same, typed and validated (Bundle.open sets it)
 
     @classmethod
     def open(cls, path: str | Path, verify_hashes: bool = True) -> "Bundle":
@@ -43,35 +40,12 @@ class Bundle:
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{mpath} is not valid JSON: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise BundleError(f"{mpath} is not an edgedec manifest (format is not {FORMAT!r})")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"bundle format version {version!r} is not supported by this edgedec (it reads version {FORMAT_VERSION})"
-            )
-        missing = [k for k in REQUIRED_KEYS if k not in manifest]
-        if missing:
-            raise BundleError(f"manifest is missing required keys: {', '.join(missing)}")
-        for key in ("architecture", "target", "graphs", "kv_cache", "tokenizer"):
-            if not isinstance(manifest[key], dict):
-                raise BundleError(f"manifest {key!r} must be an object, got {type(manifest[key]).__name__}")
-        missing = [k for k in ARCH_KEYS if not isinstance(manifest["architecture"].get(k), int)]
-        if missing:
-            raise BundleError(f"manifest architecture is missing or has non-integer: {', '.join(missing)}")
-        for name, graph in manifest["graphs"].items():
-            if not isinstance(graph, dict):
-                raise BundleError(f"manifest graph {name!r} must be an object, got {type(graph).__name__}")
-            if not isinstance(graph.get("file"), str):
-                raise BundleError(f"manifest graph {name!r} has no 'file'")
-        capacity = manifest["kv_cache"].get("max_capacity")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise BundleError(f"manifest kv_cache.max_capacity must be a positive integer, got {capacity!r}")
-        bundle = cls(path, manifest)
+        size = mpath.stat().st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise BundleError(f"{mpath} has {size:,} bytes, more than a manifest may ({MAX_MANIFEST_BYTES:,})")
+        manifest = load_json(mpath.read_bytes(), str(mpath))
+        info = parse_manifest(manifest)  # types, ranges, consistency: one BundleError naming the field
+        bundle = cls(path, manifest, info)
         bundle._check_files(verify_hashes)
         return bundle
 
