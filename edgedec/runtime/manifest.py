@@ -63,6 +63,8 @@ PARAM_DTYPES = {"float32": 4, "uint32": 4, "float16": 2}  # TVM params.bin entri
 ORT_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
               "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
               "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+DYNAMIC_INPUTS = ("input_ids", "seqlens_k", "total_sequence_length", "logits_index")  # what the runtime feeds
+STATIC_INPUTS = ("input_ids", "position_ids", "attention_mask")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _REQUIRED = object()
 
@@ -113,6 +115,15 @@ class Source:
 
 
 @dataclass(frozen=True)
+class LLVMTarget:
+    """What a TVM library was compiled for (the runtime refuses a library built for another machine)."""
+
+    mtriple: str = spec("target triple, e.g. x86_64-linux-gnu or aarch64-linux-gnu", "")
+    mcpu: str = spec("CPU model, e.g. emeraldrapids or apple-m1", "")
+    kind: str = spec("llvm", "llvm")
+
+
+@dataclass(frozen=True)
 class Target:
     """The compilation target and the runtime backend that runs the bundle."""
 
@@ -121,7 +132,7 @@ class Target:
     execution_provider: str | None = spec("ONNX Runtime execution provider", None)
     fallback_execution_provider: str | None = spec("provider used when the first is unavailable (logged)", None)
     shapes: str | None = spec("static for fixed-shape graphs (npu)", None, choices=("static", "dynamic"))
-    llvm_target: dict | None = spec("TVM targets: the LLVM target the library was built for", None)
+    llvm_target: LLVMTarget | None = spec("TVM targets: the LLVM target the library was built for", None)
 
 
 @dataclass(frozen=True)
@@ -153,7 +164,7 @@ class Graph:
     data: list[str] = spec("other files the graph reads (external weights)", [], max_items=4096)
     inputs: list[TensorInfo] = spec("declared inputs", [], max_items=1 << 14)
     outputs: list[TensorInfo] = spec("declared outputs", [], max_items=1 << 14)
-    execution_provider: str | None = spec("ONNX Runtime execution provider", None)
+    execution_provider: str = spec("ONNX Runtime execution provider", "CPUExecutionProvider")
     fallback_execution_provider: str | None = spec("provider used when the first is unavailable", None)
     shapes: str | None = spec("static: fixed chunk and cache (npu)", None, choices=("static", "dynamic"))
     chunk: int | None = spec("static graphs: tokens per call", None, min=1, max=LIMITS["chunk"])
@@ -161,7 +172,7 @@ class Graph:
     params_file: str | None = spec("TVM: the raw weights file", None)
     params: list[Param] | None = spec("TVM: the weights in params_file, in call order", None, max_items=1 << 20)
     libraries: list[str] | None = spec("TVM: native libraries the graph loads", None, max_items=64)
-    llvm_target: dict | None = spec("TVM: the LLVM target (mtriple, mcpu)", None)
+    llvm_target: LLVMTarget | None = spec("TVM: the LLVM target (mtriple, mcpu)", None)
     cpu_flags: list[str] | None = spec("TVM: CPU features the library needs", None, max_items=256)
 
 
@@ -690,6 +701,13 @@ def _check_onnx_graph(m: Manifest, g: Graph, path: str) -> None:
     i, logits = outputs["logits"]
     if not logits.shape or (isinstance(logits.shape[-1], int) and logits.shape[-1] != a.vocab_size):
         raise _fail(f"{path}.outputs[{i}].shape", f"must end in vocab_size ({a.vocab_size})", logits.shape)
+    fed = set(STATIC_INPUTS if static else DYNAMIC_INPUTS)
+    fed |= {f"{kind}.{l}" for kind in ("past_key", "past_value") for l in range(a.num_layers)}
+    skip = m.ffn_skip()
+    fed |= {f"ffn_skip.{l}" for l in (skip.skippable if skip is not None and not static else [])}
+    for name, (i, _) in inputs.items():
+        if name not in fed:
+            raise _fail(f"{path}.inputs[{i}]", "is an input this runtime does not feed", name)
     rows = _layer_rows(m)
     out_names = ("new_key", "new_value") if static else ("present_key", "present_value")
     for kind, names in ((inputs, ("past_key", "past_value")), (outputs, out_names)):
