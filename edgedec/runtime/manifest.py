@@ -17,7 +17,8 @@ What is checked, before the runtime allocates or opens anything:
   log's FFN-skip section against the layers, every file the manifest names among its hashed files.
 
 The dataclasses are the single source of the format: ``python -m edgedec.runtime.manifest`` prints
-the JSON Schema generated from them (``docs/bundle.schema.json``; a test keeps the two in sync).
+the JSON Schema generated from them (``docs/bundle.schema.json``), ``--markdown`` the field tables of
+``docs/bundle-format.md``; tests keep both in sync.
 Torch-free: the standard library only (jinja2 for the chat template's syntax).
 """
 
@@ -901,5 +902,60 @@ def json_schema() -> dict:
             "$defs": dict(sorted(defs.items()))}
 
 
+def fields_markdown() -> str:
+    """The manifest's fields as Markdown tables, one per section (docs/bundle-format.md holds them)."""
+    sections: list = []
+
+    def collect(tp):
+        if is_dataclass(tp) and tp not in sections:
+            sections.append(tp)
+            for f in fields(tp):
+                for t in _dataclasses_in(_hints(tp)[f.name]):
+                    collect(t)
+
+    collect(Manifest)
+    collect(FfnSkipSection)
+    out = []
+    for tp in sections:
+        out += [f"#### {tp.__name__}", "", (tp.__doc__ or "").strip(), "",
+                "| field | type | required / default | constraint | meaning |", "|---|---|---|---|---|"]
+        for f in fields(tp):
+            key = JSON_KEYS.get(f.name, f.name) if tp is PassEntry else f.name
+            meta = f.metadata
+            kind = _type_name(_hints(tp)[f.name])
+            if f.default is MISSING and f.default_factory is MISSING:
+                req = "required"
+            else:
+                req = json.dumps(f.default if f.default is not MISSING else f.default_factory())
+            rules = []
+            if meta.get("choices"):
+                rules.append("one of " + ", ".join(map(str, meta["choices"])))
+            if meta.get("min") is not None:
+                rules.append(f">= {meta['min']}")
+            if meta.get("max") is not None:
+                rules.append(f"<= {meta['max']:,}")
+            if meta.get("max_items") is not None:
+                rules.append(f"at most {meta['max_items']:,} " + ("characters" if "str" in kind and "list" not in kind
+                                                                  else "entries"))
+            if meta.get("pattern"):
+                rules.append(f"matches `{meta['pattern']}`")
+            out.append(f"| `{key}` | {kind} | {req} | {'; '.join(rules)} | {meta.get('help', '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _type_name(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " \\| ".join(_type_name(a) if a is not type(None) else "null" for a in args)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return f"object of {_type_name(args[1])}"
+    if is_dataclass(tp):
+        return f"[{tp.__name__}](#{tp.__name__.lower()})"
+    return {int: "integer", float: "number", str: "string", bool: "boolean", dict: "object"}.get(tp, "any")
+
+
 if __name__ == "__main__":
-    sys.stdout.write(json.dumps(json_schema(), indent=2) + "\n")
+    sys.stdout.write(fields_markdown() if "--markdown" in sys.argv[1:] else json.dumps(json_schema(), indent=2) + "\n")

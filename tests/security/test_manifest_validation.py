@@ -274,3 +274,11 @@ def test_schema_accepts_what_compile_writes_and_refuses_a_reproducer(tiny_llama_
     m["architecture"]["head_dim"] = True
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(m, mf.json_schema())
+
+
+def test_format_doc_lists_the_fields_as_generated():
+    doc = (ROOT / "docs" / "bundle-format.md").read_text()
+    start = doc.index("<!-- generated: python -m edgedec.runtime.manifest --markdown -->\n")
+    block = doc[start:].split("\n", 1)[1].split("<!-- end generated -->")[0]
+    assert block.strip() == mf.fields_markdown().strip(), \
+        "docs/bundle-format.md is stale: regenerate its Fields section with python -m edgedec.runtime.manifest --markdown"
