@@ -5,7 +5,7 @@
 Each trial applies one to three random edits to a bundle's ``manifest.json`` (a value replaced by
 another JSON value of any type, a key deleted or added, a list entry dropped or duplicated, a number
 pushed past its bounds; the files it hashes stay as they are), then ``Engine.load`` → ``generate`` →
-``chat``. A trial is **clean** when it raises an :class:`edgedec.errors.EdgedecError` whose message is
+``chat`` (and ``edgedec inspect`` first, which must exit 0 or 2). A trial is **clean** when it raises an :class:`edgedec.errors.EdgedecError` whose message is
 one line (what the CLI turns into exit 2) or when all three succeed; anything else (TypeError,
 KeyError, MemoryError, an ONNX Runtime error, a message over several lines) is a **crash**, printed
 with its mutation. Exit status: 0 when no trial crashed, 1 otherwise.
@@ -108,12 +108,22 @@ def _short(v) -> str:
     return text if len(text) <= 50 else text[:47] + "..."
 
 
-def trial(bundle: Path, manifest: dict) -> tuple[str, str]:
-    """Write ``manifest`` into ``bundle`` and load, generate and chat: ("ok" | "refused" | "crash", detail)."""
+def trial(bundle: Path, manifest: dict, inspect: bool = True) -> tuple[str, str]:
+    """Write ``manifest`` into ``bundle``, ``edgedec inspect`` it, then load, generate and chat:
+    ("ok" | "refused" | "crash", detail)."""
     from edgedec.errors import EdgedecError
     from edgedec.runtime import Engine
 
     (bundle / "manifest.json").write_text(json.dumps(manifest))
+    if inspect:  # `edgedec inspect` shows any bundle it accepts: 0, or one line and exit 2
+        from typer.testing import CliRunner
+
+        from edgedec.cli import app
+
+        r = CliRunner().invoke(app, ["inspect", "--no-verify", str(bundle)])
+        lines = r.stderr.strip().splitlines()
+        if r.exit_code not in (0, 2) or (r.exit_code == 2 and (len(lines) != 1 or not lines[0].startswith("error:"))):
+            return "crash", f"inspect: exit {r.exit_code}: {r.stderr.strip()[-300:]!r}"
     stage = "load"
     try:
         engine = Engine.load(bundle, threads=1, verify=False)
@@ -133,8 +143,10 @@ def trial(bundle: Path, manifest: dict) -> tuple[str, str]:
         return "crash", f"{stage}: {type(exc).__name__}: {str(exc)[:200]} ({Path(tb.filename).name}:{tb.lineno})"
 
 
-def fuzz(bundles: list[Path], n: int, seed: int = 0, work: Path | None = None, log=None) -> dict:
-    """``n`` trials spread over ``bundles`` (each copied once into ``work``); returns the counts and crashes."""
+def fuzz(bundles: list[Path], n: int, seed: int = 0, work: Path | None = None, log=None,
+         inspect_every: int = 1) -> dict:
+    """``n`` trials spread over ``bundles`` (each copied once into ``work``), every ``inspect_every``-th also
+    through ``edgedec inspect``; returns the counts and crashes."""
     import logging
 
     logging.getLogger("edgedec").setLevel(logging.ERROR)  # capped threads, fallbacks: expected under fuzzing
@@ -152,7 +164,7 @@ def fuzz(bundles: list[Path], n: int, seed: int = 0, work: Path | None = None, l
     for t in range(n):
         i = t % len(copies)
         m, edits = mutate(originals[i], rng)
-        outcome, detail = trial(copies[i], m)
+        outcome, detail = trial(copies[i], m, inspect=t % inspect_every == 0)
         counts[outcome] += 1
         if outcome == "crash":
             crashes.append({"trial": t, "bundle": str(bundles[i]), "edits": edits, "detail": detail})

@@ -43,8 +43,11 @@ class CompileOptions:
     def __post_init__(self):
         from ..runtime.manifest import LIMITS
 
-        if self.max_context is not None and not 16 <= self.max_context <= LIMITS["context"]:
-            raise ConfigError(f"max_context must be in [16, {LIMITS['context']:,}], got {self.max_context:,}")
+        if self.max_context is not None and self.max_context < 16:
+            raise ConfigError(f"max_context must be >= 16, got {self.max_context}")
+        if self.max_context is not None and self.max_context > LIMITS["context"]:
+            raise ConfigError(f"max_context must be <= {LIMITS['context']:,} (the most a bundle may hold), "
+                              f"got {self.max_context:,}")
         names = [name for name, _ in self.passes]
         if twice := sorted({n for n in names if names.count(n) > 1}):
             raise ConfigError(f"pass {', '.join(twice)} is given twice (-q NAME is --pass NAME); give each pass once")

@@ -40,10 +40,14 @@ class Bundle:
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing")
-        size = mpath.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise BundleError(f"{mpath} has {size:,} bytes, more than a manifest may ({MAX_MANIFEST_BYTES:,})")
-        manifest = load_json(mpath.read_bytes(), str(mpath))
+        try:
+            size = mpath.stat().st_size
+            if size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{mpath} has {size:,} bytes, more than a manifest may ({MAX_MANIFEST_BYTES:,})")
+            text = mpath.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"cannot read {mpath}: {exc.strerror or exc}") from exc
+        manifest = load_json(text, str(mpath))
         info = parse_manifest(manifest)  # types, ranges, consistency: one BundleError naming the field
         bundle = cls(path, manifest, info)
         bundle._check_files(verify_hashes)

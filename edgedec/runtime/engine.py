@@ -60,8 +60,10 @@ def cap_threads(threads: int | None) -> int:
     cores with a warning: more threads than cores only contend (and 100,000 would take minutes to start)."""
     if threads is None:
         return min(physical_cores(), machine_cores())
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise GenerationError(f"threads must be an integer >= 1, got {threads!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise GenerationError(f"threads must be an integer, got {threads!r}")
+    if threads < 1:
+        raise GenerationError(f"threads must be >= 1, got {threads}")
     cores = machine_cores()
     if threads > cores:
         log.warning("%d threads capped at this machine's %d cores", threads, cores)

@@ -702,13 +702,6 @@ def _check_onnx_graph(m: Manifest, g: Graph, path: str) -> None:
     i, logits = outputs["logits"]
     if not logits.shape or (isinstance(logits.shape[-1], int) and logits.shape[-1] != a.vocab_size):
         raise _fail(f"{path}.outputs[{i}].shape", f"must end in vocab_size ({a.vocab_size})", logits.shape)
-    fed = set(STATIC_INPUTS if static else DYNAMIC_INPUTS)
-    fed |= {f"{kind}.{l}" for kind in ("past_key", "past_value") for l in range(a.num_layers)}
-    skip = m.ffn_skip()
-    fed |= {f"ffn_skip.{l}" for l in (skip.skippable if skip is not None and not static else [])}
-    for name, (i, _) in inputs.items():
-        if name not in fed:
-            raise _fail(f"{path}.inputs[{i}]", "is an input this runtime does not feed", name)
     rows = _layer_rows(m)
     out_names = ("new_key", "new_value") if static else ("present_key", "present_value")
     for kind, names in ((inputs, ("past_key", "past_value")), (outputs, out_names)):
@@ -719,6 +712,13 @@ def _check_onnx_graph(m: Manifest, g: Graph, path: str) -> None:
                 where = "inputs" if kind is inputs else "outputs"
                 raise _fail(f"{path}.{where}", f"declare {base}.0 .. {base}.{len(layers) - 1} for {len(layers)} "
                                                f"layers; architecture.num_layers is {a.num_layers}")
+    fed = set(STATIC_INPUTS if static else DYNAMIC_INPUTS)
+    fed |= {f"{kind}.{l}" for kind in ("past_key", "past_value") for l in range(a.num_layers)}
+    skip = m.ffn_skip()
+    fed |= {f"ffn_skip.{l}" for l in (skip.skippable if skip is not None and not static else [])}
+    for name, (i, _) in inputs.items():
+        if name not in fed:
+            raise _fail(f"{path}.inputs[{i}]", "is an input this runtime does not feed", name)
     for l, (dtype, row) in enumerate(rows):
         for base in ("past_key", "past_value"):
             i, t = inputs[f"{base}.{l}"]

@@ -34,7 +34,7 @@ def window_bundle(tiny_llama_dir, tmp_path_factory):
 
 
 def test_mutations_are_refused_cleanly_or_work(tiny_llama_bundle, window_bundle, tmp_path):
-    result = fuzzer().fuzz([tiny_llama_bundle, window_bundle], n=300, seed=21, work=tmp_path)
+    result = fuzzer().fuzz([tiny_llama_bundle, window_bundle], n=300, seed=21, work=tmp_path, inspect_every=4)
     assert result["crash"] == 0, "\n".join(f"{c['edits']}: {c['detail']}" for c in result["crashes"])
     # the fuzzer must exercise both outcomes, or it tests nothing
     assert result["ok"] >= 20 and result["refused"] >= 100, result
