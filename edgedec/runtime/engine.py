@@ -376,8 +376,10 @@ class Engine:
                 not 1 <= context_length <= max_ctx:
             raise GenerationError(f"context_length must be in [1, {max_ctx}] for this bundle, got {context_length}")
         threads = cap_threads(threads)
-        capacity = bundle.info.cache_capacity() if bundle.manifest["kv_cache"].get("window") else context_length
-        need, have = bundle.info.kv_bytes_per_token() * capacity, available_memory()
+        info = bundle.info
+        fixed = info.kv_cache.window is not None or info.decoder().shapes == "static"  # sized by the bundle
+        capacity = info.cache_capacity() if fixed else context_length
+        need, have = info.kv_bytes_per_token() * capacity, available_memory()
         if have is not None and need > have:  # refuse before allocating
             raise GenerationError(f"a KV cache of {capacity:,} tokens takes {need / 2**30:,.1f} GiB, more than this "
                                   f"machine's {have / 2**30:,.1f} GiB of memory; lower the context length")
