@@ -897,7 +897,6 @@ def json_schema() -> dict:
     root = defs.pop("Manifest")
     root["properties"]["format_version"]["const"] = FORMAT_VERSION
     return {"$schema": "https://json-schema.org/draft/2020-12/schema",
-            "$id": "https://github.com/edgedec/edgedec/docs/bundle.schema.json",
             "title": f"edgedec bundle manifest, format version {FORMAT_VERSION}", **root,
             "$defs": dict(sorted(defs.items()))}
 
