@@ -67,6 +67,19 @@ def _setup_logging(verbose: bool) -> None:
 @app.callback()
 def _main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Show logs, and tracebacks on errors.")):
     _setup_logging(verbose)
+    for stream in (sys.stdout, sys.stderr):  # a path or text with undecodable bytes prints escaped, never crashes
+        with contextlib.suppress(AttributeError, ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
+
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader of stdout went away (``edgedec run ... | head -c 1``): stop writing, exit quietly."""
+    with contextlib.suppress(Exception):  # later flushes (at exit) must not fail again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 @contextlib.contextmanager
@@ -84,6 +97,9 @@ def _errors() -> Iterator[None]:
         raise typer.Exit(130)
     except (typer.Exit, typer.Abort):
         raise
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        raise typer.Exit(EXIT_BROKEN_PIPE)
     except Exception as exc:  # a bug, not bad input: still one line unless --verbose
         if _state["verbose"]:
             err.print_exception()
@@ -133,6 +149,59 @@ def _trust(trust: bool, trusted_keys: Optional[List[Path]]):
     from .runtime.trust import TrustPolicy
 
     return TrustPolicy.from_env(trust_all=trust, key_files=trusted_keys)
+
+
+def _threads(threads: int | None) -> int | None:
+    """--threads, capped at this machine's cores with a one-line warning (None: the library's default)."""
+    from .runtime.engine import machine_cores
+
+    if threads is None:
+        return None
+    if threads < 1:
+        from .errors import ConfigError
+
+        raise ConfigError(f"--threads must be >= 1, got {threads}")
+    cores = machine_cores()
+    if threads > cores:
+        err.print(f"[yellow]warning:[/] --threads {threads} is more than this machine's {cores} cores; using {cores}",
+                  highlight=False)
+        return cores
+    return threads
+
+
+def _read_stdin() -> str:
+    """The prompt from stdin: UTF-8 text, refused in one line when it is not (binary, another encoding)."""
+    from .errors import ConfigError
+
+    stream = getattr(sys.stdin, "buffer", None)
+    raw = stream.read() if stream is not None else sys.stdin.read().encode("utf-8", "surrogateescape")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"stdin is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
+                          "edgedec reads prompts as UTF-8") from None
+    if "\x00" in text:
+        raise ConfigError(f"stdin looks binary (a NUL byte at offset {text.index(chr(0))}); give the prompt as text")
+    return text
+
+
+def _check_output(path: Optional[Path], flag: str) -> None:
+    """Refuse, before any work, a report path that cannot be written (a directory, a missing or read-only
+    parent), so a long measurement's result is never lost at the end."""
+    from .errors import ConfigError
+
+    if path is None or str(path) == "-":
+        return
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; give a file name")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"{flag} {path} cannot be written (permission denied or a read-only file system)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +290,10 @@ def run_cmd(
             raise ConfigError("give the prompt once: as an argument or with --prompt, not both")
         prompt = prompt if prompt is not None else prompt_arg
         if prompt == "-" or (prompt is None and not sys.stdin.isatty()):
-            prompt = sys.stdin.read().removesuffix("\n")  # echo and heredocs end with one
+            prompt = _read_stdin().removesuffix("\n")  # echo and heredocs end with one
         if not prompt:
             raise ConfigError('no prompt: edgedec run BUNDLE "your prompt" (or -p, or - to read stdin)')
-        engine = Engine.load(bundle, threads=threads, context_length=context,
+        engine = Engine.load(bundle, threads=_threads(threads), context_length=context,
                              spin=no_spec or spins_with(spec), trust=_trust(trust, trusted_keys))
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop=stop, drafter=None if no_spec else (spec or "auto"), draft_len=draft_len)
@@ -253,6 +322,73 @@ def run_cmd(
                       highlight=False)
 
 
+def _print_bundle(path: Path, b) -> None:
+    """What `edgedec inspect` shows, from the typed manifest (optional sections may be missing)."""
+    m, raw = b.info, b.manifest
+    a, src, kv = m.architecture, m.source, m.kv_cache
+    t = lambda v, default="?": escape(str(v)) if v is not None else default  # noqa: E731
+    out.print(f"[bold]{t(path)}[/]  edgedec bundle v{m.format_version}, target [bold]{t(m.target.name)}[/] "
+              f"({t(m.target.backend)}), {_mb(b.size_bytes())}", highlight=False)
+    out.print(f"source: {t(src.name)} ({t(src.kind)}, {t(src.weight_format, '')}), sha256 "
+              f"{t((src.sha256 or '?')[:16])}…", highlight=False)
+    out.print(f"architecture: {t(a.model_type)}, {a.num_layers} layers, hidden {a.hidden_size}, "
+              f"{a.num_heads} heads / {a.num_kv_heads} kv heads × {a.head_dim}, vocab {a.vocab_size}",
+              highlight=False)
+    shape = raw["kv_cache"].get("shape")
+    out.print(f"kv cache: {t(kv.layout)} {kv.dtype} {t(shape, '')}, up to {kv.max_capacity} tokens", highlight=False)
+    if kv.layers:
+        kinds = [e.kv_dtype for e in kv.layers]
+        out.print("kv cache layers: " + ", ".join(
+            f"{d} {[l for l, k in enumerate(kinds) if k == d]}" for d in sorted(set(kinds))) +
+            f"; {m.kv_bytes_per_token():,} bytes per token", highlight=False)
+    quant = kv.quantization
+    keys = ([f"centred (stored minus their calibrated mean, {t(quant.key_offsets_file)})"]
+            if quant and quant.key_offsets_file else [])
+    if quant and quant.key_rotation:
+        keys.append(f"rotated by a {quant.key_rotation.kind} matrix of order {quant.key_rotation.order}")
+    if keys:
+        out.print("kv cache keys: " + ", ".join(keys), highlight=False)
+    if (v := m.verification) and v.max_abs_logit_diff is not None:
+        out.print(f"verified (exported graph): max |logit diff| {v.max_abs_logit_diff:.2e} vs "
+                  f"{t(v.reference)} over {t(v.tokens)} tokens", highlight=False)
+    for name, g in raw["graphs"].items():  # a compiled library (TVM) records its own check and quantization
+        gv, gq = g.get("verification"), g.get("quantization")
+        with contextlib.suppress(KeyError, TypeError, ValueError, AttributeError):  # informational only
+            if isinstance(gv, dict):
+                out.print(f"{t(name)} library: " + (f"verification skipped ({t(gv['skipped'])})" if "skipped" in gv
+                                                    else f"max |logit diff| {float(gv['max_abs_logit_diff']):.2e} vs "
+                                                         f"{t(gv['reference'])} over {t(gv['tokens'])} tokens"),
+                          highlight=False)
+            if isinstance(gq, dict):
+                kinds = ", ".join(f"{t(k)} ×{t(e['weights'])}" for k, e in gq.get("kinds", {}).items())
+                acts = str(gq.get("activations", "float32")).split(":")[0]
+                out.print(f"{t(name)} weights: {t(gq['scheme'])} ({kinds}); activations: {t(acts)}", highlight=False)
+    table = Table(title="graphs")
+    for col in ("graph", "role", "inputs", "outputs"):
+        table.add_column(col)
+    for name, g in m.graphs.items():
+        fmt = lambda vs: "\n".join(f"{t(v.name)} {t(v.dtype)} {t(v.shape)}" for v in vs[:6]) + (  # noqa: E731
+            f"\n… {len(vs) - 6} more" if len(vs) > 6 else "")
+        table.add_row(t(name), t(g.role), fmt(g.inputs), fmt(g.outputs))
+    out.print(table)
+    if m.passes:
+        pt = Table(title="passes")
+        for col in ("pass", "modified", "seconds", "size before", "size after"):
+            pt.add_column(col)
+        for p in m.passes:
+            pt.add_row(t(p.name), str(p.modified), f"{p.seconds:.1f}", _mb(p.bytes_before), _mb(p.bytes_after))
+        out.print(pt)
+    else:
+        out.print("passes: none")
+    ft = Table(title="files")
+    ft.add_column("file")
+    ft.add_column("size", justify="right")
+    ft.add_column("sha256")
+    for name, f in m.files.items():
+        ft.add_row(t(name), _mb(f.bytes), f.sha256[:16] + "…")
+    out.print(ft)
+
+
 @app.command("inspect")
 def inspect_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory."),
@@ -264,71 +400,10 @@ def inspect_cmd(
         from .runtime.bundle import Bundle
 
         b = Bundle.open(bundle, verify_hashes=verify)
-        m = b.manifest
         if as_json:
-            print(json.dumps(m, indent=2))
+            print(json.dumps(b.manifest, indent=2))
             return
-        a, src = m["architecture"], m["source"]
-        out.print(f"[bold]{bundle}[/]  edgedec bundle v{m['format_version']}, target [bold]{m['target']['name']}[/] "
-                  f"({m['target']['backend']}), {_mb(b.size_bytes())}", highlight=False)
-        out.print(f"source: {src['name']} ({src['kind']}, {src.get('weight_format', '')}), sha256 {src['sha256'][:16]}…",
-                  highlight=False)
-        out.print(f"architecture: {a['model_type']}, {a['num_layers']} layers, hidden {a['hidden_size']}, "
-                  f"{a['num_heads']} heads / {a['num_kv_heads']} kv heads × {a['head_dim']}, vocab {a['vocab_size']}",
-                  highlight=False)
-        kv = m["kv_cache"]
-        out.print(f"kv cache: {kv['layout']} {kv['dtype']} {kv['shape']}, up to {kv['max_capacity']} tokens",
-                  highlight=False)
-        if kv.get("layers"):
-            kinds = [e["kv_dtype"] for e in kv["layers"]]
-            out.print("kv cache layers: " + ", ".join(
-                f"{d} {[l for l, k in enumerate(kinds) if k == d]}" for d in sorted(set(kinds))) +
-                f"; {kv['bytes_per_token']:,} bytes per token", highlight=False)
-        quant = kv.get("quantization") or {}
-        keys = ([f"centred (stored minus their calibrated mean, {quant['key_offsets_file']})"]
-                if quant.get("key_offsets_file") else [])
-        if rotation := quant.get("key_rotation"):
-            keys.append(f"rotated by a {rotation['kind']} matrix of order {rotation['order']}")
-        if keys:
-            out.print("kv cache keys: " + ", ".join(keys), highlight=False)
-        graph_checks = [g.get("verification") for g in m["graphs"].values()]
-        if (v := m.get("verification")) and v not in graph_checks:  # a library's own check is shown below
-            out.print(f"verified (exported graph): max |logit diff| {v['max_abs_logit_diff']:.2e} vs "
-                      f"{v['reference']} over {v['tokens']} tokens", highlight=False)
-        for name, g in m["graphs"].items():  # a compiled library (TVM) records its own check and quantization
-            if gv := g.get("verification"):
-                out.print(f"{name} library: " + (f"verification skipped ({gv['skipped']})" if "skipped" in gv else
-                                                 f"max |logit diff| {gv['max_abs_logit_diff']:.2e} vs "
-                                                 f"{gv['reference']} over {gv['tokens']} tokens"), highlight=False)
-            if gq := g.get("quantization"):
-                kinds = ", ".join(f"{k} ×{e['weights']}" for k, e in gq.get("kinds", {}).items())
-                acts = gq.get("activations", "float32").split(":")[0]
-                out.print(f"{name} weights: {gq['scheme']} ({kinds}); activations: {acts}", highlight=False)
-        table = Table(title="graphs")
-        for col in ("graph", "role", "inputs", "outputs"):
-            table.add_column(col)
-        for name, g in m["graphs"].items():
-            fmt = lambda vs: "\n".join(f"{v['name']} {v['dtype']} {v['shape']}" for v in vs[:6]) + (
-                f"\n… {len(vs) - 6} more" if len(vs) > 6 else "")
-            table.add_row(name, g["role"], fmt(g["inputs"]), fmt(g["outputs"]))
-        out.print(table)
-        if m["passes"]:
-            pt = Table(title="passes")
-            for col in ("pass", "modified", "seconds", "size before", "size after"):
-                pt.add_column(col)
-            for p in m["passes"]:
-                pt.add_row(p["pass"], str(p["modified"]), f"{p['seconds']:.1f}", _mb(p["bytes_before"]),
-                           _mb(p["bytes_after"]))
-            out.print(pt)
-        else:
-            out.print("passes: none")
-        ft = Table(title="files")
-        ft.add_column("file")
-        ft.add_column("size", justify="right")
-        ft.add_column("sha256")
-        for name, f in m["files"].items():
-            ft.add_row(name, _mb(f["bytes"]), f["sha256"][:16] + "…")
-        out.print(ft)
+        _print_bundle(bundle, b)
         out.print("[green]bundle valid[/]" + ("" if verify else " (hashes not checked)"))
 
 
@@ -421,8 +496,19 @@ def _write_report(path: Path, text: str) -> None:
     if str(path) == "-":
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    from .errors import ConfigError
+
+    tmp = None
+    try:  # atomically: a reader never sees half a report
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(text, encoding="utf-8", errors="backslashreplace")  # a path with undecodable bytes
+        os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
 
 
 @app.command("eval")
@@ -443,7 +529,7 @@ def eval_cmd(
     with _errors():
         from .evaluate import EvalOptions, evaluate, read_texts
 
-        options = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, threads=threads,
+        options = EvalOptions(window=window, stride=stride, max_tokens=max_tokens, threads=_threads(threads),
                               trust=_trust(trust, trusted_keys))
         texts = read_texts(text)
         with _phase(f"evaluating {bundle.name}" + (f" and {reference.name}" if reference else "")):
@@ -486,6 +572,8 @@ def calibrate_draft_head(
         from .bench import load_prompts
         from .draft_head import calibrate, default_prompts
 
+        _check_output(output, "--output")
+
         if new_tokens < 4 or epochs < 1 or trials < 1 or not 0 < min_coverage <= 1:
             from .errors import ConfigError
 
@@ -496,7 +584,7 @@ def calibrate_draft_head(
             from .runtime.bundle import Bundle
 
             plist = default_prompts(chat=bool(Bundle.open(bundle).manifest.get("tokenizer", {}).get("chat_template")))
-        head = calibrate(bundle, model, output, plist, new_tokens=new_tokens, threads=threads, epochs=epochs,
+        head = calibrate(bundle, model, output, plist, new_tokens=new_tokens, threads=_threads(threads), epochs=epochs,
                          min_coverage=min_coverage, trials=trials, phase=_phase)
         st, vt = head.stats, head.stats["vocab_trim"]
         out.print(f"draft head {output}: top-1 agreement with the model {100 * st['agreement_untrained']:.1f}% "
@@ -522,8 +610,10 @@ def calibrate_ffn_cmd(
     with _errors():
         from .calibrate import calibrate_ffn
 
+        _check_output(output, "--output")
+
         with _phase("measuring FFN saturation"):
-            stats = calibrate_ffn(bundle, [str(t) for t in text or []] or None, samples, length, threads)
+            stats = calibrate_ffn(bundle, [str(t) for t in text or []] or None, samples, length, _threads(threads))
         stats.save(output)
         if as_json:
             print(json.dumps(stats.to_dict(), indent=2))
@@ -616,11 +706,13 @@ def bench_cmd(
         from . import bench
         from .errors import ConfigError
 
-        options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=threads, spec=spec,
-                                     draft_len=draft_len, context_tokens=context, interleave=not sequential,
-                                     trust=_trust(trust, trusted_keys))
+        options = bench.BenchOptions(warmup=warmup, runs=runs, new_tokens=new_tokens, threads=_threads(threads),
+                                     spec=spec, draft_len=draft_len, context_tokens=context,
+                                     interleave=not sequential, trust=_trust(trust, trusted_keys))
         if plot_out is not None and plot_out.suffix.lower() != ".png":
             raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
+        _check_output(json_out, "--json")
+        _check_output(plot_out, "--plot")
         for warning in bench.spec_warnings(bundles, spec):
             err.print(f"[yellow]warning:[/] {escape(warning)}")
         report = bench.bench(bundles, prompts, options, phase=_phase)
@@ -698,6 +790,8 @@ def gate_cmd(
     with _errors():
         from .gate import Budget, format_value, run_gate
 
+        _check_output(json_out, "--json")
+        _check_output(junit_out, "--junit")
         spec = Budget.load(budget)
         report = run_gate(bundle, spec, baseline=baseline, reference=reference, texts=list(text or []), phase=_phase,
                           trust=_trust(trust, trusted_keys))

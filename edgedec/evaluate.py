@@ -149,6 +149,8 @@ def read_texts(paths: Sequence[str | Path]) -> list[tuple[str, str]]:
         raise ConfigError("no text to evaluate on: give at least one --text FILE")
     texts = []
     for p in map(Path, paths):
+        if p.is_dir():
+            raise ConfigError(f"text file {p} is a directory; give a file (repeat --text for several)")
         if not p.is_file():
             raise ConfigError(f"text file {p} does not exist")
         try:

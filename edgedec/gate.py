@@ -85,13 +85,16 @@ LIMITS: dict[str, LimitSpec] = {s.key: s for s in (
               "fraction of positions whose greedy token differs from the reference's"),
 )}
 
+SETTING_MAX = 10**9  # the largest integer a [settings] value may take
+
 METRIC_UNITS = {"size_mb": "MB", "peak_rss_mb": "MB", "decode_tok_s": "tok/s", "ttft_ms": "ms",
                 "prefill_tok_s": "tok/s", "perplexity": "", "perplexity_ratio": "", "greedy_disagreement": ""}
 
 # the units each kind of value accepts (lower-cased) and the factor to the metric's unit
 UNITS = {
-    "size": {"b": 1e-6, "kb": 1e-3, "mb": 1.0, "gb": 1e3, "kib": 1024 / 1e6, "mib": 2**20 / 1e6,
-             "gib": 2**30 / 1e6},  # -> MB
+    # sizes are case-sensitive: B is a byte; "Mb" (megabit) or "mb" is refused, not read as MB
+    "size": {"B": 1e-6, "kB": 1e-3, "KB": 1e-3, "MB": 1.0, "GB": 1e3, "KiB": 1024 / 1e6, "MiB": 2**20 / 1e6,
+             "GiB": 2**30 / 1e6},  # -> MB
     "time": {"ms": 1.0, "s": 1000.0},  # -> ms
     "rate": {"": 1.0, "tok/s": 1.0},
     "number": {"": 1.0},
@@ -99,7 +102,7 @@ UNITS = {
 }
 UNIT_REQUIRED = ("size", "time")  # a bare number is ambiguous for these
 UNIT_HELP = {
-    "size": 'a size with a unit, e.g. "300 MB" (units: B, kB, MB, GB, KiB, MiB, GiB)',
+    "size": 'a size with a unit, e.g. "300 MB" (units, case-sensitive: B, kB, MB, GB, KiB, MiB, GiB)',
     "time": 'a time with a unit, e.g. "50 ms" (units: ms, s)',
     "rate": 'tokens per second, e.g. 100 or "100 tok/s"',
     "number": "a positive number, e.g. 1.05",
@@ -153,8 +156,11 @@ class Budget:
             raise BudgetError(f"budget file {path} does not exist")
         try:
             data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise BudgetError(f"budget file {path} is not valid TOML: {exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            # ValueError: an integer beyond Python's 4,300-digit limit; RecursionError: arrays nested too deep
+            raise BudgetError(f"budget file {path} is not valid TOML: {' '.join(str(exc).split())[:200]}") from exc
+        except OSError as exc:
+            raise BudgetError(f"cannot read budget file {path}: {exc.strerror or exc}") from exc
         return parse_budget(data, path)
 
 
@@ -183,16 +189,20 @@ def parse_value(spec: LimitSpec, raw, where: str) -> Limit:
                               + (' or "F x baseline"' if spec.relative_ok else ""))
         number, unit = float(m.group(1)), m.group(2)
     else:
-        number, unit = float(raw), ""
+        try:
+            number, unit = float(raw), ""
+        except OverflowError:  # a TOML integer of hundreds of digits
+            raise BudgetError(f"{where}: {spec.key} = {str(raw)[:20]}... is too large a number") from None
     if not math.isfinite(number):
         raise BudgetError(f"{bad} is not a finite number")
     units = UNITS[spec.unit]
     if not unit and spec.unit in UNIT_REQUIRED:
         raise BudgetError(f"{bad} has no unit; write {UNIT_HELP[spec.unit]}")
-    if unit.lower() not in units:
+    key = unit if spec.unit == "size" else unit.lower()
+    if key not in units:
         problem = "takes no unit" if spec.unit == "number" else f"has an unknown unit {unit!r}"
         raise BudgetError(f"{bad} {problem}; write {UNIT_HELP[spec.unit]}")
-    value = number * units[unit.lower()]
+    value = number * units[key]
     if spec.unit == "fraction":
         if not 0 <= value <= 1:
             raise BudgetError(f"{bad} is not {UNIT_HELP[spec.unit]}")
@@ -217,7 +227,15 @@ def _settings(raw, path: Path) -> GateSettings:
             kwargs[key] = p if p.is_absolute() else path.parent / p
             continue
         if isinstance(value, bool) or not isinstance(value, int):
-            raise BudgetError(f"{where}: {key} = {value!r} is not an integer")
+            raise BudgetError(f"{where}: {key} = {str(value)[:40]!r} is not an integer")
+        if not -SETTING_MAX <= value <= SETTING_MAX:
+            raise BudgetError(f"{where}: {key} = {str(value)[:20]}... is too large (at most {SETTING_MAX:,})")
+        if key == "threads":
+            from .runtime.engine import machine_cores
+
+            if value > machine_cores():
+                log.warning("%s: threads = %d capped at this machine's %d cores", where, value, machine_cores())
+                value = machine_cores()
         kwargs[key] = value
     settings = GateSettings(**kwargs)
     try:  # the measuring modules check ranges; say where the value came from

@@ -48,8 +48,16 @@ class CompileOptions:
     kv_sinks: int = 4  # with kv_window: first tokens always kept (attention sinks)
 
     def __post_init__(self):
+        from ..runtime.manifest import LIMITS
+
         if self.max_context is not None and self.max_context < 16:
             raise ConfigError(f"max_context must be >= 16, got {self.max_context}")
+        if self.max_context is not None and self.max_context > LIMITS["context"]:
+            raise ConfigError(f"max_context must be <= {LIMITS['context']:,} (the most a bundle may hold), "
+                              f"got {self.max_context:,}")
+        names = [name for name, _ in self.passes]
+        if twice := sorted({n for n in names if names.count(n) > 1}):
+            raise ConfigError(f"pass {', '.join(twice)} is given twice (-q NAME is --pass NAME); give each pass once")
         if not self.verify_tolerance > 0:
             raise ConfigError(f"verify_tolerance must be > 0, got {self.verify_tolerance}")
         if self.spec is not None:
@@ -133,6 +141,9 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             target.use_source(loaded.source.to_dict())
         max_positions = min(arch.max_position_embeddings,
                             options.max_context or target.default_max_context or DEFAULT_MAX_CONTEXT)
+        if options.max_context is not None and options.max_context > arch.max_position_embeddings:
+            log.warning("max context %d is more than the model's %d positions; the bundle holds %d",
+                        options.max_context, arch.max_position_embeddings, max_positions)
         if options.kv_window is not None and options.kv_sinks + options.kv_window > max_positions:
             raise ConfigError(f"kv_sinks + kv_window = {options.kv_sinks + options.kv_window} exceeds the bundle's "
                               f"{max_positions} positions (raise --max-context or shrink the window)")

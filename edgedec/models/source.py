@@ -116,6 +116,11 @@ def load(spec: str | None) -> LoadedModel:
     arch = ArchFacts.from_hf_config(config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    except Exception as exc:
+        what = "the tokenizer" if kind == "gguf" else "tokenizer.json"
+        raise ModelError(f"cannot read {what} of {path} (corrupt?): {type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())[:300]}") from exc
+    try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs)
     except Exception as exc:
         raise ModelError(f"cannot load the weights of {path}: {type(exc).__name__}: {exc}") from exc

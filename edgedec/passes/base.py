@@ -178,5 +178,8 @@ def parse_pass_spec(spec: str) -> tuple[str, dict]:
                     break
                 except ValueError:
                     pass
-        options[key.strip()] = value
+        key = key.strip()
+        if key in options:
+            raise ConfigError(f"pass option {key!r} is given twice in {spec!r}")
+        options[key] = value
     return name.strip(), options

@@ -1,8 +1,9 @@
 """Bundle format version 1: a directory with ``manifest.json`` (plain JSON) and the files it lists.
 
-Torch-free. ``Bundle.open`` validates before anything runs: the format version, the required keys,
-that every listed file exists with the recorded size and sha256, and that every graph and tokenizer
-the manifest refers to is among the hashed files.
+Torch-free. ``Bundle.open`` validates before anything runs: the manifest as a whole (types, ranges and
+cross-field consistency, :mod:`edgedec.runtime.manifest`), that every listed file exists with the
+recorded size and sha256, and that every graph and tokenizer the manifest refers to is among the
+hashed files.
 
 Containment: nothing outside the bundle's directory is read because the manifest says so. Every name
 the manifest gives (``files`` entries, graphs, external data, the tokenizer, parameter and scale files)
@@ -15,19 +16,14 @@ way the runtime turns a name into a path, and it only returns hashed files insid
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
+from .manifest import FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, load_json, parse_manifest
 
-FORMAT = "edgedec-bundle"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-REQUIRED_KEYS = ("format", "format_version", "source", "architecture", "target", "graphs", "kv_cache",
-                 "tokenizer", "passes", "files")
-ARCH_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "hidden_size", "vocab_size")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -74,7 +70,8 @@ def check_links(root: str | Path) -> None:
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
+    manifest: dict  # the parsed JSON, as written
+    info: Manifest | None = None  # the same, typed and validated (Bundle.open sets it)
     raw: bytes = field(default=b"", repr=False)  # manifest.json's bytes as read: what a signature covers
 
     @classmethod
@@ -88,37 +85,17 @@ class Bundle:
         real = resolve_inside(path, MANIFEST)  # before reading it: the manifest itself may be a link out
         if not real.is_file():
             raise BundleError(f"{path} is not a bundle: {MANIFEST} is missing")
-        raw = real.read_bytes()
         try:
-            manifest = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BundleError(f"{mpath} is not valid JSON: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise BundleError(f"{mpath} is not an edgedec manifest (format is not {FORMAT!r})")
-        version = manifest.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"bundle format version {version!r} is not supported by this edgedec (it reads version {FORMAT_VERSION})"
-            )
+            if real.stat().st_size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{mpath} has {real.stat().st_size:,} bytes, more than a manifest may "
+                                  f"({MAX_MANIFEST_BYTES:,})")
+            raw = real.read_bytes()
+        except OSError as exc:
+            raise BundleError(f"cannot read {mpath}: {exc.strerror or exc}") from exc
+        manifest = load_json(raw, str(mpath))
+        info = parse_manifest(manifest)  # types, ranges, consistency: one BundleError naming the field
         check_links(path)  # an edgedec manifest: now the directory is worth walking
-        missing = [k for k in REQUIRED_KEYS if k not in manifest]
-        if missing:
-            raise BundleError(f"manifest is missing required keys: {', '.join(missing)}")
-        for key in ("architecture", "target", "graphs", "kv_cache", "tokenizer"):
-            if not isinstance(manifest[key], dict):
-                raise BundleError(f"manifest {key!r} must be an object, got {type(manifest[key]).__name__}")
-        missing = [k for k in ARCH_KEYS if not isinstance(manifest["architecture"].get(k), int)]
-        if missing:
-            raise BundleError(f"manifest architecture is missing or has non-integer: {', '.join(missing)}")
-        for name, graph in manifest["graphs"].items():
-            if not isinstance(graph, dict):
-                raise BundleError(f"manifest graph {name!r} must be an object, got {type(graph).__name__}")
-            if not isinstance(graph.get("file"), str):
-                raise BundleError(f"manifest graph {name!r} has no 'file'")
-        capacity = manifest["kv_cache"].get("max_capacity")
-        if not isinstance(capacity, int) or capacity < 1:
-            raise BundleError(f"manifest kv_cache.max_capacity must be a positive integer, got {capacity!r}")
-        bundle = cls(path, manifest, raw=raw)
+        bundle = cls(path, manifest, info, raw=raw)
         bundle._check_files(verify_hashes)
         bundle._check_nested()
         return bundle

@@ -19,6 +19,7 @@ from ..errors import BundleError, GenerationError
 from .bundle import Bundle
 from .drafters import Drafter, DraftLengthPolicy, make_drafter
 from .kv_cache import KVCache  # the buffer layout and sink + window eviction
+from .manifest import check_session_io
 from .providers import select_provider, session_providers
 from .ffn_skip import FfnSkipController
 from .sampler import Sampler
@@ -45,6 +46,38 @@ def physical_cores() -> int:
     except OSError:
         pass
     return os.cpu_count() or 1
+
+
+def machine_cores() -> int:
+    """Logical cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cap_threads(threads: int | None) -> int:
+    """``threads`` for a session (default: physical cores), refused below 1 and capped at this machine's
+    cores with a warning: more threads than cores only contend (and 100,000 would take minutes to start)."""
+    if threads is None:
+        return min(physical_cores(), machine_cores())
+    if isinstance(threads, bool) or not isinstance(threads, int):
+        raise GenerationError(f"threads must be an integer, got {threads!r}")
+    if threads < 1:
+        raise GenerationError(f"threads must be >= 1, got {threads}")
+    cores = machine_cores()
+    if threads > cores:
+        log.warning("%d threads capped at this machine's %d cores", threads, cores)
+        return cores
+    return threads
+
+
+def available_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where it cannot be read)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 @dataclass
@@ -114,6 +147,7 @@ class DecoderSession:
                                                 providers=session_providers(self.provider))
         except Exception as exc:
             raise BundleError(f"ONNX Runtime cannot load {graph['file']}: {exc}") from exc
+        check_session_io(graph, self.session, graph["file"])  # the graph is what the manifest declares
         self.vocab = arch["vocab_size"]
         self.num_layers = arch["num_layers"]
         self.kv = KVCache.from_manifest(bundle, capacity)
@@ -351,12 +385,17 @@ class Engine:
         max_ctx = int(bundle.manifest["kv_cache"]["max_capacity"])
         if context_length is None:
             context_length = min(DEFAULT_CONTEXT, max_ctx)
-        if not 1 <= context_length <= max_ctx:
+        if isinstance(context_length, bool) or not isinstance(context_length, int) or \
+                not 1 <= context_length <= max_ctx:
             raise GenerationError(f"context_length must be in [1, {max_ctx}] for this bundle, got {context_length}")
-        if threads is None:
-            threads = physical_cores()
-        if threads < 1:
-            raise GenerationError(f"threads must be >= 1, got {threads}")
+        threads = cap_threads(threads)
+        info = bundle.info
+        fixed = info.kv_cache.window is not None or info.decoder().shapes == "static"  # sized by the bundle
+        capacity = info.cache_capacity() if fixed else context_length
+        need, have = info.kv_bytes_per_token() * capacity, available_memory()
+        if have is not None and need > have:  # refuse before allocating
+            raise GenerationError(f"a KV cache of {capacity:,} tokens takes {need / 2**30:,.1f} GiB, more than this "
+                                  f"machine's {have / 2**30:,.1f} GiB of memory; lower the context length")
         engine = cls(bundle, threads, context_length, spin, trust)
         if exact_rows is None:
             exact_rows = (isinstance(engine.decoder, DecoderSession) and bool(bundle.manifest.get("speculation"))

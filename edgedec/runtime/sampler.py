@@ -20,6 +20,8 @@ class Sampler:
             raise GenerationError(f"top_k must be >= 0 (0 disables it), got {top_k}")
         if not 0 < top_p <= 1:
             raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**128):
+            raise GenerationError(f"seed must be an integer in [0, 2**128), got {seed!r}")
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
         self.greedy = self.temperature == 0.0
         self.rng = np.random.default_rng(seed)

@@ -63,7 +63,7 @@ class StaticKVCache:
 class _StaticGraph:
     """One static graph (chunk C) with its bound buffers; past_* are bound to the shared host cache."""
 
-    def __init__(self, model_path: Path, arch: dict, threads: int, providers):
+    def __init__(self, model_path: Path, arch: dict, threads: int, providers, declared: dict | None = None):
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
@@ -76,6 +76,10 @@ class _StaticGraph:
             self.session = ort.InferenceSession(str(model_path), opts, providers=list(providers))
         except Exception as exc:
             raise BundleError(f"ONNX Runtime cannot load {name}: {exc}") from exc
+        if declared is not None:  # the graph is what the manifest declares (and validated) before allocating
+            from .manifest import check_session_io
+
+            check_session_io(declared, self.session, name)
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = [n for n in (*STATIC_INPUTS, "past_key.0") if n not in inputs]
         if missing:
@@ -134,8 +138,9 @@ class StaticDecoderSession:
     :class:`edgedec.runtime.engine.DecoderSession`."""
 
     def __init__(self, model_paths: Sequence[Path], arch: dict, capacity: int | None, threads: int,
-                 providers: Sequence[str] = ("CPUExecutionProvider",)):
-        graphs = [_StaticGraph(p, arch, threads, providers) for p in model_paths]
+                 providers: Sequence[str] = ("CPUExecutionProvider",), declared: Sequence[dict] | None = None):
+        graphs = [_StaticGraph(p, arch, threads, providers, d)
+                  for p, d in zip(model_paths, declared or [None] * len(model_paths))]
         caps = {g.capacity for g in graphs}
         if len(caps) != 1:
             raise BundleError(f"the static graphs disagree on the cache size: {sorted(caps)}")
@@ -164,11 +169,12 @@ class StaticDecoderSession:
         """The bundle's static graphs (decoder, and prefill when present) on its execution provider, or on
         its recorded fallback (logged)."""
         graph = bundle.graph("decoder")
-        paths = [bundle.file(graph["file"])]
+        paths, declared = [bundle.file(graph["file"])], [graph]
         if any(g.get("role") == "prefill" for g in bundle.manifest["graphs"].values()):
             paths.append(bundle.file(bundle.graph("prefill")["file"]))
+            declared.append(bundle.graph("prefill"))
         provider = select_provider(graph)
-        session = cls(paths, bundle.arch, capacity, threads, providers=session_providers(provider))
+        session = cls(paths, bundle.arch, capacity, threads, providers=session_providers(provider), declared=declared)
         session.provider = provider
         return session
 

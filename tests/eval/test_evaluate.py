@@ -160,8 +160,19 @@ def test_reference_with_other_vocabulary_is_refused(tiny, tmp_path):
     _, bundle = tiny
     other = copy_bundle(bundle, tmp_path / "other")
     edit_manifest(other, lambda m: m["architecture"].update(vocab_size=301))
-    with pytest.raises(ConfigError, match="different vocabularies"):
+    # a manifest whose vocabulary disagrees with its own graph is refused at load (issue 21) ...
+    from edgedec.errors import BundleError
+
+    with pytest.raises(BundleError, match=r"must end in vocab_size \(301\)"):
         evaluate(bundle, [("t", sample_text())], EvalOptions(window=32, stride=16), reference=other)
+    # ... and two consistent bundles of different vocabularies are refused as such
+    from types import SimpleNamespace
+
+    from edgedec.evaluate import _check_compatible
+
+    engine = lambda vocab: SimpleNamespace(bundle=SimpleNamespace(arch={"vocab_size": vocab}))  # noqa: E731
+    with pytest.raises(ConfigError, match="different vocabularies"):
+        _check_compatible(engine(300), engine(301), "a", "b")
 
 
 def test_reference_with_other_tokenizer_is_refused(tiny, tmp_path):

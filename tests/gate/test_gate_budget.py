@@ -26,7 +26,6 @@ def one(key, value):
     ("max_size", "512 KiB", 512 * 1024 / 1e6),
     ("max_size", "250 kB", 0.25),
     ("max_size", "1000000 B", 1.0),
-    ("max_size", "300 mb", 300.0),
     ("max_peak_rss", "2 MiB", 2 * 2**20 / 1e6),
     ("max_ttft", "50 ms", 50.0),
     ("max_ttft", "0.2 s", 200.0),
