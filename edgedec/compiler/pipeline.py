@@ -7,7 +7,7 @@ import datetime
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,6 +19,7 @@ from ..passes import kv_cache as kv_layout
 from ..passes.base import PassContext, create_pass, run_passes
 from ..registry import PASSES
 from ..targets import get_target
+from ..targets.auto import confirm_lossless as auto_confirm
 from . import bundle_writer
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,8 @@ DEFAULT_MAX_CONTEXT = 8192
 
 @dataclass(frozen=True)
 class CompileOptions:
-    target: str = "cpu"
+    target: str = "cpu"  # or "auto": the fastest target this host runs for the weights (targets/auto.py)
+    auto_weights: bool = False  # no weight precision given: keep the source's exactly (int4 where exact)
     max_context: int | None = None  # longest sequence the bundle supports (default: min(model's, 8192))
     verify_tolerance: float = 1e-2  # max |logit difference| vs the source model before the compile fails
     force: bool = False  # replace an existing bundle at the output path
@@ -76,14 +78,28 @@ def _quiet_phase(name: str):
     log.info("%s done in %.1fs", name, time.perf_counter() - t)
 
 
+def resolve_defaults(model: str | None, options: CompileOptions, notify: Callable[[str], None] = log.info):
+    """``target="auto"`` and ``auto_weights`` made concrete (:mod:`edgedec.targets.auto`): the options to
+    compile with, and the decisions with their reasons (``notify`` gets them as one line)."""
+    from ..targets import auto
+
+    defaults = auto.resolve(model, options)
+    if defaults.target_reason or defaults.weights_reason:
+        notify(defaults.line())
+    return replace(options, target=defaults.target, passes=defaults.passes + tuple(options.passes)), defaults
+
+
 def compile_model(model: str | None, output: str | Path, options: CompileOptions = CompileOptions(),
-                  phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase) -> dict:
+                  phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase,
+                  notify: Callable[[str], None] = log.info) -> dict:
     """Compile ``model`` (HF dir, .gguf, registry name, or None for the default) into a bundle at ``output``.
 
-    ``phase(name)`` wraps each long step (the CLI passes a progress display). Returns the manifest.
+    ``phase(name)`` wraps each long step (the CLI passes a progress display); ``notify(line)`` gets the
+    defaults chosen for ``target="auto"`` / ``auto_weights``. Returns the manifest.
     """
     from ..models import source as sources
     output = Path(output)
+    options, defaults = resolve_defaults(model, options, notify)
     target = get_target(options.target)
     if options.chunk is not None and not getattr(target, "static_shapes", False):
         raise ConfigError(f"chunk applies to static-shape targets (npu); target {target.name} has dynamic shapes")
@@ -161,12 +177,16 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         shutil.rmtree(work)
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
 
+        defaults_entry = defaults.manifest_entry()
+        if check := auto_confirm(defaults, {"decoder": graph_entry}):
+            defaults_entry["weights"]["check"] = check
         manifest = {
             "edgedec_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": loaded.source.to_dict(),
             "architecture": arch.to_dict(),
-            "target": target.manifest_entry(),
+            "target": {**target.manifest_entry(),
+                       **({"auto_reason": defaults.target_reason} if defaults.target_reason else {})},
             "graphs": {"decoder": graph_entry, **target.extra_graphs(tmp)},
             "kv_cache": {
                 "layout": "per_layer_bnsh",
@@ -188,6 +208,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             "verification": verification,
             "passes": pass_log,
             **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}} if options.spec else {}),
+            **({"defaults": defaults_entry} if defaults_entry else {}),
             "timings": {k: round(v, 2) for k, v in timings.items()},
         }
         with phase("hashing and writing the bundle"):
