@@ -162,6 +162,11 @@ def compile_cmd(
         None, "--report", help="With --budget: write the search report as JSON (default: OUTPUT.search.json)."),
     plot_out: Optional[Path] = typer.Option(
         None, "--plot", help="With --budget: write the candidates' Pareto front (size vs decode speed) as PNG."),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="With --budget: a float32 bundle of the same model that quality limits compare "
+                                  "with (default: the search builds the cpu float32 bundle)."),
+    keep: bool = typer.Option(False, "--keep-candidates", help="With --budget: keep every candidate's bundle in "
+                                                                "OUTPUT.candidates/."),
 ):
     """Compile a model into a bundle (load, export to ONNX, verify, run passes, build, write atomically).
 
@@ -174,9 +179,9 @@ def compile_cmd(
 
         if budget is not None:
             return _compile_search(model, output, budget, target, quant, passes, force, prompts, text, time_limit,
-                                   report_out, plot_out, max_context)
+                                   report_out, plot_out, max_context, reference, keep)
         for name, given in (("--prompts", prompts), ("--text", text), ("--report", report_out),
-                            ("--plot", plot_out)):
+                            ("--plot", plot_out), ("--reference", reference), ("--keep-candidates", keep)):
             if given:
                 raise ConfigError(f"{name} goes with --budget (the search measures on it)")
         no_quant = quant is not None and quant.lower() == "none"
@@ -202,7 +207,7 @@ def compile_cmd(
 
 
 def _compile_search(model, output, budget, target, quant, passes, force, prompts, text, time_limit, report_out,
-                    plot_out, max_context) -> None:
+                    plot_out, max_context, reference, keep) -> None:
     """``compile --budget``: the search (edgedec/search.py), its table, report, plot and exit code."""
     from . import search
     from .errors import ConfigError
@@ -216,7 +221,7 @@ def _compile_search(model, output, budget, target, quant, passes, force, prompts
     space = search.SearchSpace.for_host(targets=None if target == "auto" else (target,),
                                         quants=None if quant is None else (quant,))
     options = search.SearchOptions(time_limit_s=time_limit, prompts=prompts, texts=tuple(text or ()),
-                                   max_context=max_context, force=force)
+                                   max_context=max_context, force=force, reference=reference, keep=keep)
     result = search.search(model, output, spec, space, options, phase=_phase,
                            notify=lambda line: err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True))
     out.print(_search_table(result))
