@@ -94,10 +94,15 @@ def host_cannot_run(target: str) -> str | None:
         return None
     if target != "cpu-tvm":
         return f"{target} is never chosen automatically"
+    if platform.system() != "Linux":
+        return f"the cpu-tvm target builds for Linux, and this is {platform.system()}"
     try:
         importlib.import_module("tvm")
+        from tvm.support.cc import get_cc
     except Exception as exc:  # ImportError, or a broken install failing inside TVM's own import
         return f"`import tvm` fails ({type(exc).__name__}; pip install 'edgedec[tvm]')"
+    if get_cc() is None:
+        return "no C compiler to link the TVM library with (apt-get install g++, or set CXX)"
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         from .tvm_target import host_cpu_flags
