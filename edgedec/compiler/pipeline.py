@@ -78,14 +78,14 @@ def _quiet_phase(name: str):
     log.info("%s done in %.1fs", name, time.perf_counter() - t)
 
 
-def resolve_defaults(model: str | None, options: CompileOptions, notify: Callable[[str], None] = log.info):
+def resolve_defaults(model: str | None, options: CompileOptions):
     """``target="auto"`` and ``auto_weights`` made concrete (:mod:`edgedec.targets.auto`): the options to
-    compile with, and the decisions with their reasons (``notify`` gets them as one line)."""
+    compile with, and the decisions with their reasons."""
     from ..targets import auto
 
+    if options.target != "auto":
+        get_target(options.target)  # an unknown name fails before the source is read
     defaults = auto.resolve(model, options)
-    if defaults.target_reason or defaults.weights_reason:
-        notify(defaults.line())
     return replace(options, target=defaults.target, passes=defaults.passes + tuple(options.passes)), defaults
 
 
@@ -94,12 +94,14 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
                   notify: Callable[[str], None] = log.info) -> dict:
     """Compile ``model`` (HF dir, .gguf, registry name, or None for the default) into a bundle at ``output``.
 
-    ``phase(name)`` wraps each long step (the CLI passes a progress display); ``notify(line)`` gets the
-    defaults chosen for ``target="auto"`` / ``auto_weights``. Returns the manifest.
+    ``phase(name)`` wraps each long step (the CLI passes a progress display); ``notify(line)`` gets, once
+    the bundle is written, the defaults chosen for ``target="auto"`` / ``auto_weights`` and why. Returns
+    the manifest.
     """
     from ..models import source as sources
     output = Path(output)
-    options, defaults = resolve_defaults(model, options, notify)
+    bundle_writer.check_output(output, options.force)  # before reading (or pulling) the source
+    options, defaults = resolve_defaults(model, options)
     target = get_target(options.target)
     if options.chunk is not None and not getattr(target, "static_shapes", False):
         raise ConfigError(f"chunk applies to static-shape targets (npu); target {target.name} has dynamic shapes")
@@ -217,4 +219,6 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
 
             Bundle.open(tmp)  # refuse to publish what the runtime would refuse
             bundle_writer.publish(tmp, output)
+    if defaults.target_reason or defaults.weights_reason:
+        notify(defaults.line())
     return manifest
