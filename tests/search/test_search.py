@@ -66,6 +66,19 @@ def test_what_cannot_fit_is_not_built(size_search):
     assert {c["name"]: c["status"] for c in report["candidates"]}["cpu fp32"] == "pruned"
 
 
+def test_pareto_plot(size_search, tmp_path):
+    from edgedec.search import pareto_front, plot
+
+    result, _ = size_search
+    front = pareto_front(result.candidates)
+    assert front and all("size_mb" in c.measurements for c in front)
+    sizes = [c.measurements["size_mb"] for c in front]
+    speeds = [c.measurements["decode_tok_s"] for c in front]
+    assert sizes == sorted(sizes) and speeds == sorted(speeds)  # bigger only when faster
+    path = plot(result, tmp_path / "front.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_speculation_is_searched_on_the_built_bundle(size_search):
     """Drafters are tried at run time on a candidate that meets the non-speed limits, beside its plain
     decoding in the same rounds; the row carries the acceptance it measured."""
