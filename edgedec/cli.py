@@ -251,7 +251,7 @@ def _search_table(result) -> Table:
     for c in result.candidates:
         m = c.measurements
         size = m.get("size_mb") if "size_mb" in m else c.predicted_size_mb
-        size_cell = f(size, ",.1f") + ("" if "size_mb" in m else " [dim](pred.)[/]") if size is not None else "-"
+        size_cell = ("" if "size_mb" in m else "≥ ") + f(size, ",.1f") if size is not None else "-"
         agree = m.get("greedy_agreement")
         if c.status == "met":
             verdict = "[bold green]winner[/]" if c is result.winner else "[green]met[/]"
