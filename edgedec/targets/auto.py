@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 # fastest first, per weight kind; measured on SmolLM2-135M, 2 threads (docs/defaults.md):
 #   int4 (exact GGUF grids): cpu-tvm 2.3-3.3x the float32 cpu bundle, 1.05-1.3x cpu's own int4
-#   float32: cpu-tvm and cpu within the machine's noise of each other: the ONNX Runtime bundle stays the default
+#   float32: cpu-tvm 1.03x and 1.71x cpu in two runs on a busy machine (README): no clear win, and an ONNX bundle
+#            carries no native code, so the ONNX Runtime bundle stays the float default
 PREFERENCE = {"int4": ("cpu-tvm", "cpu"), "float": ("cpu",)}
 # x86 extensions the TVM kernels are written for (8-lane float32 FMA, float16 scales: tvm_quant.py)
 TVM_X86_FLAGS = ("avx2", "fma", "f16c")
