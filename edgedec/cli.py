@@ -241,14 +241,17 @@ def _compile_search(model, output, budget, target, quant, passes, force, prompts
 
 
 def _search_table(result) -> Table:
+    """Every candidate's figures; the reasons (broken limits, pruning, skipping, failures) in the caption."""
     table = Table(title=f"candidates against {result.budget_path} ({len(result.candidates)} considered, "
-                        f"{sum(1 for c in result.candidates if c.measured)} measured)")
-    for col, justify in (("candidate", "left"), ("size MB", "right"), ("decode tok/s", "right"),
-                         ("TTFT ms", "right"), ("peak RSS MB", "right"), ("ppl ratio", "right"),
-                         ("greedy agree", "right"), ("result", "left")):
-        table.add_column(col, justify=justify, overflow="fold")
+                        f"{sum(1 for c in result.candidates if c.measured)} measured): size MB, decode tok/s, "
+                        "TTFT ms, peak RSS MB, perplexity and greedy agreement vs float32")
+    table.add_column("candidate", overflow="fold", min_width=12)
+    for col in ("MB", "tok/s", "TTFT", "RSS", "ppl ×", "agree"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("result", no_wrap=True)
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-    for c in result.candidates:
+    notes = []
+    for i, c in enumerate(result.candidates, 1):
         m = c.measurements
         size = m.get("size_mb") if "size_mb" in m else c.predicted_size_mb
         size_cell = ("" if "size_mb" in m else "≥ ") + f(size, ",.1f") if size is not None else "-"
@@ -256,12 +259,16 @@ def _search_table(result) -> Table:
         if c.status == "met":
             verdict = "[bold green]winner[/]" if c is result.winner else "[green]met[/]"
         elif c.status == "not met":
-            verdict = "[red]not met[/]: " + escape(", ".join(c.broken))
+            verdict = "[red]not met[/]"
+            notes.append(f"{i}: " + "; ".join(c.broken))
         else:
-            verdict = f"[dim]{escape(c.status)}: {escape(c.why or '')}[/]"
-        table.add_row(escape(c.name), size_cell, f(m.get("decode_tok_s"), ",.1f"), f(m.get("ttft_ms"), ",.1f"),
+            verdict = f"[dim]{escape(c.status)}[/]"
+            notes.append(f"{i}: {c.why}")
+        table.add_row(f"{i}. {escape(c.name)}", size_cell, f(m.get("decode_tok_s"), ",.1f"), f(m.get("ttft_ms"), ",.1f"),
                       f(m.get("peak_rss_mb"), ",.0f"), f(m.get("perplexity_ratio"), ".4f"),
                       "-" if agree is None else f"{100 * agree:.1f}%", verdict)
+    table.caption = escape("\n".join(notes))
+    table.caption_justify = "left"
     return table
 
 

@@ -416,7 +416,6 @@ def search(model: str | None, output: str | Path, budget, space: SearchSpace, op
         c.lossless = c.config.lossless(exact_int4)
         if why := prune(c, budget, registry_name):
             c.status, c.why = "pruned", why
-            notify(f"pruned {c.name}: {why}")
 
     work = output.with_name(f".{output.name}.search")
     shutil.rmtree(work, ignore_errors=True)
@@ -424,7 +423,7 @@ def search(model: str | None, output: str | Path, budget, space: SearchSpace, op
     reference = options.reference
     built: list[Candidate] = []
     try:
-        if needs_reference and reference is None:
+        if needs_reference and reference is None and any(c.status == "planned" for c in candidates):
             ref_config = Config("cpu", None)
             reference = work / "reference-cpu-fp32"
             with phase("building the reference (cpu float32)"):
@@ -507,11 +506,12 @@ def search(model: str | None, output: str | Path, budget, space: SearchSpace, op
             measured = [c for c in candidates if c.status == "not met"]
             if measured:
                 closest = min(measured, key=lambda c: c.excess)
+                reason = f"the smallest excess over a limit: {'; '.join(closest.broken)}"
             else:
                 sized = [c for c in candidates if c.predicted_size_mb is not None]
                 closest = min(sized, key=lambda c: c.predicted_size_mb) if sized else None
-            reason = (f"it breaks the fewest by the least: {'; '.join(closest.broken) or closest.why}"
-                      if closest else "nothing was built")
+                reason = (f"nothing was measured; the smallest: {closest.why}" if closest and closest.why
+                          else "nothing was measured")
         else:
             reason = _why_won(winner, met)
             _publish(winner, output, work)
