@@ -83,8 +83,9 @@ def default_weight_passes(weights: SourceWeights, target: str) -> tuple[tuple, s
         return (), (f"GGUF {', '.join(inexact)} matrices are not among the types int4 re-expresses exactly "
                     f"({', '.join(sorted(int4.EXACT_SOURCE_TYPES))}): float32 weights keep them exactly")
     if target not in int4.LOSSLESS_TARGETS:
-        return (), (f"target {target}'s int4 rounds activations to int8 (lossy): float32 weights keep the "
-                    f"GGUF {', '.join(types)} source exactly")
+        return (), (f"int4 is exact only on {', '.join(int4.LOSSLESS_TARGETS)} (float activations; cpu's "
+                    f"MatMulNBits rounds them to int8): float32 weights keep the GGUF {', '.join(types)} source "
+                    f"exactly on {target}")
     return (("int4", ()),), (f"GGUF {', '.join(types)} source: int4 re-expresses its grids exactly (lossless, "
                              "float activations)")
 

@@ -22,7 +22,7 @@ def test_weights_follow_the_source_and_the_target():
     passes, why = auto.default_weight_passes(q41, "cpu-tvm")
     assert passes == (("int4", ()),) and "exactly" in why
     passes, why = auto.default_weight_passes(q41, "cpu")  # MatMulNBits rounds activations to int8
-    assert passes == () and "int8" in why
+    assert passes == () and "int8" in why and "exactly on cpu" in why
     kq = auto.SourceWeights("gguf", {"Q4_K": 169, "Q6_K": 29, "ZZZ": 1}, {"F32": 141})
     passes, why = auto.default_weight_passes(kq, "cpu-tvm")
     assert passes == () and "ZZZ" in why  # a type int4 does not re-express exactly stays float32
