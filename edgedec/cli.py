@@ -211,12 +211,18 @@ def compile_cmd(
     model: Optional[str] = typer.Argument(
         None, help="Hugging Face model directory, .gguf file, or registry name (default: SmolLM2-135M-Instruct)."),
     output: Path = typer.Option(..., "--output", "-o", help="Bundle directory to create."),
-    target: str = typer.Option("cpu", "--target", "-t", help="Compilation target (see `edgedec targets list`)."),
+    target: str = typer.Option(
+        "auto", "--target", "-t", help="Compilation target (see `edgedec targets list`); auto: the fastest this "
+                                       "host runs for the weights (cpu-tvm where TVM works, else cpu), said "
+                                       "in one line and in the manifest."),
     max_context: Optional[int] = typer.Option(
         None, "--max-context", help="Longest sequence the bundle supports (default: min(model's, 8192))."),
     force: bool = typer.Option(False, "--force", "-f", help="Replace an existing bundle at the output path."),
     quant: Optional[str] = typer.Option(
-        None, "--quant", "-q", help="Quantization pass to apply (shorthand for --pass NAME; see `edgedec passes list`)."),
+        None, "--quant", "-q", help="Quantization pass to apply (shorthand for --pass NAME; see `edgedec passes "
+                                    "list`), or none for float32 weights. Default: the source's own precision, "
+                                    "exactly (a GGUF Q4_0/Q4_1/Q8_0 source becomes the int4 re-expression of "
+                                    "its grid where the target computes it exactly; otherwise float32)."),
     passes: Optional[List[str]] = typer.Option(
         None, "--pass", help="Graph pass to apply, NAME or NAME:key=value,... (repeatable; runs in order)."),
     spec: Optional[str] = typer.Option(
@@ -232,24 +238,135 @@ def compile_cmd(
     kv_sinks: int = typer.Option(4, "--kv-sinks", help="First tokens always kept with --kv-window (attention sinks)."),
     chunk: Optional[int] = typer.Option(
         None, "--chunk", help="Static-shape targets (npu): tokens per graph call (default: 32)."),
+    speed_check: bool = typer.Option(
+        True, "--speed-check/--no-speed-check", help="After building, decode a few tokens and print the speed "
+                                                     "(a few seconds; `edgedec bench` measures properly)."),
+    budget: Optional[Path] = typer.Option(
+        None, "--budget", help="Search configurations (target, weights, KV layout, speculation, FFN skipping) "
+                               "for the fastest bundle meeting this TOML budget (`edgedec gate`'s format); "
+                               "see docs/budget-search.md. Exit 1 when none meets it."),
+    prompts: Optional[Path] = typer.Option(
+        None, "--prompts", help="With --budget: prompts to measure speed on (edgedec bench's format; default: "
+                                "the budget's [settings] prompts, else the built-in set)."),
+    text: Optional[List[Path]] = typer.Option(
+        None, "--text", help="With --budget: text for quality limits (repeatable; default: prose from Python's "
+                             "own documentation)."),
+    time_limit: float = typer.Option(
+        1800.0, "--time-limit", help="With --budget: seconds the search may spend building and measuring."),
+    report_out: Optional[Path] = typer.Option(
+        None, "--report", help="With --budget: write the search report as JSON (default: OUTPUT.search.json)."),
+    plot_out: Optional[Path] = typer.Option(
+        None, "--plot", help="With --budget: write the candidates' Pareto front (size vs decode speed) as PNG."),
+    reference: Optional[Path] = typer.Option(
+        None, "--reference", help="With --budget: a float32 bundle of the same model that quality limits compare "
+                                  "with (default: the search builds the cpu float32 bundle)."),
+    keep: bool = typer.Option(False, "--keep-candidates", help="With --budget: keep every candidate's bundle in "
+                                                                "OUTPUT.candidates/."),
 ):
-    """Compile a model into a bundle (load, export to ONNX, verify, run passes, build, write atomically)."""
+    """Compile a model into a bundle (load, export to ONNX, verify, run passes, build, write atomically).
+
+    With no --target and no -q the bundle keeps the source's precision exactly, on the fastest target this
+    host runs; one line says what was chosen and why, and the manifest's `defaults` records it."""
     with _errors():
         from .compiler.pipeline import CompileOptions, compile_model
+        from .errors import ConfigError
         from .passes.base import parse_pass_spec
 
-        specs = ([quant] if quant else []) + list(passes or [])
+        if budget is not None:
+            return _compile_search(model, output, budget, target, quant, passes, force, prompts, text, time_limit,
+                                   report_out, plot_out, max_context, reference, keep)
+        for name, given in (("--prompts", prompts), ("--text", text), ("--report", report_out),
+                            ("--plot", plot_out), ("--reference", reference), ("--keep-candidates", keep)):
+            if given:
+                raise ConfigError(f"{name} goes with --budget (the search measures on it)")
+        no_quant = quant is not None and quant.lower() == "none"
+        specs = ([quant] if quant and not no_quant else []) + list(passes or [])
         parsed = tuple((name, tuple(opts.items())) for name, opts in map(parse_pass_spec, specs))
         options = CompileOptions(target=target, max_context=max_context, force=force, passes=parsed, spec=spec,
                                  draft_len=draft_len, kv=kv, kv_window=kv_window, kv_sinks=kv_sinks,
-                                 chunk=chunk)
-        manifest = compile_model(model, output, options, phase=_phase)
+                                 chunk=chunk, auto_weights=quant is None)
+        notify = lambda line: err.print(f"[cyan]{escape(line)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
+        manifest = compile_model(model, output, options, phase=_phase, notify=notify)
         size = sum(f["bytes"] for f in manifest["files"].values())
         v = manifest["verification"]
         checked = (f"verification skipped ({v['skipped']})" if "skipped" in v else
                    f"max |logit diff| vs source {v['max_abs_logit_diff']:.2e}")
         out.print(f"bundle [bold]{output}[/] ({_mb(size)}, target {manifest['target']['name']}); {checked}",
                   highlight=False)
+        if speed_check:
+            from .search import speed_check as check
+
+            try:
+                with _phase("speed check"):
+                    sc = check(output)
+            except EdgedecError as exc:  # the bundle is written; the check is a courtesy
+                err.print(f"[yellow]speed check skipped:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+                return
+            out.print(f"speed check: decode [bold]{sc['decode_tok_s']:.1f} tok/s[/] ({sc['new_tokens']} tokens, "
+                      f"{sc['threads']} threads; `edgedec bench {output}` measures properly)", highlight=False,
+                      soft_wrap=True)
+
+
+def _compile_search(model, output, budget, target, quant, passes, force, prompts, text, time_limit, report_out,
+                    plot_out, max_context, reference, keep) -> None:
+    """``compile --budget``: the search (edgedec/search.py), its table, report, plot and exit code."""
+    from . import search
+    from .errors import ConfigError
+    from .gate import Budget
+
+    if passes:
+        raise ConfigError("--budget searches the passes itself; restrict it with --target and -q, not --pass")
+    if plot_out is not None and plot_out.suffix.lower() != ".png":
+        raise ConfigError(f"--plot writes a PNG: give a file name ending in .png, not {plot_out.name}")
+    spec = Budget.load(budget)
+    space = search.SearchSpace.for_host(targets=None if target == "auto" else (target,),
+                                        quants=None if quant is None else (quant,))
+    options = search.SearchOptions(time_limit_s=time_limit, prompts=prompts, texts=tuple(text or ()),
+                                   max_context=max_context, force=force, reference=reference, keep=keep)
+    result = search.search(model, output, spec, space, options, phase=_phase,
+                           notify=lambda line: err.print(f"[dim]{escape(line)}[/]", highlight=False, soft_wrap=True))
+    out.print(_search_table(result))
+    report_path = report_out or output.with_name(output.name + ".search.json")
+    _write_report(report_path, json.dumps(result.to_dict(), indent=2))
+    err.print(f"search report written to {report_path}", highlight=False)
+    if plot_out is not None:
+        search.plot(result, plot_out)
+        err.print(f"plot written to {plot_out}", highlight=False)
+    out.print(result.verdict(), highlight=False, soft_wrap=True)
+    if result.winner is None:
+        raise typer.Exit(1)
+
+
+def _search_table(result) -> Table:
+    """Every candidate's figures; the reasons (broken limits, pruning, skipping, failures) in the caption."""
+    table = Table(title=f"candidates against {result.budget_path} ({len(result.candidates)} considered, "
+                        f"{sum(1 for c in result.candidates if c.measured)} measured): size MB, decode tok/s, "
+                        "TTFT ms, peak RSS MB, perplexity and greedy agreement vs float32")
+    table.add_column("candidate", overflow="fold", min_width=12)
+    for col in ("MB", "tok/s", "TTFT", "RSS", "ppl ×", "agree"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("result", no_wrap=True)
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    notes = []
+    for i, c in enumerate(result.candidates, 1):
+        m = c.measurements
+        size = m.get("size_mb") if "size_mb" in m else c.predicted_size_mb
+        size_cell = ("" if "size_mb" in m else "≥ ") + f(size, ",.1f") if size is not None else "-"
+        agree = m.get("greedy_agreement")
+        if c.status == "met":
+            verdict = "[bold green]winner[/]" if c is result.winner else "[green]met[/]"
+        elif c.status == "not met":
+            verdict = "[red]not met[/]"
+            notes.append(f"{i}: " + "; ".join(c.broken))
+        else:
+            verdict = f"[dim]{escape(c.status)}[/]"
+            notes.append(f"{i}: {c.why}")
+        table.add_row(f"{i}. {escape(c.name)}", size_cell, f(m.get("decode_tok_s"), ",.1f"), f(m.get("ttft_ms"), ",.1f"),
+                      f(m.get("peak_rss_mb"), ",.0f"), f(m.get("perplexity_ratio"), ".4f"),
+                      "-" if agree is None else f"{100 * agree:.1f}%", verdict)
+    table.caption = escape("\n".join(notes))
+    table.caption_justify = "left"
+    return table
 
 
 @app.command("run")

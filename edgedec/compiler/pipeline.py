@@ -13,7 +13,7 @@ import gc
 import logging
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +26,7 @@ from ..passes.base import PassContext, create_pass, run_passes
 from ..registry import PASSES
 from ..runtime.trust import NATIVE_FORMATS, sign_with_local_key
 from ..targets import get_target
+from ..targets.auto import confirm_lossless as auto_confirm
 from . import bundle_writer, verify
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ DEFAULT_MAX_CONTEXT = 8192
 
 @dataclass(frozen=True)
 class CompileOptions:
-    target: str = "cpu"
+    target: str = "cpu"  # or "auto": the fastest target this host runs for the weights (targets/auto.py)
+    auto_weights: bool = False  # no weight precision given: keep the source's exactly (int4 where exact)
     max_context: int | None = None  # longest sequence the bundle supports (default: min(model's, 8192))
     verify_tolerance: float = 1e-2  # max |logit difference| vs the source model before the compile fails
     force: bool = False  # replace an existing bundle at the output path
@@ -91,14 +93,30 @@ def _quiet_phase(name: str):
     log.info("%s done in %.1fs", name, time.perf_counter() - t)
 
 
+def resolve_defaults(model: str | None, options: CompileOptions):
+    """``target="auto"`` and ``auto_weights`` made concrete (:mod:`edgedec.targets.auto`): the options to
+    compile with, and the decisions with their reasons."""
+    from ..targets import auto
+
+    if options.target != "auto":
+        get_target(options.target)  # an unknown name fails before the source is read
+    defaults = auto.resolve(model, options)
+    return replace(options, target=defaults.target, passes=defaults.passes + tuple(options.passes)), defaults
+
+
 def compile_model(model: str | None, output: str | Path, options: CompileOptions = CompileOptions(),
-                  phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase) -> dict:
+                  phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase,
+                  notify: Callable[[str], None] = log.info) -> dict:
     """Compile ``model`` (HF dir, .gguf, registry name, or None for the default) into a bundle at ``output``.
 
-    ``phase(name)`` wraps each long step (the CLI passes a progress display). Returns the manifest.
+    ``phase(name)`` wraps each long step (the CLI passes a progress display); ``notify(line)`` gets, once
+    the bundle is written, the defaults chosen for ``target="auto"`` / ``auto_weights`` and why. Returns
+    the manifest.
     """
     from ..models import source as sources
     output = Path(output)
+    bundle_writer.check_output(output, options.force)  # before reading (or pulling) the source
+    options, defaults = resolve_defaults(model, options)
     target = get_target(options.target)
     if options.chunk is not None and not getattr(target, "static_shapes", False):
         raise ConfigError(f"chunk applies to static-shape targets (npu); target {target.name} has dynamic shapes")
@@ -163,12 +181,16 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         del onnx_model
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
 
+        defaults_entry = defaults.manifest_entry()
+        if check := auto_confirm(defaults, {"decoder": graph_entry}):
+            defaults_entry["weights"]["check"] = check
         manifest = {
             "edgedec_version": __version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "source": loaded.source.to_dict(),
             "architecture": arch.to_dict(),
-            "target": target.manifest_entry(),
+            "target": {**target.manifest_entry(),
+                       **({"auto_reason": defaults.target_reason} if defaults.target_reason else {})},
             "graphs": {"decoder": graph_entry, **target.extra_graphs(tmp)},
             "kv_cache": {
                 "layout": "per_layer_bnsh",
@@ -190,6 +212,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             "verification": None if getattr(target, "builds_from_weights", False) else verification,
             "passes": pass_log,
             **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}} if options.spec else {}),
+            **({"defaults": defaults_entry} if defaults_entry else {}),
             "timings": {k: round(v, 2) for k, v in timings.items()},
         }
         with phase("hashing and writing the bundle"):
@@ -212,6 +235,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             with phase("signing the bundle with the local key"):
                 manifest["signed_by"] = sign_with_local_key(tmp)
         bundle_writer.publish(tmp, output, options.force)
+    if defaults.target_reason or defaults.weights_reason:
+        notify(defaults.line())
     return manifest
 
 

@@ -76,6 +76,11 @@ CALIBRATION_SEQUENCE = 512  # tokens per calibration prefill for round_offsets' 
 HEAD_CHOICES = ("fp32", "int8", "int4")
 SOURCE_GRID_CHOICES = ("auto", "always", "never")
 GGUF_GRIDS = ("Q4_0", "Q4_1", "Q8_0")
+# what compile's source-preserving default reads (edgedec/targets/auto.py): the GGUF matrix types this pass
+# re-expresses without loss, and the targets whose int4 then computes the source's model exactly (float
+# activations; on cpu, MatMulNBits' accuracy_level 4 rounds activations to int8, perplexity ~1.004)
+EXACT_SOURCE_TYPES = frozenset(GGUF_GRIDS)
+LOSSLESS_TARGETS = ("cpu-tvm", "arm64")
 # round_offsets presets: which weights lose their block-sum correction ("middle": layers L//6 .. L-L//6-1,
 # the edges being the most sensitive); measured on SmolLM2-135M in the module docstring
 ROUND_PRESETS = {
