@@ -20,6 +20,7 @@ from ..passes.base import PassContext, create_pass, run_passes
 from ..registry import PASSES
 from ..targets import get_target
 from . import bundle_writer
+from . import draft as draft_build
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class CompileOptions:
     passes: tuple = ()  # (name, {option: value}) pairs, run in order after the target's required passes
     spec: str | None = None  # drafter the bundle speculates with by default (ngram, recycling, ngram+recycling)
     draft_len: int = 4  # tokens drafted per verification when speculating
+    draft_vocab: str = "auto"  # --spec model:DRAFT on TVM: the draft head's kept tokens (auto: VocabTrim's K; full; or K)
     chunk: int | None = None  # static-shape targets (npu): tokens per graph call (default: the target's)
     kv: str = "fp32"  # KV-cache layout: fp32, fp16, int8, int4 (the kv-cache pass)
     kv_window: int | None = None  # sink + sliding window: recent tokens kept once the cache is full (None: off)
@@ -46,10 +48,14 @@ class CompileOptions:
         if not self.verify_tolerance > 0:
             raise ConfigError(f"verify_tolerance must be > 0, got {self.verify_tolerance}")
         if self.spec is not None:
-            from ..runtime.drafters import DRAFTER_NAMES
+            from ..runtime.drafters import DRAFTER_NAMES, is_drafter_name
 
-            if self.spec not in DRAFTER_NAMES:
-                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, got {self.spec!r}")
+            if not is_drafter_name(self.spec):
+                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, model:DRAFT or ngram+model:DRAFT, "
+                                  f"got {self.spec!r}")
+        if self.draft_vocab not in ("auto", "full") and not (self.draft_vocab.isdigit() and int(self.draft_vocab) >= 32
+                                                             and int(self.draft_vocab) % 32 == 0):
+            raise ConfigError(f"draft_vocab must be auto, full or a multiple of 32 (>= 32), got {self.draft_vocab!r}")
         if not 1 <= self.draft_len <= 64:
             raise ConfigError(f"draft_len must be in [1, 64], got {self.draft_len}")
         if self.chunk is not None and not 1 <= self.chunk <= 1024:
@@ -77,10 +83,13 @@ def _quiet_phase(name: str):
 
 
 def compile_model(model: str | None, output: str | Path, options: CompileOptions = CompileOptions(),
-                  phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase) -> dict:
+                  phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase,
+                  prepare: Callable | None = None) -> dict:
     """Compile ``model`` (HF dir, .gguf, registry name, or None for the default) into a bundle at ``output``.
 
-    ``phase(name)`` wraps each long step (the CLI passes a progress display). Returns the manifest.
+    ``phase(name)`` wraps each long step (the CLI passes a progress display). ``prepare(loaded, staging)``
+    may change the loaded model before export and add files to the bundle (a draft model's trimmed head:
+    :mod:`edgedec.compiler.draft`); it returns manifest entries to add. Returns the manifest.
     """
     from ..models import source as sources
     output = Path(output)
@@ -114,6 +123,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             raise UnsupportedError(f"pass {name} does not support target {target.name} "
                                    f"(it supports: {', '.join(PASSES[name].get('targets', [])) or 'none'})")
     bundle_writer.check_output(output, options.force)
+    if draft_build.is_model_spec(options.spec):
+        draft_build.check_source(options.spec)
     timings = {}
 
     with bundle_writer.staging_dir(output) as tmp:
@@ -121,6 +132,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         with phase("loading model"):
             loaded = sources.load(model)
         timings["load_s"] = time.perf_counter() - t
+        extra = prepare(loaded, tmp) if prepare is not None else {}
         arch = loaded.arch
         max_positions = min(arch.max_position_embeddings,
                             options.max_context or target.default_max_context or DEFAULT_MAX_CONTEXT)
@@ -160,6 +172,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
                                             target.kv_cache_entry(arch, max_positions).get("kv_dtype", "fp32"))
         shutil.rmtree(work)
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
+        del onnx_model
 
         manifest = {
             "edgedec_version": __version__,
@@ -188,10 +201,14 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             "verification": verification,
             "passes": pass_log,
             **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}} if options.spec else {}),
+            **extra,
             "timings": {k: round(v, 2) for k, v in timings.items()},
         }
         with phase("hashing and writing the bundle"):
             manifest = bundle_writer.write_manifest(tmp, manifest)
+        if draft_build.is_model_spec(options.spec):  # a draft model, built for the staged target into tmp/draft
+            manifest = draft_build.attach_draft(tmp, manifest, options, phase)
+        with phase("checking the bundle"):
             from ..runtime.bundle import Bundle
 
             Bundle.open(tmp)  # refuse to publish what the runtime would refuse

@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 from .bundle import Bundle
-from .drafters import Drafter, DraftLengthPolicy, make_drafter
+from .drafters import Drafter, DraftLengthPolicy, make_drafter, spins_with
 from .kv_cache import KVCache  # the buffer layout and sink + window eviction
 from .providers import select_provider, session_providers
 from .ffn_skip import FfnSkipController
@@ -296,6 +296,7 @@ class Engine:
         self.context_length = context_length
         self.last_stats: GenerationStats | None = None
         self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls
+        self.verified = True  # whether load() checked every file's sha256 (a draft inside it then need not)
 
     def forget_drafters(self) -> None:
         """Drop what the named drafters learned (Token Recycling's table): the next ``generate`` starts cold.
@@ -311,7 +312,7 @@ class Engine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
-             verify: bool = True, exact_rows: bool | None = None, spin: bool = True) -> "Engine":
+             verify: bool = True, exact_rows: bool | None = None, spin: bool | None = None) -> "Engine":
         """Load and validate a bundle.
 
         threads: ONNX Runtime intra-op threads (default: physical cores).
@@ -328,7 +329,8 @@ class Engine:
           uses accuracy_level 4, so that ``--no-spec`` reproduces their output exactly; off otherwise.
           Float bundles do not need it. At the last free slot of a full plain cache a step runs one row.
         spin: ONNX Runtime's worker threads spin between runs (fastest alone). Off, they sleep: for
-          sessions that take turns on the same cores, such as a draft model's and its target's.
+          sessions that take turns on the same cores, such as a draft model's and its target's. Default
+          (None): off when the bundle's default drafter is a draft model, on otherwise.
         """
         bundle = Bundle.open(bundle_dir, verify_hashes=verify)
         if bundle.manifest["target"].get("backend") not in ("onnxruntime", "tvm"):
@@ -344,7 +346,10 @@ class Engine:
             threads = physical_cores()
         if threads < 1:
             raise GenerationError(f"threads must be >= 1, got {threads}")
+        if spin is None:
+            spin = spins_with((bundle.manifest.get("speculation") or {}).get("drafter"))
         engine = cls(bundle, threads, context_length, spin)
+        engine.verified = verify
         if exact_rows is None:
             exact_rows = (isinstance(engine.decoder, DecoderSession) and bool(bundle.manifest.get("speculation"))
                           and batch_variant(bundle.manifest))
@@ -404,15 +409,18 @@ class Engine:
             raise GenerationError(f"stop strings must be non-empty strings, got {stop!r}")
         sampler = Sampler(temperature, top_k, top_p, seed)
         spec = self.manifest.get("speculation") or {}
-        if drafter == "auto":
+        from_bundle = drafter == "auto"  # the bundle's own drafter: a draft model is a path inside it
+        if from_bundle:
             drafter = spec.get("drafter")
         if draft_len is None:
             draft_len = int(spec.get("draft_len", 4))
         if isinstance(drafter, str):  # one drafter per name and engine: what it learned carries over
-            if drafter not in self._drafters:
-                self._drafters[drafter] = make_drafter(drafter, self.bundle.arch["vocab_size"], self.decoder,
-                                                       self.bundle, self.threads)
-            drafter = self._drafters[drafter]
+            key = ("bundle:" if from_bundle else "") + drafter
+            if key not in self._drafters:
+                self._drafters[key] = make_drafter(drafter, self.bundle.arch["vocab_size"], self.decoder,
+                                                   self.bundle, self.threads, from_bundle=from_bundle,
+                                                   context_length=self.context_length, verify=self.verified)
+            drafter = self._drafters[key]
         if drafter is not None and not 1 <= draft_len <= 64:
             raise GenerationError(f"draft_len must be in [1, 64], got {draft_len}")
         ids = self.encode(prompt)
