@@ -1,0 +1,123 @@
+"""What speculation costs on a TVM bundle: a pass over M rows against one decode step (T(M)/T(1), M = 1..8),
+and a draft model's step against the target's, in one interleaved run.
+
+    python benchmarks/verify_cost.py TARGET [--draft DRAFT] [--rows 1-8] [--context 200] [--rounds 30]
+                                     [--alpha 0.88] [--json out.json]
+
+Both bundles are loaded once in this process with ``--context`` random tokens in their caches. Each round
+times every M on the target (and one decode step of the draft) with the same random ids, rolling the cache
+back after each pass; a figure is the median over the rounds. Printed beside T(M)/T(1): llama.cpp's on
+Qwen2.5-Coder-1.5B Q4_K_M on this machine (issue 20: 1.6x at 2 rows, 2.5x at 4, 5.6x at 8).
+
+With ``--draft`` and ``--alpha`` (the chance that the draft's greedy token is the target's; 0.88 for the
+Qwen2.5-Coder 0.5B/1.5B pair on code, measured with llama.cpp), it prints what drafting k tokens would give
+at these costs, if acceptance were independent per token (the model the adaptive draft length uses):
+
+    tokens per round = (1 - alpha^(k+1)) / (1 - alpha),   cost = k * draft_step + T(k+1)   (in target steps)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+LLAMA_CPP = {1: 1.0, 2: 1.6, 4: 2.5, 8: 5.6}  # T(M)/T(1), llama.cpp, Qwen2.5-Coder-1.5B Q4_K_M, 2 threads
+
+
+def _rows(text: str) -> list[int]:
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return sorted({int(m) for m in text.split(",")})
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("target")
+    ap.add_argument("--draft", help="a draft bundle (or a bundle with one in draft/): time its decode step too")
+    ap.add_argument("--rows", default="1-8", help="M to measure: a range 1-8 or a list 1,2,4,8 (1 always)")
+    ap.add_argument("--context", type=int, default=200, help="tokens in the cache before each pass")
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--alpha", type=float, default=0.88, help="per-token acceptance for the printed bound")
+    ap.add_argument("--json", help="write the figures here")
+    args = ap.parse_args()
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)  # read when TVM's thread pool starts
+
+    from pathlib import Path
+
+    import numpy as np
+
+    from edgedec.runtime.bundle import Bundle
+    from edgedec.runtime.tvm_session import TvmDecoderSession
+
+    rows = sorted({1, *_rows(args.rows)})
+    rng = np.random.default_rng(0)
+
+    def session(path):
+        s = TvmDecoderSession(Bundle.open(path), args.threads, args.context + max(rows) + 1)
+        s.forward(rng.integers(0, s.vocab, args.context).tolist())
+        return s
+
+    target = session(args.target)
+    draft = None
+    if args.draft:
+        d = Path(args.draft)
+        draft = session(d / "draft" if (d / "draft" / "manifest.json").is_file() else d)
+
+    def one_pass(s, ids) -> float:
+        t = time.perf_counter()
+        if len(ids) == 1:
+            s.decode_one(ids[0])
+        else:
+            s.forward(ids, list(range(len(ids))))
+        s.kv.length = args.context
+        return time.perf_counter() - t
+
+    times: dict = {m: [] for m in rows}
+    times["draft"] = []
+    for r in range(args.rounds + 3):  # three warm-up rounds
+        for m in (rows if r % 2 == 0 else rows[::-1]):
+            dt = one_pass(target, rng.integers(0, target.vocab, m).tolist())
+            if r >= 3:
+                times[m].append(dt)
+            if draft is not None and m == 1:
+                dt = one_pass(draft, rng.integers(0, target.vocab, 1).tolist())
+                if r >= 3:
+                    times["draft"].append(dt)
+    step = statistics.median(times[1])
+    curve = {m: statistics.median(times[m]) / step for m in rows}
+    print(f"target {Path(args.target).name}: one step {step * 1e3:.2f} ms ({1 / step:.1f} steps/s), "
+          f"context {args.context}, {args.threads} threads")
+    print("   M  T(M)/T(1)  llama.cpp")
+    for m in rows:
+        ref = f"{LLAMA_CPP[m]:.1f}" if m in LLAMA_CPP else "-"
+        print(f"  {m:2d}  {curve[m]:9.2f}  {ref:>9s}")
+    result = {"target": args.target, "context": args.context, "threads": args.threads, "step_ms": step * 1e3,
+              "t_m_over_t_1": {str(m): round(v, 3) for m, v in curve.items()},
+              "llama_cpp": {str(m): v for m, v in LLAMA_CPP.items()}}
+    if draft is not None:
+        c = statistics.median(times["draft"]) / step
+        a = args.alpha
+        print(f"draft {args.draft}: one step {statistics.median(times['draft']) * 1e3:.2f} ms = {c:.3f} target steps")
+        bound = {}
+        for k in range(1, max(rows)):
+            tokens = (1 - a ** (k + 1)) / (1 - a)
+            bound[str(k)] = round(tokens / (k * c + curve[k + 1]), 3)
+        best = max(bound, key=bound.get)
+        print(f"at alpha {a}: speed-up by draft length " + ", ".join(f"k={k} {v:.2f}x" for k, v in bound.items())
+              + f"; best k={best}")
+        result.update(draft=args.draft, draft_step_ms=statistics.median(times["draft"]) * 1e3, draft_cost=round(c, 3),
+                      alpha=a, bound_by_k=bound)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
