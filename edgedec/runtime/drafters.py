@@ -247,9 +247,7 @@ class DraftModelDrafter:
         self.engine = Engine.load(path, threads=threads, context_length=context_length, verify=False, spin=False)
         self.dec = self.engine.decoder
         self.name = name or f"model:{path}"
-        weights = lambda b: sum(f.get("bytes", 0) for n, f in b.manifest["files"].items()  # noqa: E731
-                                if not n.endswith(".json") and not n.startswith(DRAFT_DIR + "/"))
-        self.cost_per_token = min(1.0, weights(draft) / max(weights(target_bundle), 1)) + 0.02
+        self.cost_per_token = min(1.0, step_bytes(draft) / max(step_bytes(target_bundle), 1)) + 0.02
         self.held = np.zeros(0, np.int32)  # the tokens in the draft cache, in order
         self.head_ids = head_ids(draft)  # a trimmed head's row -> token id (None: the whole vocabulary)
 
@@ -278,6 +276,17 @@ class DraftModelDrafter:
 
     def observe(self, inputs: np.ndarray, candidates: np.ndarray) -> None:
         pass
+
+
+def step_bytes(bundle) -> int:
+    """About the weight bytes one decode step of ``bundle`` reads: its files, or for a TVM library its
+    parameters without an untied embedding table (a step reads one row of it)."""
+    params = bundle.graph("decoder").get("params")
+    if params:
+        tied = not any(str(p.get("name", "")).startswith("lm_head") for p in params)
+        return sum(int(p.get("bytes", 0)) for p in params if tied or not str(p.get("name", "")).startswith("embed_"))
+    return sum(f.get("bytes", 0) for n, f in bundle.manifest["files"].items()
+               if not n.endswith(".json") and not n.startswith(DRAFT_DIR + "/"))
 
 
 def head_ids(draft) -> np.ndarray | None:
