@@ -2,6 +2,7 @@
 and a draft model's step against the target's, in one interleaved run.
 
     python benchmarks/verify_cost.py TARGET [--draft DRAFT] [--rows 1-8] [--context 200] [--rounds 30]
+    python benchmarks/verify_cost.py --kernels           # no bundle: the 1.5B's int4 kernels alone
                                      [--alpha 0.88] [--json out.json]
 
 Both bundles are loaded once in this process with ``--context`` random tokens in their caches. Each round
@@ -26,6 +27,66 @@ import sys
 import time
 
 LLAMA_CPP = {1: 1.0, 2: 1.6, 4: 2.5, 8: 5.6}  # T(M)/T(1), llama.cpp, Qwen2.5-Coder-1.5B Q4_K_M, 2 threads
+# Qwen2.5-Coder-1.5B: (in, out, bits, per step) of every block-quantized weight a step reads with -q int4
+QWEN15_WEIGHTS = {"q/o": (1536, 1536, 4, 56), "k/v": (1536, 256, 4, 56), "gate/up": (1536, 8960, 4, 56),
+                  "down": (8960, 1536, 4, 28), "head": (1536, 151936, 8, 1)}
+
+
+def kernels_only(args, rows) -> dict:
+    """``--kernels``: no bundle, the 1.5B's block-quantized kernels alone (float and int8 activations), each
+    over distinct weight copies of at least ``--mb`` MB so that they stream from memory as in the model; a
+    step's T(M) is the sum over its weights (attention and the small kernels left out)."""
+    import numpy as np
+    import tvm
+
+    from edgedec.targets import tvm_quant
+    from edgedec.targets.tvm_target import host_cpu_flags, host_llvm_target
+
+    target = tvm.target.Target(host_llvm_target(args.threads))
+    kinds = ["float"] + (["int8"] if tvm_quant.VNNI_FLAG in host_cpu_flags() else [])
+    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
+    rng = np.random.default_rng(0)
+    total = {kind: {m: 0.0 for m in rows} for kind in kinds}
+    for name, (k, n, bits, count) in QWEN15_WEIGHTS.items():
+        q = tvm_quant.quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), bits)
+        mb = (q.words.nbytes + q.scale.nbytes + q.offset.nbytes) / 1e6
+        copies = max(1, int(args.mb / mb))
+        weights = [[tvm.runtime.tensor(a.copy()) for a in (q.words, q.scale, q.offset)] for _ in range(copies)]
+        fns = {}
+        for kind in kinds:
+            one = tvm_quant.gemv_kernel if kind == "float" else tvm_quant.gemv_int8_kernel
+            many = tvm_quant.gemm_kernel if kind == "float" else tvm_quant.gemm_int8_kernel
+            fns[kind] = (build(one(k, n, bits)), build(many(k, n, bits)))
+        xs = {m: tvm.runtime.tensor(rng.standard_normal((1, m, k)).astype(np.float32)) for m in rows}
+        ys = {m: tvm.runtime.tensor(np.zeros((1, m, n), np.float32)) for m in rows}
+        times = {(kind, m): [] for kind in kinds for m in rows}
+        for r in range(args.rounds + 1):
+            for m in (rows if r % 2 == 0 else rows[::-1]):
+                for kind in kinds:
+                    f = fns[kind][0 if m == 1 else 1]
+                    t = time.perf_counter()
+                    for w in weights:
+                        f(xs[m], *w, ys[m])
+                    if r:
+                        times[kind, m].append((time.perf_counter() - t) / copies)
+        line = []
+        for kind in kinds:
+            for m in rows:
+                total[kind][m] += count * statistics.median(times[kind, m])
+            t1 = statistics.median(times[kind, 1])
+            line.append(f"{kind}: 1 row {t1 * 1e6:7.0f} us ({mb / t1 / 1e3:4.1f} GB/s), 8 rows "
+                        f"{statistics.median(times[kind, rows[-1]]) / t1:4.2f}x")
+        print(f"{name:8s} {k:5d}->{n:<6d} {bits}-bit x{count:<3d} " + "; ".join(line), flush=True)
+    out = {}
+    print("   M  " + "  ".join(f"{kind:>8s}" for kind in kinds) + "  llama.cpp   (T(M)/T(1), the weights of one step)")
+    for m in rows:
+        ref = f"{LLAMA_CPP[m]:.1f}" if m in LLAMA_CPP else "-"
+        print(f"  {m:2d}  " + "  ".join(f"{total[kind][m] / total[kind][1]:8.2f}" for kind in kinds) + f"  {ref:>9s}")
+    for kind in kinds:
+        out[kind] = {"step_ms": round(total[kind][1] * 1e3, 2),
+                     "t_m_over_t_1": {str(m): round(total[kind][m] / total[kind][1], 3) for m in rows}}
+        print(f"{kind}: the weights of one step take {total[kind][1] * 1e3:.1f} ms")
+    return {"kernels": out, "threads": args.threads, "llama_cpp": {str(m): v for m, v in LLAMA_CPP.items()}}
 
 
 def _rows(text: str) -> list[int]:
@@ -37,7 +98,10 @@ def _rows(text: str) -> list[int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("target")
+    ap.add_argument("target", nargs="?", help="a TVM bundle (or none, with --kernels)")
+    ap.add_argument("--kernels", action="store_true", help="no bundle: time the Qwen2.5-Coder-1.5B's int4 kernels "
+                                                           "alone (float and int8 activations)")
+    ap.add_argument("--mb", type=float, default=100.0, help="--kernels: MB of distinct weight copies per kernel")
     ap.add_argument("--draft", help="a draft bundle (or a bundle with one in draft/): time its decode step too")
     ap.add_argument("--rows", default="1-8", help="M to measure: a range 1-8 or a list 1,2,4,8 (1 always)")
     ap.add_argument("--context", type=int, default=200, help="tokens in the cache before each pass")
@@ -56,6 +120,14 @@ def main() -> int:
     from edgedec.runtime.tvm_session import TvmDecoderSession
 
     rows = sorted({1, *_rows(args.rows)})
+    if args.kernels:
+        result = kernels_only(args, rows)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
+    if not args.target:
+        ap.error("give a TVM bundle, or --kernels")
     rng = np.random.default_rng(0)
 
     def session(path):
