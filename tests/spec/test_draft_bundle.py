@@ -181,3 +181,26 @@ def test_a_manifest_drafter_outside_the_bundle_is_refused(combined, tmp_path):
     edit_manifest(copy, lambda m: m["speculation"].update(drafter=f"model:{bundle / 'draft'}"))
     with pytest.raises(BundleError, match="outside"):
         _tokens(Engine.load(copy, threads=1), "Hello")
+
+
+def test_onnx_runtime_threads_do_not_spin_when_the_bundle_drafts_with_a_model(combined):
+    """Draft and target take turns on the same cores: a bundle whose default drafter is a draft model loads
+    its ONNX Runtime session with spinning off (so does the draft's); --no-spec (spin=True) keeps it on."""
+    from edgedec.runtime.drafters import spins_with
+
+    kind, bundle = combined
+    if kind != "cpu":
+        pytest.skip("ONNX Runtime's spinning; the TVM sessions share TVM's one thread pool")
+    def allow(engine) -> str:  # the entry is absent (ONNX Runtime's default: spin) unless set
+        try:
+            return engine.decoder.session.get_session_options().get_session_config_entry(
+                "session.intra_op.allow_spinning")
+        except Exception:
+            return "1"
+
+    assert allow(Engine.load(bundle, threads=1)) == "0"
+    assert allow(Engine.load(bundle, threads=1, spin=True)) == "1"
+    engine = Engine.load(bundle, threads=1)
+    _tokens(engine, "Hello")
+    assert allow(engine._drafters["bundle:model:draft"].engine) == "0"
+    assert spins_with("auto") is None and spins_with(None) is True and spins_with("ngram+model:x") is False
