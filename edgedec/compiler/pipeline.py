@@ -34,7 +34,7 @@ class CompileOptions:
     verify_tolerance: float = 1e-2  # max |logit difference| vs the source model before the compile fails
     force: bool = False  # replace an existing bundle at the output path
     passes: tuple = ()  # (name, {option: value}) pairs, run in order after the target's required passes
-    spec: str | None = None  # drafter the bundle speculates with by default (ngram, recycling, ngram+recycling)
+    spec: str | None = None  # drafter the bundle speculates with by default (ngram, recycling, ..., model:DRAFT)
     draft_len: int = 4  # tokens drafted per verification when speculating
     draft_vocab: str = "auto"  # --spec model:DRAFT on TVM: the draft head's kept tokens (auto: VocabTrim's K; full; or K)
     chunk: int | None = None  # static-shape targets (npu): tokens per graph call (default: the target's)
@@ -200,7 +200,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             "tokenizer": {"file": "tokenizer.json", "chat_template": loaded.chat_template, **loaded.special_tokens},
             "verification": verification,
             "passes": pass_log,
-            **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}} if options.spec else {}),
+            **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}}
+               if options.spec and not draft_build.is_model_spec(options.spec) else {}),  # a draft model: attach_draft
             **extra,
             "timings": {k: round(v, 2) for k, v in timings.items()},
         }
