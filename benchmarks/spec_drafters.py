@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def main() -> int:
                                  threads=args.threads, draft_len=args.draft_len)
     drafters = [d for d in args.drafters.split(",") if d]
     entries = [(args.target, "plain", None)] + [(args.target, d, d) for d in drafters]
-    phase = lambda name: _Phase(name)  # noqa: E731
+    phase = lambda name: _Phase(name)
     results = bench.measure_many(entries, prompts, options, phase)
     report = bench.BenchReport(options, args.prompts, len(prompts), results, categories)
     rows = report.to_dict()["bundles"]
@@ -54,7 +53,7 @@ def main() -> int:
         ratio = (r["round_ratios"] or {}).get("decode_tok_s", {}).get("median", r["ratios"]["decode_tok_s"])
         per_cat = " ".join(f"{(r['categories'][c]['round_ratio'] or {}).get('median', 1.0):9.2f}"
                            for c in cats) if r["categories"] else ""
-        fmt = lambda v, f: format(v, f) if v is not None else "-"  # noqa: E731
+        fmt = lambda v, f: format(v, f) if v is not None else "-"
         print(f"{r['name']:34s} {r['decode_tok_s']:7.1f} {ratio:8.2f} {per_cat} "
               f"{fmt(sp.get('mean_accepted_per_step'), '7.2f')} {fmt(sp.get('draft_share'), '7.1%')} "
               f"{fmt(sp.get('model_share'), '7.1%')} {fmt(sp.get('draft_cost'), '6.2f')}")

@@ -44,7 +44,7 @@ def kernels_only(args, rows) -> dict:
 
     target = tvm.target.Target(host_llvm_target(args.threads))
     kinds = ["float"] + (["int8"] if tvm_quant.VNNI_FLAG in host_cpu_flags() else [])
-    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]  # noqa: E731
+    build = lambda f: tvm.tirx.build(f.with_attr("global_symbol", "main"), target=target)["main"]
     rng = np.random.default_rng(0)
     total = {kind: {m: 0.0 for m in rows} for kind in kinds}
     for name, (k, n, bits, count) in QWEN15_WEIGHTS.items():
@@ -102,7 +102,9 @@ def main() -> int:
     ap.add_argument("--kernels", action="store_true", help="no bundle: time the Qwen2.5-Coder-1.5B's int4 kernels "
                                                            "alone (float and int8 activations)")
     ap.add_argument("--mb", type=float, default=100.0, help="--kernels: MB of distinct weight copies per kernel")
-    ap.add_argument("--draft", help="a draft bundle (or a bundle with one in draft/): time its decode step too")
+    ap.add_argument("--draft", action="append", default=[],
+                    help="a draft bundle (or a bundle with one in draft/): time its decode step too (repeatable: "
+                         "several drafts in the same rounds, e.g. before and after VocabTrim)")
     ap.add_argument("--rows", default="1-8", help="M to measure: a range 1-8 or a list 1,2,4,8 (1 always)")
     ap.add_argument("--context", type=int, default=200, help="tokens in the cache before each pass")
     ap.add_argument("--rounds", type=int, default=30)
@@ -136,10 +138,10 @@ def main() -> int:
         return s
 
     target = session(args.target)
-    draft = None
-    if args.draft:
-        d = Path(args.draft)
-        draft = session(d / "draft" if (d / "draft" / "manifest.json").is_file() else d)
+    drafts = {}
+    for name in args.draft:
+        d = Path(name)
+        drafts[name] = session(d / "draft" if (d / "draft" / "manifest.json").is_file() else d)
 
     def one_pass(s, ids) -> float:
         t = time.perf_counter()
@@ -151,16 +153,17 @@ def main() -> int:
         return time.perf_counter() - t
 
     times: dict = {m: [] for m in rows}
-    times["draft"] = []
+    times.update({name: [] for name in drafts})
     for r in range(args.rounds + 3):  # three warm-up rounds
         for m in (rows if r % 2 == 0 else rows[::-1]):
             dt = one_pass(target, rng.integers(0, target.vocab, m).tolist())
             if r >= 3:
                 times[m].append(dt)
-            if draft is not None and m == 1:
-                dt = one_pass(draft, rng.integers(0, target.vocab, 1).tolist())
-                if r >= 3:
-                    times["draft"].append(dt)
+            if m == 1:
+                for name, draft in drafts.items():
+                    dt = one_pass(draft, rng.integers(0, target.vocab, 1).tolist())
+                    if r >= 3:
+                        times[name].append(dt)
     step = statistics.median(times[1])
     curve = {m: statistics.median(times[m]) / step for m in rows}
     print(f"target {Path(args.target).name}: one step {step * 1e3:.2f} ms ({1 / step:.1f} steps/s), "
@@ -172,19 +175,20 @@ def main() -> int:
     result = {"target": args.target, "context": args.context, "threads": args.threads, "step_ms": step * 1e3,
               "t_m_over_t_1": {str(m): round(v, 3) for m, v in curve.items()},
               "llama_cpp": {str(m): v for m, v in LLAMA_CPP.items()}}
-    if draft is not None:
-        c = statistics.median(times["draft"]) / step
+    result["drafts"] = {}
+    for name in drafts:
+        c = statistics.median(times[name]) / step
         a = args.alpha
-        print(f"draft {args.draft}: one step {statistics.median(times['draft']) * 1e3:.2f} ms = {c:.3f} target steps")
+        print(f"draft {name}: one step {statistics.median(times[name]) * 1e3:.2f} ms = {c:.3f} target steps")
         bound = {}
         for k in range(1, max(rows)):
             tokens = (1 - a ** (k + 1)) / (1 - a)
             bound[str(k)] = round(tokens / (k * c + curve[k + 1]), 3)
         best = max(bound, key=bound.get)
-        print(f"at alpha {a}: speed-up by draft length " + ", ".join(f"k={k} {v:.2f}x" for k, v in bound.items())
+        print(f"  at alpha {a}: speed-up by draft length " + ", ".join(f"k={k} {v:.2f}x" for k, v in bound.items())
               + f"; best k={best}")
-        result.update(draft=args.draft, draft_step_ms=statistics.median(times["draft"]) * 1e3, draft_cost=round(c, 3),
-                      alpha=a, bound_by_k=bound)
+        result["drafts"][name] = {"step_ms": statistics.median(times[name]) * 1e3, "draft_cost": round(c, 3),
+                                  "alpha": a, "bound_by_k": bound}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

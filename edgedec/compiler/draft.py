@@ -30,8 +30,8 @@ import contextlib
 import dataclasses
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -173,7 +173,7 @@ class VocabTrim:
     stats: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def calibrate(cls, staging: Path, setting: str, phase) -> "VocabTrim":
+    def calibrate(cls, staging: Path, setting: str, phase) -> VocabTrim:
         from ..draft_head import default_prompts
         from ..runtime import Engine
 
@@ -203,7 +203,7 @@ class VocabTrim:
         facts = ArchFacts(**{f.name: arch[f.name] for f in dataclasses.fields(ArchFacts)})
         k = None if setting == "auto" else int(setting)
         return cls(order, held, step_bytes(facts), k, {"calibration_tokens": int(len(fit) + len(held)),
-                                                       "heldout_tokens": int(len(held))})
+                                                       "heldout_tokens": len(held)})
 
     def choose(self, arch) -> tuple[int, dict]:
         """K (a multiple of 32, the kernels' group of outputs) and the search's figures."""
@@ -213,8 +213,8 @@ class VocabTrim:
         rank = np.empty(vocab, np.int64)
         rank[self.order] = np.arange(vocab)
         held_rank = np.sort(rank[self.heldout])
-        coverage = lambda k: float(np.searchsorted(held_rank, k) / max(len(held_rank), 1))  # noqa: E731
-        cost = lambda k: step_bytes(arch, k) / self.target_bytes  # noqa: E731
+        coverage = lambda k: float(np.searchsorted(held_rank, k) / max(len(held_rank), 1))
+        cost = lambda k: step_bytes(arch, k) / self.target_bytes
 
         def utility(k: int, cov: float) -> float:
             a = min(ALPHA * cov, 0.999)

@@ -318,7 +318,7 @@ def tokenizer_mismatch(draft, target) -> str | None:
     vd, vt = draft.arch["vocab_size"], target.arch["vocab_size"]
     if vd != vt:
         return f"vocabulary of {vd:,} tokens, the target's has {vt:,}"
-    sha = lambda b: b.manifest["files"].get(b.manifest["tokenizer"]["file"], {}).get("sha256")  # noqa: E731
+    sha = lambda b: b.manifest["files"].get(b.manifest["tokenizer"]["file"], {}).get("sha256")
     if sha(draft) is not None and sha(draft) == sha(target):
         return None
 
