@@ -8,9 +8,12 @@ counts, per category, the drafts accepted per verification. Timing plays no part
 from the counts for a pass over M rows that costs ``1 + slope * (M - 1)`` one-row steps, so slope 0 (a free
 verification) gives the most any verification kernel could get out of this drafter on this model:
 
-    speed-up = decode tokens / (plain steps + verifications + slope * drafted tokens)
+    speed-up = decode tokens / (plain steps + verifications + slope * drafted tokens
+                                + draft_cost * drafted tokens)
 
-``benchmarks/tvm_verify_cost.py`` measures the slope of a bundle (SmolLM2 int4 on TVM: ~0.16-0.18 here).
+``benchmarks/tvm_verify_cost.py`` measures the slope of a bundle (SmolLM2 int4 on TVM: ~0.16-0.18 here);
+``benchmarks/verify_cost.py TARGET --draft DRAFT`` measures the slope and, for a draft model
+(``--drafter model:PATH``), ``--draft-cost``: one draft step in target steps (n-gram drafters: ~0).
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ def main() -> int:
     ap.add_argument("--drafter", default="ngram+recycling")
     ap.add_argument("--draft-len", type=int, default=8)
     ap.add_argument("--slopes", default="0,0.18", help="comma-separated verification cost per extra row")
+    ap.add_argument("--draft-cost", type=float, default=0.0,
+                    help="target steps one drafted token costs (a draft model's step over the target's)")
     ap.add_argument("--prompts", default=str(Path(__file__).parent / "prompts"))
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
@@ -52,8 +57,9 @@ def main() -> int:
             counts["drafted"] += st.drafted_tokens
             counts["accepted"] += st.accepted_tokens
         plain = counts["decode_tokens"] - counts["accepted"] - counts["verifications"]
-        steps = {s: plain + counts["verifications"] + s * counts["drafted"] for s in slopes}  # cost at each slope
-        speedups = {str(s): round(counts["decode_tokens"] / steps[s], 3) for s in slopes}
+        cost = lambda slope: (plain + counts["verifications"]  # noqa: E731
+                              + (slope + args.draft_cost) * counts["drafted"])
+        speedups = {str(s): round(counts["decode_tokens"] / cost(s), 3) for s in slopes}
         per = max(counts["verifications"], 1)
         result[path.stem] = {**counts, "accepted_per_verification": round(counts["accepted"] / per, 3),
                              "drafted_per_verification": round(counts["drafted"] / per, 3), "speedup": speedups}
@@ -61,7 +67,8 @@ def main() -> int:
               "drafted; speed-up " + ", ".join(f"{v:.2f}x at slope {k}" for k, v in speedups.items()), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"bundle": args.bundle, "drafter": args.drafter,
-                                               "draft_len": args.draft_len, "categories": result}, indent=2))
+                                               "draft_len": args.draft_len, "draft_cost": args.draft_cost,
+                                               "categories": result}, indent=2))
     return 0
 
 

@@ -226,8 +226,20 @@ def compile_cmd(
     passes: Optional[List[str]] = typer.Option(
         None, "--pass", help="Graph pass to apply, NAME or NAME:key=value,... (repeatable; runs in order)."),
     spec: Optional[str] = typer.Option(
-        None, "--spec", help="Speculate by default with this drafter: ngram, recycling or ngram+recycling."),
+        None, "--spec", help="Speculate by default with this drafter: ngram, recycling, ngram+recycling, or "
+                             "model:DRAFT (a draft model with the same tokenizer: a Hugging Face directory, .gguf, "
+                             "registry name or draft bundle; built with the same target and options into the "
+                             "bundle's draft/ directory; ngram+model:DRAFT tries prompt lookup first). "
+                             "`edgedec run --no-spec` turns it off."),
     draft_len: int = typer.Option(4, "--draft-len", help="Tokens drafted per verification (with --spec)."),
+    draft_vocab: str = typer.Option(
+        "auto", "--draft-vocab", help="With --spec model:DRAFT on the TVM targets: the draft head's vocabulary. "
+                                      "auto: VocabTrim, the K tokens the target writes most (K by a TPE search on "
+                                      "text the compiled target generates); full: all; or K (a multiple of 32)."),
+    draft_for: Optional[Path] = typer.Option(
+        None, "--draft-for", help="Compile MODEL as a draft model for this target bundle (same tokenizer, checked; "
+                                  "VocabTrim against the target's text on TVM targets); use it with `run --spec "
+                                  "model:OUT`, or copy it into a target with `compile --spec model:OUT`."),
     kv: str = typer.Option(
         "fp32", "--kv", help="KV-cache layout: fp32, fp16, int8 or int4 (quantized: static scales calibrated on "
                              "text; tune with --pass kv-cache:dtype=int4,k_scale=...,v_scale=...). The TVM "
@@ -283,10 +295,17 @@ def compile_cmd(
         specs = ([quant] if quant and not no_quant else []) + list(passes or [])
         parsed = tuple((name, tuple(opts.items())) for name, opts in map(parse_pass_spec, specs))
         options = CompileOptions(target=target, max_context=max_context, force=force, passes=parsed, spec=spec,
-                                 draft_len=draft_len, kv=kv, kv_window=kv_window, kv_sinks=kv_sinks,
-                                 chunk=chunk, auto_weights=quant is None)
+                                 draft_len=draft_len, draft_vocab=draft_vocab, kv=kv, kv_window=kv_window,
+                                 kv_sinks=kv_sinks, chunk=chunk, auto_weights=quant is None)
         notify = lambda line: err.print(f"[cyan]{escape(line)}[/]", highlight=False, soft_wrap=True)  # noqa: E731
-        manifest = compile_model(model, output, options, phase=_phase, notify=notify)
+        if draft_for is not None:
+            from .compiler.draft import compile_draft
+
+            if spec is not None or model is None:
+                raise ConfigError("--draft-for compiles MODEL (give it) as a draft; it takes no --spec")
+            manifest = compile_draft(model, output, draft_for, options, phase=_phase)
+        else:
+            manifest = compile_model(model, output, options, phase=_phase, notify=notify)
         size = sum(f["bytes"] for f in manifest["files"].values())
         v = manifest["verification"]
         checked = (f"verification skipped ({v['skipped']})" if "skipped" in v else
@@ -388,8 +407,8 @@ def run_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object (text, token ids, timings)."),
     spec: Optional[str] = typer.Option(
         None, "--spec", help="Speculate with this drafter: ngram, recycling, ngram+recycling, head, head+ngram, "
-                             "ffn-skip, or model:PATH (a draft-model bundle with the same tokenizer) "
-                             "(default: the bundle's)."),
+                             "ffn-skip, or model:PATH / ngram+model:PATH (a draft-model bundle with the same "
+                             "tokenizer) (default: the bundle's, e.g. the draft model compile --spec put in it)."),
     no_spec: bool = typer.Option(False, "--no-spec", help="Turn speculation off, even if the bundle has it."),
     draft_len: Optional[int] = typer.Option(None, "--draft-len", help="Tokens drafted per verification."),
     trust: bool = _trust_option(),
@@ -412,7 +431,7 @@ def run_cmd(
         if not prompt:
             raise ConfigError('no prompt: edgedec run BUNDLE "your prompt" (or -p, or - to read stdin)')
         engine = Engine.load(bundle, threads=_threads(threads), context_length=context,
-                             spin=no_spec or spins_with(spec), trust=_trust(trust, trusted_keys))
+                             spin=True if no_spec else spins_with(spec or "auto"), trust=_trust(trust, trusted_keys))
         kwargs = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                       seed=seed, stop=stop, drafter=None if no_spec else (spec or "auto"), draft_len=draft_len)
         if chat:

@@ -105,8 +105,9 @@ def vocab_order(targets: np.ndarray, vocab_size: int, keep: list[int]) -> np.nda
 
 def choose_vocab(order: np.ndarray, heldout_targets: np.ndarray, agreement: float, hidden: int,
                  step_flops: float, min_coverage: float = 0.9, k_max: int | None = None, trials: int = 60,
-                 seed: int = 0) -> dict:
-    """K by TPE (optuna): maximise (1 + agreement * coverage(K)) / (1 + draft_flops(K) / step_flops)."""
+                 seed: int = 0, utility=None) -> dict:
+    """K by TPE (optuna): maximise (1 + agreement * coverage(K)) / (1 + draft_flops(K) / step_flops), or
+    ``utility(K, coverage(K))`` when given (a draft model's head: :mod:`edgedec.compiler.draft`)."""
     import optuna
 
     k_max = min(k_max or len(order), len(order))
@@ -121,7 +122,11 @@ def choose_vocab(order: np.ndarray, heldout_targets: np.ndarray, agreement: floa
     def draft_flops(k: int) -> float:
         return 2.0 * (2 * hidden * hidden + hidden * hidden + hidden * k)
 
+    custom = utility
+
     def utility(k: int) -> float:
+        if custom is not None:
+            return custom(k, coverage(k))
         return (1 + agreement * coverage(k)) / (1 + draft_flops(k) / step_flops)
 
     k_min = min(64, k_max)

@@ -164,7 +164,7 @@ def sweep_stale(output: Path, older_than_s: float = STALE_S) -> list[Path]:
 def write_manifest(directory: Path, manifest: dict) -> dict:
     """Hash every file in ``directory`` into ``manifest['files']`` and write ``manifest.json``."""
     files = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST):
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p != directory / MANIFEST):  # draft/manifest.json too
         rel = path.relative_to(directory).as_posix()
         files[rel] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest, "files": files}

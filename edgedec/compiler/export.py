@@ -274,7 +274,7 @@ def tidy(model: onnx.ModelProto, arch: ArchFacts) -> onnx.ModelProto:
     dims = {
         "input_ids": [1, "sequence"],
         "logits_index": ["num_logits"],
-        "logits": [1, "num_logits", arch.vocab_size],
+        "logits": [1, "num_logits", getattr(arch, "head_rows", None) or arch.vocab_size],  # a trimmed draft: fewer
     }
     kv_shape = [1, arch.num_kv_heads, "capacity", arch.head_dim]
     for v in list(model.graph.input) + list(model.graph.output):

@@ -28,6 +28,7 @@ from ..runtime.trust import NATIVE_FORMATS, sign_with_local_key
 from ..targets import get_target
 from ..targets.auto import confirm_lossless as auto_confirm
 from . import bundle_writer, verify
+from . import draft as draft_build
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,9 @@ class CompileOptions:
     verify_tolerance: float = 1e-2  # max |logit difference| vs the source model before the compile fails
     force: bool = False  # replace an existing bundle at the output path
     passes: tuple = ()  # (name, {option: value}) pairs, run in order after the target's required passes
-    spec: str | None = None  # drafter the bundle speculates with by default (ngram, recycling, ngram+recycling)
+    spec: str | None = None  # drafter the bundle speculates with by default (ngram, recycling, ..., model:DRAFT)
     draft_len: int = 4  # tokens drafted per verification when speculating
+    draft_vocab: str = "auto"  # --spec model:DRAFT on TVM: the draft head's kept tokens (auto: VocabTrim's K; full; or K)
     chunk: int | None = None  # static-shape targets (npu): tokens per graph call (default: the target's)
     kv: str = "fp32"  # KV-cache layout: fp32, fp16, int8, int4 (the kv-cache pass)
     kv_window: int | None = None  # sink + sliding window: recent tokens kept once the cache is full (None: off)
@@ -63,10 +65,14 @@ class CompileOptions:
         if not self.verify_tolerance > 0:
             raise ConfigError(f"verify_tolerance must be > 0, got {self.verify_tolerance}")
         if self.spec is not None:
-            from ..runtime.drafters import DRAFTER_NAMES
+            from ..runtime.drafters import DRAFTER_NAMES, is_drafter_name
 
-            if self.spec not in DRAFTER_NAMES:
-                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, got {self.spec!r}")
+            if not is_drafter_name(self.spec):
+                raise ConfigError(f"spec must be one of {', '.join(DRAFTER_NAMES)}, model:DRAFT or ngram+model:DRAFT, "
+                                  f"got {self.spec!r}")
+        if self.draft_vocab not in ("auto", "full") and not (self.draft_vocab.isdigit() and int(self.draft_vocab) >= 32
+                                                             and int(self.draft_vocab) % 32 == 0):
+            raise ConfigError(f"draft_vocab must be auto, full or a multiple of 32 (>= 32), got {self.draft_vocab!r}")
         if not 1 <= self.draft_len <= 64:
             raise ConfigError(f"draft_len must be in [1, 64], got {self.draft_len}")
         if self.chunk is not None and not 1 <= self.chunk <= 1024:
@@ -106,11 +112,13 @@ def resolve_defaults(model: str | None, options: CompileOptions):
 
 def compile_model(model: str | None, output: str | Path, options: CompileOptions = CompileOptions(),
                   phase: Callable[[str], contextlib.AbstractContextManager] = _quiet_phase,
-                  notify: Callable[[str], None] = log.info) -> dict:
+                  notify: Callable[[str], None] = log.info, prepare: Callable | None = None) -> dict:
     """Compile ``model`` (HF dir, .gguf, registry name, or None for the default) into a bundle at ``output``.
 
     ``phase(name)`` wraps each long step (the CLI passes a progress display); ``notify(line)`` gets, once
-    the bundle is written, the defaults chosen for ``target="auto"`` / ``auto_weights`` and why. Returns
+    the bundle is written, the defaults chosen for ``target="auto"`` / ``auto_weights`` and why.
+    ``prepare(loaded, staging)`` may change the loaded model before export and add files to the bundle (a
+    draft model's trimmed head: :mod:`edgedec.compiler.draft`); it returns manifest entries to add. Returns
     the manifest.
     """
     from ..models import source as sources
@@ -147,6 +155,8 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             raise UnsupportedError(f"pass {name} does not support target {target.name} "
                                    f"(it supports: {', '.join(PASSES[name].get('targets', [])) or 'none'})")
     bundle_writer.check_output(output, options.force)
+    if draft_build.is_model_spec(options.spec):
+        draft_build.check_source(options.spec)
     timings = {}
 
     with bundle_writer.staging_dir(output) as tmp:
@@ -154,6 +164,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
         with phase("loading model"):
             loaded = sources.load(model)
         timings["load_s"] = time.perf_counter() - t
+        extra = prepare(loaded, tmp) if prepare is not None else {}
         arch = loaded.arch
         if hasattr(target, "use_source"):  # a target that reads the source's own quantization (tvm_target)
             target.use_source(loaded.source.to_dict())
@@ -180,6 +191,7 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
                                             target.kv_cache_entry(arch, max_positions).get("kv_dtype", "fp32"))
         del onnx_model
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
+        del onnx_model
 
         defaults_entry = defaults.manifest_entry()
         if check := auto_confirm(defaults, {"decoder": graph_entry}):
@@ -211,12 +223,17 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
             "tokenizer": {"file": "tokenizer.json", "chat_template": loaded.chat_template, **loaded.special_tokens},
             "verification": None if getattr(target, "builds_from_weights", False) else verification,
             "passes": pass_log,
-            **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}} if options.spec else {}),
+            **({"speculation": {"drafter": options.spec, "draft_len": options.draft_len}}
+               if options.spec and not draft_build.is_model_spec(options.spec) else {}),  # a draft model: attach_draft
             **({"defaults": defaults_entry} if defaults_entry else {}),
+            **extra,
             "timings": {k: round(v, 2) for k, v in timings.items()},
         }
         with phase("hashing and writing the bundle"):
             manifest = bundle_writer.write_manifest(tmp, manifest)
+        if draft_build.is_model_spec(options.spec):  # a draft model, built for the staged target into tmp/draft
+            manifest = draft_build.attach_draft(tmp, manifest, options, phase)
+        with phase("checking the bundle"):
             from ..runtime.bundle import Bundle
 
             Bundle.open(tmp)  # refuse to publish what the runtime would refuse

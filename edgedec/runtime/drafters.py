@@ -8,6 +8,7 @@ verified position (``observe``), which is how Token Recycling learns. Drafters h
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -220,29 +221,36 @@ class DraftModelDrafter:
     call, then the verified tokens) are fed in one multi-row pass whose last logits give the first draft.
     Each further draft token costs one decode step of the draft model; ``cost_per_token`` tells the
     adaptive draft length its price relative to a target step (the ratio of the two bundles' weight bytes).
-    The draft session's threads do not spin between runs; load the target with ``spin=False`` too (the CLI
-    does when ``--spec model:PATH``). A windowed draft cache is not supported (no drafts are proposed).
+
+    Draft and target take turns on the same cores. ONNX Runtime sessions sleep between runs here
+    (``spin=False``; the engine loads a target whose default drafter is a model that way too). Two TVM
+    libraries in one process share TVM's one thread pool, so their turns never compete for the cores.
+    A windowed draft cache is not supported (no drafts are proposed).
     """
 
     width = 0
 
-    def __init__(self, path: str, target_bundle, threads: int | None = None, trust=None):
+    def __init__(self, path: str | Path, target_bundle, threads: int | None = None, name: str | None = None,
+                 context_length: int | None = None, verify: bool = True, trust=None):
         from ..errors import GenerationError
+        from .bundle import Bundle
         from .engine import Engine
 
+        draft = Bundle.open(path, verify_hashes=verify)
+        why = tokenizer_mismatch(draft, target_bundle)
+        if why:
+            raise GenerationError(f"the draft model {path} does not share the target's tokenizer ({why})")
+        if context_length is not None:
+            context_length = min(context_length, int(draft.manifest["kv_cache"]["max_capacity"]))
         # the draft and the target take turns on the same cores: ONNX Runtime threads that spin after a run
         # would steal the other session's time (SmolLM2 fp32 target, int4 draft: 0.56x spinning, 1.12x not)
-        self.engine = Engine.load(path, threads=threads, spin=False, trust=trust)
-        draft, target = self.engine.bundle, target_bundle
-        tok = lambda b: b.manifest["files"].get(b.manifest["tokenizer"]["file"], {}).get("sha256")
-        if tok(draft) != tok(target):
-            raise GenerationError(f"the draft model {path} does not share the target's tokenizer "
-                                  "(tokenizer files differ)")
+        self.engine = Engine.load(path, threads=threads, context_length=context_length, verify=False, spin=False,
+                                  trust=trust)
         self.dec = self.engine.decoder
-        self.name = f"model:{path}"
-        weights = lambda b: sum(f.get("bytes", 0) for n, f in b.manifest["files"].items() if not n.endswith(".json"))
-        self.cost_per_token = min(1.0, weights(draft) / max(weights(target), 1)) + 0.02
+        self.name = name or f"model:{path}"
+        self.cost_per_token = min(1.0, step_bytes(draft) / max(step_bytes(target_bundle), 1)) + 0.02
         self.held = np.zeros(0, np.int32)  # the tokens in the draft cache, in order
+        self.head_ids = head_ids(draft)  # a trimmed head's row -> token id (None: the whole vocabulary)
 
     def reset(self, prompt: np.ndarray) -> None:
         self.dec.kv.length = 0
@@ -256,12 +264,14 @@ class DraftModelDrafter:
         k = min(k, dec.kv.capacity - n)
         if k < 1 or dec.kv.window is not None:
             return []
-        dec.kv.length = same
+        dec.kv.length = same  # roll back by length: the entries past it are rewritten
         feed = [int(t) for t in history[same:n]]
         logits = dec.decode_one(feed[0]) if len(feed) == 1 else dec.forward(feed)[-1]
-        out = [int(np.argmax(logits))]
+        ids = self.head_ids
+        out = [int(np.argmax(logits)) if ids is None else int(ids[np.argmax(logits)])]
         for _ in range(k - 1):
-            out.append(int(np.argmax(dec.decode_one(out[-1]))))
+            logits = dec.decode_one(out[-1])
+            out.append(int(np.argmax(logits)) if ids is None else int(ids[np.argmax(logits)]))
         self.held = np.concatenate([history[:n], np.asarray(out[:-1], np.int32)])
         return out
 
@@ -269,29 +279,131 @@ class DraftModelDrafter:
         pass
 
 
+def step_bytes(bundle) -> int:
+    """About the weight bytes one decode step of ``bundle`` reads: its files, or for a TVM library its
+    parameters without an untied embedding table (a step reads one row of it)."""
+    params = bundle.graph("decoder").get("params")
+    if params:
+        tied = not any(str(p.get("name", "")).startswith("lm_head") for p in params)
+        return sum(int(p.get("bytes", 0)) for p in params if tied or not str(p.get("name", "")).startswith("embed_"))
+    return sum(f.get("bytes", 0) for n, f in bundle.manifest["files"].items()
+               if not n.endswith(".json") and not n.startswith(DRAFT_DIR + "/"))
+
+
+def head_ids(draft) -> np.ndarray | None:
+    """A draft bundle's trimmed head (VocabTrim, ``draft_head`` in its manifest): the token id of each
+    logits row, checked against the bundle (hashed, K ids within the vocabulary). None: no trimming."""
+    from ..errors import BundleError
+
+    entry = draft.manifest.get("draft_head")
+    if entry is None:
+        return None
+    name, rows, vocab = entry.get("file"), entry.get("rows"), draft.arch["vocab_size"]
+    if name not in draft.manifest["files"] or not isinstance(rows, int) or rows != draft.arch.get("head_rows"):
+        raise BundleError("the draft bundle's draft_head entry does not name a hashed file of head_rows ids")
+    ids = np.fromfile(draft.file(name), dtype="<i4")
+    if len(ids) != rows or ids.min() < 0 or ids.max() >= vocab:
+        raise BundleError(f"the draft bundle's {name} does not hold {rows} token ids below {vocab}")
+    return ids.astype(np.int64)
+
+
+DRAFT_DIR = "draft"  # where `compile --spec model:DRAFT` puts the draft bundle, inside the target bundle
+
+
+def tokenizer_mismatch(draft, target) -> str | None:
+    """Why two bundles' tokenizers differ, or None when a draft's token ids mean what the target's do:
+    the same vocabulary size and the same tokenizer.json, or (when the files differ, e.g. in a name or a
+    chat template) the same vocabulary, merges and added tokens."""
+    import json
+
+    vd, vt = draft.arch["vocab_size"], target.arch["vocab_size"]
+    if vd != vt:
+        return f"vocabulary of {vd:,} tokens, the target's has {vt:,}"
+    sha = lambda b: b.manifest["files"].get(b.manifest["tokenizer"]["file"], {}).get("sha256")
+    if sha(draft) is not None and sha(draft) == sha(target):
+        return None
+
+    def tokens(b):
+        try:
+            data = json.loads(b.file(b.manifest["tokenizer"]["file"]).read_text(encoding="utf-8"))
+            model = data.get("model") or {}
+            added = sorted((int(t["id"]), t["content"]) for t in data.get("added_tokens") or [])
+            return model.get("type"), model.get("vocab"), model.get("merges"), added
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return None
+
+    a, b = tokens(draft), tokens(target)
+    if a is None or a != b:
+        return "tokenizer files differ"
+    return None
+
+
+def resolve_in_bundle(bundle_dir: str | Path, rel: str) -> Path:
+    """The path ``rel`` that a bundle's manifest names (its drafter ``model:REL``), inside the bundle's
+    directory; a path that leaves it is refused: nothing outside a bundle is read because it says so."""
+    from ..errors import BundleError
+
+    root = Path(bundle_dir).resolve()
+    path = (root / rel).resolve()
+    if Path(rel).is_absolute() or (path != root and root not in path.parents):
+        raise BundleError(f"the manifest's drafter model:{rel} points outside the bundle directory")
+    return path
+
+
+MODEL_PREFIXES = ("", "ngram+")  # what may come before model:PATH: nothing, or prompt lookup tried first
+
+
+def split_model(name: str) -> tuple[str, str] | None:
+    """``(prefix, PATH)`` of a draft-model drafter name (``model:PATH`` or ``ngram+model:PATH``); None
+    for every other name."""
+    for prefix in MODEL_PREFIXES:
+        if name.startswith(prefix + "model:") and len(name) > len(prefix + "model:"):
+            return prefix, name[len(prefix + "model:"):]
+    return None
+
+
 def is_drafter_name(name: str) -> bool:
-    """A built-in drafter, or ``model:PATH`` (a draft-model bundle)."""
-    return name in DRAFTER_NAMES or (name.startswith("model:") and len(name) > len("model:"))
+    """A built-in drafter, or ``model:PATH`` / ``ngram+model:PATH`` (a draft-model bundle)."""
+    return name in DRAFTER_NAMES or split_model(name) is not None
 
 
-def spins_with(drafter: str | None) -> bool:
+def spins_with(drafter: str | None) -> bool | None:
     """Whether the engine's threads should spin between runs with this drafter: not with a draft model,
-    whose session and the target's take turns on the same cores."""
-    return not (drafter or "").startswith("model:")
+    whose session and the target's take turns on the same cores. ``"auto"`` (the bundle's drafter):
+    None, for :meth:`Engine.load` to decide from the bundle."""
+    if drafter == "auto":
+        return None
+    return split_model(drafter or "") is None
 
 
 def make_drafter(name: str, vocab_size: int, decoder=None, target_bundle=None, threads: int | None = None,
-                 trust=None):
+                 trust=None, from_bundle: bool = False, context_length: int | None = None,
+                 verify: bool = True):
     """A drafter by name: ``ngram``, ``recycling``, ``ngram+recycling``, ``head`` or ``head+ngram``
     (the last two need ``decoder``, a session over a bundle with the draft-head pass), ``ffn-skip``, or
-    ``model:PATH``, a draft-model bundle sharing the tokenizer of ``target_bundle``, loaded under ``trust``
-    (``Engine.load``'s argument)."""
+    ``model:PATH``, a draft-model bundle sharing the tokenizer of ``target_bundle`` (``ngram+model:PATH``:
+    prompt lookup of 2+ tokens first, the draft model where it finds nothing).
+
+    ``from_bundle``: the name comes from the target bundle's manifest, so ``PATH`` is a directory inside
+    that bundle (``compile --spec model:DRAFT`` puts the draft in ``draft/``); otherwise it is a path as
+    the user gave it. ``context_length`` caps the draft's cache (default: its own default);
+    ``verify=False`` skips the draft's file hashes (the target's manifest already covered them);
+    ``trust``: ``Engine.load``'s argument for the draft."""
     from ..errors import GenerationError
 
-    if name.startswith("model:"):
+    if (model := split_model(name)) is not None:
+        prefix, path = model
         if target_bundle is None:
             raise GenerationError("a draft model needs the target bundle to check the tokenizer against")
-        return DraftModelDrafter(name[len("model:"):], target_bundle, threads, trust)
+        if from_bundle:
+            path = resolve_in_bundle(target_bundle.path, path)
+        drafter = DraftModelDrafter(path, target_bundle, threads, name=name[len(prefix):],
+                                    context_length=context_length, verify=verify, trust=trust)
+        if prefix == "ngram+":
+            combined = CombinedDrafter(PromptLookupDrafter(max_ngram=3, min_ngram=2), drafter)
+            combined.cost_per_token = drafter.cost_per_token
+            return combined
+        return drafter
     if name == "ffn-skip":
         return FfnSkipDrafter(decoder)
     if name in ("head", "head+ngram"):

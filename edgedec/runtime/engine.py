@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import BundleError, GenerationError
 from .bundle import Bundle
-from .drafters import Drafter, DraftLengthPolicy, make_drafter
+from .drafters import Drafter, DraftLengthPolicy, make_drafter, spins_with, split_model
 from .kv_cache import KVCache  # the buffer layout and sink + window eviction
 from .manifest import check_session_io
 from .providers import select_provider, session_providers
@@ -334,7 +334,8 @@ class Engine:
             context_length = kv.capacity
         self.context_length = context_length
         self.last_stats: GenerationStats | None = None
-        self._drafters: dict = {}  # named drafters, kept between generate() calls
+        self._drafters: dict[str, Drafter] = {}  # named drafters, kept between generate() calls
+        self.verified = True  # whether load() checked every file's sha256 (a draft inside it then need not)
 
     def forget_drafters(self) -> None:
         """Drop what the named drafters learned (Token Recycling's table): the next ``generate`` starts cold.
@@ -350,7 +351,7 @@ class Engine:
 
     @classmethod
     def load(cls, bundle_dir: str | Path, threads: int | None = None, context_length: int | None = None,
-             verify: bool = True, exact_rows: bool | None = None, spin: bool = True,
+             verify: bool = True, exact_rows: bool | None = None, spin: bool | None = None,
              trust: "bool | TrustPolicy | None" = None) -> "Engine":
         """Load and validate a bundle.
 
@@ -375,7 +376,8 @@ class Engine:
           uses accuracy_level 4, so that ``--no-spec`` reproduces their output exactly; off otherwise.
           Float bundles do not need it. At the last free slot of a full plain cache a step runs one row.
         spin: ONNX Runtime's worker threads spin between runs (fastest alone). Off, they sleep: for
-          sessions that take turns on the same cores, such as a draft model's and its target's.
+          sessions that take turns on the same cores, such as a draft model's and its target's. Default
+          (None): off when the bundle's default drafter is a draft model, on otherwise.
         """
         bundle = Bundle.open(bundle_dir, verify_hashes=verify)
         if bundle.manifest["target"].get("backend") not in ("onnxruntime", "tvm"):
@@ -396,7 +398,10 @@ class Engine:
         if have is not None and need > have:  # refuse before allocating
             raise GenerationError(f"a KV cache of {capacity:,} tokens takes {need / 2**30:,.1f} GiB, more than this "
                                   f"machine's {have / 2**30:,.1f} GiB of memory; lower the context length")
+        if spin is None:
+            spin = spins_with((bundle.manifest.get("speculation") or {}).get("drafter"))
         engine = cls(bundle, threads, context_length, spin, trust)
+        engine.verified = verify
         if exact_rows is None:
             exact_rows = (isinstance(engine.decoder, DecoderSession) and bool(bundle.manifest.get("speculation"))
                           and batch_variant(bundle.manifest))
@@ -470,19 +475,21 @@ class Engine:
 
     def _named_drafter(self, name: str, from_manifest: bool) -> Drafter:
         """The engine's drafter called ``name``, made on first use. A draft model the manifest names
-        (``model:REL``) is the bundle nested at REL inside this one, trusted as this bundle is (its
-        signature covers the draft); one the caller names (``model:PATH``) may be anywhere."""
-        nested = from_manifest and name.startswith("model:")
+        (``model:REL`` or ``ngram+model:REL``) is the bundle nested at REL inside this one, trusted as this
+        bundle is (its signature covers the draft) and already hashed with it; one the caller names
+        (``model:PATH``) may be anywhere."""
+        model = split_model(name)
+        nested = from_manifest and model is not None
         key = ("nested", name) if nested else name  # a caller's model:draft is another path
         if key not in self._drafters:
-            trust = self._trust
-            where = name
+            trust, where, verify = self._trust, name, True
             if nested:
-                rel = name[len("model:"):]
+                prefix, rel = model
                 trust = vouch_for_nested(self.bundle, as_policy(trust), rel)
-                where = f"model:{self.bundle.nested_bundle(rel)}"
+                where = f"{prefix}model:{self.bundle.nested_bundle(rel)}"
+                verify = not self.verified  # this bundle's hashes covered the draft's files
             drafter = make_drafter(where, self.bundle.arch["vocab_size"], self.decoder, self.bundle, self.threads,
-                                   trust=trust)
+                                   trust=trust, context_length=self.context_length, verify=verify)
             if nested:
                 drafter.name = name  # as the manifest wrote it
             self._drafters[key] = drafter

@@ -51,9 +51,15 @@ def param_names(arch: ArchFacts) -> list[str]:
         names += [p + "self_attn.o_proj.weight", p + "post_attention_layernorm.weight"]
         names += [p + f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
     names += ["norm.weight"]
-    if not arch.tie_word_embeddings:
+    if not arch.tie_word_embeddings or head_rows(arch) != arch.vocab_size:
         names += ["lm_head.weight"]
     return names
+
+
+def head_rows(arch) -> int:
+    """Rows of the LM head: the vocabulary, or fewer for a draft model's trimmed head (VocabTrim: an
+    ``arch`` with ``head_rows``, see :mod:`edgedec.compiler.draft`; its logits are the kept tokens')."""
+    return getattr(arch, "head_rows", None) or arch.vocab_size
 
 
 def linear_weights(arch: ArchFacts) -> list[str]:
@@ -63,7 +69,7 @@ def linear_weights(arch: ArchFacts) -> list[str]:
 
 def table_weights(arch: ArchFacts) -> list[str]:
     """The embedding / LM head tables that ``-q int4`` stores in 8 bits."""
-    return ["embed_tokens.weight"] + ([] if arch.tie_word_embeddings else ["lm_head.weight"])
+    return ["embed_tokens.weight"] + (["lm_head.weight"] if "lm_head.weight" in param_names(arch) else [])
 
 
 QUANT_PARTS = ("words", "scale", "offset")
@@ -77,6 +83,8 @@ def quantized_bits(arch: ArchFacts, max_positions: int, quant: str | None) -> di
 
     shapes = param_shapes(arch, max_positions)
     wanted = {**{n: 4 for n in linear_weights(arch)}, **{n: 8 for n in table_weights(arch)}}
+    if getattr(arch, "head_bits", None):  # a draft's head may be quantized harder (it only ranks tokens)
+        wanted["lm_head.weight"] = arch.head_bits
     return {n: b for n, b in wanted.items() if tvm_quant.fits(shapes[n])}
 
 
@@ -186,7 +194,7 @@ def param_shapes(arch: ArchFacts, max_positions: int) -> dict[str, tuple[int, ..
     q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
     shapes = {"embed_tokens.weight": (a.vocab_size, a.hidden_size), "rope.cos": (max_positions, a.head_dim // 2),
               "rope.sin": (max_positions, a.head_dim // 2), "norm.weight": (a.hidden_size,),
-              "lm_head.weight": (a.vocab_size, a.hidden_size)}
+              "lm_head.weight": (head_rows(a), a.hidden_size)}
     for l in range(a.num_layers):
         p = f"layers.{l}."
         shapes.update({
@@ -543,7 +551,7 @@ def build_module(arch: ArchFacts, max_positions: int, quant: str | None = None, 
                 if rows is not None:
                     h = bb.emit(relax.op.take(h, rows, axis=1))
                 x = bb.emit_te(_te_rms_norm, h, w["norm.weight"], a.rms_norm_eps, primfunc_name_hint="rms_norm")
-                head = "lm_head.weight" if not a.tie_word_embeddings else "embed_tokens.weight"
+                head = "lm_head.weight" if "lm_head.weight" in shapes else "embed_tokens.weight"
                 logits = bb.emit_output(linear(x, head, rows=m if rows is not None else n))
             bb.emit_func_output(logits)
 
