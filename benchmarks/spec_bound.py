@@ -57,8 +57,8 @@ def main() -> int:
             counts["drafted"] += st.drafted_tokens
             counts["accepted"] += st.accepted_tokens
         plain = counts["decode_tokens"] - counts["accepted"] - counts["verifications"]
-        cost = lambda slope: (plain + counts["verifications"]  # noqa: E731
-                              + (slope + args.draft_cost) * counts["drafted"])
+        cost = lambda slope, plain=plain, counts=counts: (plain + counts["verifications"]  # noqa: E731
+                                                          + (slope + args.draft_cost) * counts["drafted"])
         speedups = {str(s): round(counts["decode_tokens"] / cost(s), 3) for s in slopes}
         per = max(counts["verifications"], 1)
         result[path.stem] = {**counts, "accepted_per_verification": round(counts["accepted"] / per, 3),

@@ -566,7 +566,7 @@ def models_list():
                           f"{size / 1e6:,.0f} MB" if size else "?",
                           e.params, licence, e.format.removeprefix("gguf "), "yes" if cached else "no")
         out.print(table)
-        out.print(f"* the default model. All are GGUF files, from PyPI: "
+        out.print("* the default model. All are GGUF files, from PyPI: "
                   + "; ".join(f"{e.name}: {e.packages}" for e in registry.REGISTRY.values()), highlight=False)
         out.print(f"cache: {registry.cache_dir()} (set EDGEDEC_CACHE to move it)", highlight=False)
 

@@ -191,7 +191,6 @@ def compile_model(model: str | None, output: str | Path, options: CompileOptions
                                             target.kv_cache_entry(arch, max_positions).get("kv_dtype", "fp32"))
         del onnx_model
         (tmp / "tokenizer.json").write_text(loaded.tokenizer_json)
-        del onnx_model
 
         defaults_entry = defaults.manifest_entry()
         if check := auto_confirm(defaults, {"decoder": graph_entry}):

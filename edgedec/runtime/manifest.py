@@ -567,7 +567,7 @@ def _check(m: Manifest) -> None:
             raise _fail(f"kv_cache.{key}", f"must equal architecture.{arch_key} ({want})", got)
     roles = [g.role for g in m.graphs.values()]
     if roles.count("decoder") != 1:
-        raise BundleError(f"bundle has no graph with role 'decoder'" if not roles.count("decoder") else
+        raise BundleError("bundle has no graph with role 'decoder'" if not roles.count("decoder") else
                           f"manifest: graphs has {roles.count('decoder')} graphs with role 'decoder'")
     for role in sorted(set(roles)):
         if roles.count(role) > 1:

@@ -51,7 +51,7 @@ def test_files_under_a_symlinked_directory_reveal_nothing(bundle_copy, tmp_path,
         b = bundle_copy.with_name(f"b-{name}")
         shutil.copytree(bundle_copy, b)
         os.symlink(secret, b / "ext")
-        edit_manifest(b, lambda m: m["files"].update({f"ext/{name}": {"bytes": 1, "sha256": "0" * 64}}))
+        edit_manifest(b, lambda m, name=name: m["files"].update({f"ext/{name}": {"bytes": 1, "sha256": "0" * 64}}))
         messages.append(_refused(b, LINK_OUT.format("ext"), cli, one_line_error))
     assert messages[0].replace("b-key", "B") == messages[1].replace("b-no-such-file", "B")  # same either way
     assert "12345" not in messages[0] and "secret" not in messages[0]
