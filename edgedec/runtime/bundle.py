@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from ..errors import BundleError
-from .manifest import MAX_MANIFEST_BYTES, Manifest, load_json, parse_manifest
+from .manifest import FORMAT, FORMAT_VERSION, MAX_MANIFEST_BYTES, Manifest, load_json, parse_manifest  # noqa: F401 (re-exported)
 
 MANIFEST = "manifest.json"
 
