@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..models.arch import ArchFacts
-from ..runtime.bundle import MANIFEST, Bundle
+from ..runtime.bundle import MANIFEST, Bundle, sha256_file
 from ..runtime.drafters import DRAFT_DIR, split_model, tokenizer_mismatch
 from . import bundle_writer
 
@@ -136,9 +136,12 @@ def compile_draft(model: str, output: Path, target_bundle: Path, options,
                           f"(cpu-tvm, arm64), not {options.target}")
 
     def prepare(loaded, staging: Path) -> dict:
-        (staging / "tokenizer.json").write_text(loaded.tokenizer_json)
+        tok = staging / "tokenizer.json"
+        tok.write_text(loaded.tokenizer_json)
+        # a staged bundle's view: Bundle.file() hands out only files the manifest hashes
         staged = Bundle(staging, {"architecture": loaded.arch.to_dict(), "tokenizer": {"file": "tokenizer.json"},
-                                  "files": {}})
+                                  "files": {"tokenizer.json": {"bytes": tok.stat().st_size,
+                                                               "sha256": sha256_file(tok)}}})
         _check_tokenizer(staged, target, model)
         return trim.prepare(loaded, staging) if trim is not None else {}
 
@@ -177,7 +180,7 @@ class VocabTrim:
         from ..draft_head import default_prompts
         from ..runtime import Engine
 
-        engine = Engine.load(staging)
+        engine = Engine.load(staging, trust=True)  # the target this compile just built
         target, arch = engine.bundle, engine.bundle.arch
         prompts = default_prompts(n_topics=12, chat=True)
         seqs = []

@@ -260,7 +260,7 @@ def _bad_source(kind: str, tmp: Path, tiny_dir: Path) -> Path:
 
 SOURCE_ERRORS = [
     ("missing", ModelError, r"no such file, directory or registry model: '.*no-such-model' "
-                            r"\(known models: SmolLM2-135M-Instruct\)"),
+                            r"\(known models: SmolLM2-135M-Instruct, "),
     ("text-file", ModelError, r"weights\.bin is not a model: expected a Hugging Face directory or a \.gguf file"),
     ("no-config", ModelError, r"is not a Hugging Face model directory \(no config\.json\)"),
     ("no-tokenizer", ModelError, r"has no tokenizer\.json \(edgedec needs a fast tokenizer\)"),

@@ -72,7 +72,16 @@ def _quantized_gguf(model_dir: Path, out: Path) -> Path:
     """The tiny Llama as a GGUF with Q4_1 projections and a Q8_0 embedding (SmolLM2's mix), written by
     the test suite's F32 writer with every matrix quantized by gguf's own quantizers on the way."""
     import gguf
-    from conftest import _write_gguf
+    import importlib.util
+
+    # tests/conftest.py's GGUF writer (by path: under tests/targets another conftest module is `conftest`)
+    spec = importlib.util.spec_from_file_location("_tests_conftest", Path(__file__).parents[1] / "conftest.py")
+    module = importlib.util.module_from_spec(spec)
+    import sys
+
+    sys.modules.setdefault("_tests_conftest", module)  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    _write_gguf = module._write_gguf
 
     original = gguf.GGUFWriter.add_tensor
 

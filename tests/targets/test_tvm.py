@@ -636,8 +636,8 @@ def test_int8_activations_bundle_is_close_to_transformers_and_speculates_lossles
     assert 1e-5 < err < 0.15 * scale, (err, scale)  # rounded: not the float bundle's logits, but near them
     assert np.abs(exact - ref).max() < 1e-4
     accepted = 0
-    for prompt in PROMPTS[:4]:
-        plain, spec, n = _plain_and_spec(engine, prompt, 24)
+    for prompt in PROMPTS:  # every prompt, 48 tokens: on a random tiny model drafts are accepted only now and then
+        plain, spec, n = _plain_and_spec(engine, prompt, 48)
         assert spec == plain, prompt
         accepted += n
     assert accepted > 0
