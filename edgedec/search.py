@@ -423,6 +423,17 @@ def search(model: str | None, output: str | Path, budget, space: SearchSpace, op
     reference = options.reference
     built: list[Candidate] = []
     try:
+        def out_of_time() -> str | None:  # checked before every build, the reference's included
+            elapsed = time.perf_counter() - t0
+            if elapsed > BUILD_SHARE * options.time_limit_s:
+                return f"time limit: {elapsed:.3g} s of {options.time_limit_s:.3g} s spent before its build"
+            return None
+
+        if needs_reference and reference is None and any(c.status == "planned" for c in candidates):
+            if why := out_of_time():  # no reference, no candidate: every build would start after the limit
+                for c in candidates:
+                    if c.status == "planned":
+                        c.status, c.why = "skipped", why
         if needs_reference and reference is None and any(c.status == "planned" for c in candidates):
             ref_config = Config("cpu", None)
             reference = work / "reference-cpu-fp32"
@@ -431,10 +442,8 @@ def search(model: str | None, output: str | Path, budget, space: SearchSpace, op
         for c in candidates:
             if c.status != "planned":
                 continue
-            elapsed = time.perf_counter() - t0
-            if elapsed > BUILD_SHARE * options.time_limit_s:
-                c.status, c.why = "skipped", (f"time limit: {elapsed:.0f} s of {options.time_limit_s:.0f} s spent "
-                                              "before its build")
+            if why := out_of_time():
+                c.status, c.why = "skipped", why
                 continue
             c.bundle = work / c.config.slug
             t = time.perf_counter()
